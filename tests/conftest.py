@@ -1,0 +1,19 @@
+"""Shared test helpers: the project root on sys.path, the real-data location, offline mode."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED = Path(os.environ.get("ENCODEREC_SHARED", ROOT.parent / "shared")) / "data"
+LCREC = SHARED / "lcrec"
+os.environ.setdefault("ENCODEREC_OFFLINE", "1")  # tests never touch the network
+
+
+def lcrec_or_skip(name: str) -> Path:
+    path = LCREC / name
+    if not path.is_dir():
+        pytest.skip(f"real data {path} is absent (expected ../shared/data beside the checkout)")
+    return path

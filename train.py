@@ -35,7 +35,7 @@ STAGES = {
     "embed": "item embeddings from a frozen encoder",
     "rqvae": "RQ-VAE / residual k-means semantic IDs (issue 5)",
     "tiger": "TIGER generative retrieval (issue 5)",
-    "unisrec": "UniSRec / SASRec (issue 4)",
+    "unisrec": "UniSRec on frozen item embeddings, or SASRec-ID with --encoder none",
     "all": "the whole pipeline (issue 6)",
 }
 
@@ -109,7 +109,7 @@ def stage_encoder(args) -> None:
     out = Path(args.out) if args.out else Path(args.runs) / ds.name / f"encoderec-{args.backbone}"
     if (out / "checkpoint.pt").exists() and not args.resume:
         raise DataError(f"{out} already holds a run: pass --resume to continue it, or --out NEW_DIR")
-    cfg = FinetuneConfig(batch_size=args.batch_size, chunk_size=args.chunk_size, lr=args.lr,
+    cfg = FinetuneConfig(batch_size=args.batch_size, chunk_size=args.chunk_size, lr=args.lr or 5e-5,
                          epochs=args.epochs, temperature=args.temperature, symmetric=args.symmetric,
                          amp=args.amp, compile=args.compile, seed=args.seed, max_length=args.max_length)
     torch.manual_seed(args.seed)
@@ -167,6 +167,58 @@ def stage_embed(args) -> Path:
     return out
 
 
+def stage_unisrec(args) -> dict:
+    """UniSRec on frozen item embeddings (`--encoder minilm|RUN_DIR`), or SASRec with item IDs
+    only (`--encoder none`): train with early stopping on valid NDCG@10, test the best once."""
+    import time
+    import torch
+    from eval import evaluate_unisrec
+    from unisrec import SASRecID, TrainConfig, UniSRec, UniSRecConfig, fit
+
+    ds = load_dataset(args.dataset, args.data_dir)
+    text = args.encoder.lower() != "none"
+    mode = args.mode if text else "id"
+    emb_path = None
+    if text:
+        fields = parse_fields(args.fields, ITEM_TEXT_FIELDS)
+        emb_path = Path(args.emb) if args.emb else embedding_path(Path(args.runs), ds.name, args.encoder, fields)
+        if not emb_path.exists():
+            print(f"{emb_path} is missing: embedding the items first", file=sys.stderr)
+            stage_embed(argparse.Namespace(**{**vars(args), "out": str(emb_path), "batch_size": 64}))
+        item_emb = np.load(emb_path)
+        if item_emb.shape[0] != ds.n_items:
+            raise DataError(f"{emb_path} has {item_emb.shape[0]} rows but {ds.name} has {ds.n_items} items")
+    name = f"unisrec-{mode}-{encoder_key(args.encoder)}" if text else "sasrec-id"
+    out = Path(args.out) if args.out else Path(args.runs) / ds.name / name
+    if (out / "last.pt").exists() and not args.resume:
+        raise DataError(f"{out} already holds a run: pass --resume to continue it, or --out NEW_DIR")
+    torch.manual_seed(args.seed)
+    cfg = UniSRecConfig(mode=mode, max_seq_len=args.max_history)
+    model = UniSRec(cfg, item_emb) if text else SASRecID(ds.n_items, cfg)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model.to(device)
+    tcfg = TrainConfig(lr=args.lr or 1e-3, batch_size=args.batch_size, max_epochs=args.max_epochs,
+                       patience=args.patience, amp=args.amp, compile=args.compile, seed=args.seed)
+    train_hist, _ = ds.histories(ds.splits.train, args.max_history)         # (N, L)
+    write_json(out / "run.json", {
+        "stage": "unisrec", "args": vars(args), "model_config": cfg.__dict__,
+        "train_config": tcfg.__dict__, "dataset": ds.name, "data_fingerprint": ds.fingerprint,
+        "item_emb": str(emb_path) if emb_path else None, "git_commit": git_commit()})
+    t0 = time.time()
+    summary = fit(model, train_hist, ds.splits.train.target,
+                  lambda m: evaluate_unisrec(m, ds, ds.splits.valid, args.max_history, args.mask_history),
+                  out, tcfg, resume=args.resume,
+                  meta={"dataset": ds.name, "data_fingerprint": ds.fingerprint, "git_commit": git_commit()})
+    results = {"task": "unisrec", "dataset": ds.name, "encoder": str(args.encoder), "mode": mode,
+               "run": str(out), "max_epochs": args.max_epochs, **summary,
+               "valid": evaluate_unisrec(model, ds, ds.splits.valid, args.max_history, args.mask_history),
+               "test": evaluate_unisrec(model, ds, ds.splits.test, args.max_history, args.mask_history),
+               "mask_history": args.mask_history, "wall_time_this_call_s": round(time.time() - t0, 1)}
+    write_json(out / "results.json", results)
+    print(json.dumps(results, sort_keys=True))
+    return results
+
+
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Train one stage of the EncodeRec pipeline.")
@@ -179,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help="output folder (encoder) or .npy file (embed)")
     ap.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     ap.add_argument("--max-length", type=int, default=256, help="token limit (MiniLM card: 256)")
+    ap.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="CUDA autocast dtype")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="encoder: pairs per InfoNCE batch (paper: 512); embed: texts per batch (64)")
     e = ap.add_argument_group("encoder (EncodeRec fine-tuning)")
@@ -186,25 +240,32 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--weights", default=None, help="folder with the backbone files (skips lookup)")
     e.add_argument("--epochs", type=int, default=3)
     e.add_argument("--chunk-size", type=int, default=64, help="GradCache chunk (memory ~ chunk, not batch)")
-    e.add_argument("--lr", type=float, default=5e-5)
+    e.add_argument("--lr", type=float, default=None, help="encoder 5e-5 (default), unisrec 1e-3")
     e.add_argument("--temperature", type=float, default=0.05, help="InfoNCE tau (the paper does not state it)")
     e.add_argument("--symmetric", action="store_true", help="add the document -> title direction")
     e.add_argument("--holdout", type=float, default=0.0,
                    help="seeded share of items kept out of training for the retrieval check")
     e.add_argument("--doc-fields", default=None, help="fields of the document (default: "
                    "features,description,brand,categories)")
-    e.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="CUDA autocast dtype")
-    e.add_argument("--compile", action="store_true", help="torch.compile the transformer")
     e.add_argument("--no-eval", action="store_true", help="skip the per-epoch retrieval check")
-    m = ap.add_argument_group("embed")
-    m.add_argument("--encoder", default="minilm", help="minilm | a fine-tuned run folder | a BERT folder")
+    m = ap.add_argument_group("embed / unisrec")
+    m.add_argument("--encoder", default="minilm",
+                   help="minilm | a fine-tuned run folder | a BERT folder | none (unisrec: SASRec-ID)")
     m.add_argument("--fields", default=None, help="item text fields (default: title,categories,brand)")
+    u = ap.add_argument_group("unisrec")
+    u.add_argument("--mode", choices=["inductive", "transductive"], default="inductive",
+                   help="text only (the paper's setting) or text + item-ID embedding")
+    u.add_argument("--emb", default=None, help="use this item-embedding .npy instead of the encoder's")
+    u.add_argument("--max-history", type=int, default=50, help="history length (UniSRec: 50)")
+    u.add_argument("--max-epochs", type=int, default=None, help="cap on epochs (default: early stop only)")
+    u.add_argument("--patience", type=int, default=10, help="epochs without valid NDCG@10 gain")
+    u.add_argument("--mask-history", action="store_true", help="mask history items when ranking")
     return ap
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    runners = {"encoder": stage_encoder, "embed": stage_embed}
+    runners = {"encoder": stage_encoder, "embed": stage_embed, "unisrec": stage_unisrec}
     if args.stage not in runners:
         print(f"error: --stage {args.stage} ({STAGES[args.stage]}) is not implemented yet",
               file=sys.stderr)
@@ -213,7 +274,7 @@ def main(argv=None) -> int:
         print("error: --dataset is required (a registered name or a folder)", file=sys.stderr)
         return 2
     if args.batch_size is None:
-        args.batch_size = 512 if args.stage == "encoder" else 64
+        args.batch_size = {"encoder": 512, "unisrec": 2048}.get(args.stage, 64)
     from encoderec import BackboneError, WeightsError
     try:
         runners[args.stage](args)

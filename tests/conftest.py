@@ -12,6 +12,16 @@ LCREC = SHARED / "lcrec"
 os.environ.setdefault("ENCODEREC_OFFLINE", "1")  # tests never touch the network
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is fastest and immune to OpenMP spin-waits on a busy machine."""
+    import torch
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def lcrec_or_skip(name: str) -> Path:
     path = LCREC / name
     if not path.is_dir():

@@ -28,13 +28,7 @@ TEXTS = ["Relay capacitor hard start kit", "Heavy duty staples, ideal for insula
          "Steel staples - 1/2", "unknownword xyz", "starting pumps"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one thread is fastest and immune to OpenMP spin-waits on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)

@@ -20,12 +20,7 @@ I, D_PLM = 30, 12
 TINY = us.UniSRecConfig(hidden_size=16, n_layers=2, n_heads=2, inner_size=24, max_seq_len=8, n_exps=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def table(seed=0, n=I, d=D_PLM):

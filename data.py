@@ -44,7 +44,7 @@ import time
 import urllib.error
 import urllib.request
 import zlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Callable, Iterator, Sequence

@@ -161,7 +161,10 @@ def stage_embed(args) -> Path:
             return out
     enc = load_encoder(folder, device=args.device, max_length=args.max_length)
     emb = enc.encode([t or "" for t in texts], batch_size=args.batch_size)   # (I, d) float32
-    atomic_write(out, lambda tmp: np.save(open(tmp, "wb"), emb))
+    def save(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name
+            np.save(f, emb)
+    atomic_write(out, save)
     write_json(side, {**meta, "shape": list(emb.shape)})
     print(f"wrote {out} {emb.shape}", file=sys.stderr)
     return out

@@ -685,6 +685,34 @@ def _autocast(device: torch.device, amp_dtype):
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
 
 
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() \
+        and torch.distributed.get_world_size() > 1
+
+
+def _gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Concatenate every rank's x (n_r, ...) in rank order (n_r may differ); also return the row
+    offset of this rank's block. Values only: no gradient flows through the gather."""
+    dist = torch.distributed
+    world = dist.get_world_size()
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    full = x.new_zeros((max(sizes), *x.shape[1:]))  # all_gather needs equal shapes: pad
+    full[: x.shape[0]] = x
+    parts = [torch.empty_like(full) for _ in range(world)]
+    dist.all_gather(parts, full)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)]), sum(sizes[: dist.get_rank()])
+
+
+def _all_reduce_grads(params) -> None:
+    """Sum the gradients over ranks (what DDP's hooks do, once per step instead of per backward)."""
+    for p in params:
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+
+
 def contrastive_step(encoder: Encoder, queries, documents, chunk_size: int | None = 64, temperature: float = 0.05,
                      symmetric: bool = False, q_ids=None, d_ids=None, amp_dtype=None, scaler=None) -> float:
     """One InfoNCE forward/backward over a full batch; gradients accumulate in encoder's params.
@@ -692,12 +720,24 @@ def contrastive_step(encoder: Encoder, queries, documents, chunk_size: int | Non
     chunk_size=None (or >= batch): plain autograd. Otherwise GradCache (Gao et al. 2021):
     (a) embed every chunk without grad, (b) loss on the full (B, d) batch and its gradient w.r.t.
     the embeddings, (c) re-embed each chunk with grad and backprop the cached gradient. Memory is
-    that of one chunk; each chunk's RNG state is replayed so dropout masks match pass (a)."""
+    that of one chunk; each chunk's RNG state is replayed so dropout masks match pass (a).
+
+    Distributed (torch.distributed initialised, world > 1): each rank passes ITS share of the
+    global batch (ids included). Step (b) runs on the all-gathered embeddings, so every query
+    sees every rank's documents as negatives (the negatives grow with the world size); each rank
+    backpropagates the rows of the gradient that belong to its own texts, and the parameter
+    gradients are then summed over ranks. The result is exactly the single-process gradient of
+    the loss over the global batch (DistributedDataParallel's averaging would divide it by the
+    world size, and its per-backward hooks would fire once per chunk; one explicit all-reduce per
+    step does the same arithmetic). Returns the global loss, identical on every rank."""
     device = encoder.device
     B = len(queries)
     if len(documents) != B:
         raise ValueError(f"{B} queries but {len(documents)} documents; pairs must align.")
-    if not chunk_size or chunk_size >= B:
+    distributed = _distributed()
+    if distributed:
+        chunk_size = chunk_size or max(B, 1)  # the gather needs the cached-gradient path
+    elif not chunk_size or chunk_size >= B:
         with _autocast(device, amp_dtype):
             q, d = encoder(queries), encoder(documents)
         loss = info_nce_loss(q.float(), d.float(), temperature, symmetric, q_ids, d_ids)
@@ -715,11 +755,20 @@ def contrastive_step(encoder: Encoder, queries, documents, chunk_size: int | Non
             with _autocast(device, amp_dtype):
                 embs.append(encoder(batch).float())
     after = _rng_state(device)
-    q = torch.cat(embs[:n_q]).requires_grad_()  # (B, d)
-    d = torch.cat(embs[n_q:]).requires_grad_()  # (B, d)
+    empty = torch.empty(0, encoder.dim, device=device)  # a rank may hold no pair of a tiny batch
+    q = torch.cat(embs[:n_q]) if n_q else empty  # (B, d)
+    d = torch.cat(embs[n_q:]) if n_q else empty  # (B, d)
+    off = 0
+    if distributed:  # (B, d) -> (B_global, d); ids likewise, so false negatives span ranks
+        q, off = _gather_rows(q)
+        d, _ = _gather_rows(d)
+        q_ids = None if q_ids is None else _gather_rows(torch.as_tensor(q_ids, device=device))[0]
+        d_ids = None if d_ids is None else _gather_rows(torch.as_tensor(d_ids, device=device))[0]
+    q, d = q.requires_grad_(), d.requires_grad_()
 
     loss = info_nce_loss(q, d, temperature, symmetric, q_ids, d_ids)  # (b) full-batch loss
     gq, gd = torch.autograd.grad(scaler.scale(loss) if scaler is not None else loss, [q, d])
+    gq, gd = gq[off : off + B], gd[off : off + B]  # this rank's rows
     grads = list(gq.split(chunk_size)) + list(gd.split(chunk_size))
 
     for batch, state, g in zip(chunks, states, grads):  # (c) replay with grad
@@ -728,6 +777,8 @@ def contrastive_step(encoder: Encoder, queries, documents, chunk_size: int | Non
             e = encoder(batch).float()
         e.backward(g)
     _set_rng_state(device, after)
+    if distributed:
+        _all_reduce_grads(encoder.bert.parameters())
     return loss.item()
 
 
@@ -833,6 +884,15 @@ def finetune(encoder: Encoder, pairs, out_dir, cfg: FinetuneConfig | None = None
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, warmup))
 
+    # torchrun: every rank draws the same permutation, embeds its share of each global batch
+    # (contrastive_step gathers the embeddings and sums the gradients), and rank 0 alone
+    # evaluates and writes files. The batch size stays the global (paper) batch.
+    distributed = _distributed()
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
+    main_rank = rank == 0
+    if not main_rank:
+        eval_fn = None
+
     ckpt_path, hist_path = out_dir / "checkpoint.pt", out_dir / "history.json"
     history, start_epoch = [], 1
     if resume and ckpt_path.is_file():
@@ -850,7 +910,8 @@ def finetune(encoder: Encoder, pairs, out_dir, cfg: FinetuneConfig | None = None
             scaler.load_state_dict(ck["scaler"])
         _set_rng_state(dev, (ck["rng"]["cpu"], ck["rng"]["cuda"]))
         history, start_epoch = ck["history"], ck["epoch"] + 1
-        print(f"resumed from {ckpt_path} at epoch {ck['epoch']}/{cfg.epochs}")
+        if main_rank:
+            print(f"resumed from {ckpt_path} at epoch {ck['epoch']}/{cfg.epochs}")
     else:
         torch.manual_seed(cfg.seed)
         if eval_fn is not None:  # epoch 0: the encoder before fine-tuning
@@ -868,9 +929,10 @@ def finetune(encoder: Encoder, pairs, out_dir, cfg: FinetuneConfig | None = None
             torch.cuda.reset_peak_memory_stats(dev)
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
         t0, losses = time.time(), []
-        bar = tqdm(range(batches_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step")
+        bar = tqdm(range(batches_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
+                   disable=not main_rank)
         for b in bar:
-            idx = perm[b * bs : (b + 1) * bs]
+            idx = perm[b * bs : (b + 1) * bs].tensor_split(world)[rank]  # this rank's share
             opt.zero_grad(set_to_none=True)
             loss = contrastive_step(
                 encoder, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx], cfg.chunk_size, cfg.temperature,
@@ -894,6 +956,9 @@ def finetune(encoder: Encoder, pairs, out_dir, cfg: FinetuneConfig | None = None
             encoder.eval()
             rec["eval"] = eval_fn(encoder, epoch) or {}
         history.append(rec)
+        if not main_rank:
+            torch.distributed.barrier()  # wait for rank 0's checkpoint before the next epoch
+            continue
         print(f"epoch {epoch}/{cfg.epochs} | loss {rec['loss']:.4f} | {rec['time_s']:.1f}s | "
               f"peak mem {rec['peak_mem_mb']:.0f} MB" + (f" | eval {json.dumps(rec['eval'])}" if "eval" in rec else ""))
         ck = {
@@ -905,9 +970,14 @@ def finetune(encoder: Encoder, pairs, out_dir, cfg: FinetuneConfig | None = None
         }
         _atomic_write_bytes(ckpt_path, lambda tmp: torch.save(ck, tmp))
         _atomic_write_text(hist_path, json.dumps(history, indent=2))
+        if distributed:
+            torch.distributed.barrier()
 
     encoder.eval()
-    save_pretrained(encoder, out_dir)
+    if main_rank:
+        save_pretrained(encoder, out_dir)
+    if distributed:
+        torch.distributed.barrier()
     return history
 
 

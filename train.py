@@ -84,6 +84,24 @@ def weights_digest(folder: Path) -> str:
     return hashlib.sha256(f"{folder.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
+def init_distributed(device: str) -> tuple[str, int, int]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPU, gloo on CPU) and
+    return (this rank's device, rank, world size); otherwise (device, 0, 1)."""
+    import torch
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return device, 0, 1
+    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
+    if cuda:
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        torch.cuda.set_device(device)
+    elif device == "auto":
+        device = "cpu"
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    return device, torch.distributed.get_rank(), world
+
+
 def embedding_path(runs: Path, dataset: str, encoder: str, fields) -> Path:
     return runs / dataset / encoder_key(encoder) / f"item_emb-{'+'.join(fields)}.npy"
 
@@ -113,14 +131,16 @@ def stage_encoder(args) -> None:
                          epochs=args.epochs, temperature=args.temperature, symmetric=args.symmetric,
                          amp=args.amp, compile=args.compile, seed=args.seed, max_length=args.max_length)
     torch.manual_seed(args.seed)
-    enc = load_encoder(args.backbone, weights=args.weights, device=args.device,
+    device, rank, world = init_distributed(args.device)
+    enc = load_encoder(args.backbone, weights=args.weights, device=device,
                        max_length=args.max_length)
-    write_json(out / "run.json", {
-        "stage": "encoder", "args": vars(args), "config": cfg.__dict__, "dataset": ds.name,
-        "data_fingerprint": ds.fingerprint, "git_commit": git_commit(), "n_pairs": len(pairs),
-        "doc_fields": list(doc_fields), "holdout_items": held.tolist()})
-    print(f"{ds.name}: {len(pairs)} (title, document) pairs, {len(held)} held-out items, "
-          f"document = {' + '.join(doc_fields)}", file=sys.stderr)
+    if rank == 0:
+        write_json(out / "run.json", {
+            "stage": "encoder", "args": vars(args), "config": cfg.__dict__, "dataset": ds.name,
+            "data_fingerprint": ds.fingerprint, "git_commit": git_commit(), "n_pairs": len(pairs),
+            "doc_fields": list(doc_fields), "holdout_items": held.tolist(), "world_size": world})
+        print(f"{ds.name}: {len(pairs)} (title, document) pairs, {len(held)} held-out items, "
+              f"document = {' + '.join(doc_fields)}", file=sys.stderr)
 
     def eval_fn(encoder, epoch):
         if args.no_eval:
@@ -131,7 +151,8 @@ def stage_encoder(args) -> None:
 
     finetune(enc, pairs, out, cfg, resume=args.resume, eval_fn=eval_fn,
              meta={"git_commit": git_commit(), "data_fingerprint": ds.fingerprint, "dataset": ds.name})
-    print(f"fine-tuned encoder written to {out}", file=sys.stderr)
+    if rank == 0:
+        print(f"fine-tuned encoder written to {out}", file=sys.stderr)
 
 
 def stage_embed(args) -> Path:

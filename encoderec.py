@@ -938,6 +938,10 @@ def finetune(encoder: Encoder, pairs, out_dir, cfg: FinetuneConfig | None = None
                 encoder, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx], cfg.chunk_size, cfg.temperature,
                 cfg.symmetric, q_ids[idx], d_ids[idx], amp_dtype, scaler,
             )
+            if not math.isfinite(loss) and scaler is None:  # fp16's GradScaler skips such steps itself
+                raise FloatingPointError(
+                    f"InfoNCE loss became {loss} at epoch {epoch}, step {b + 1}; stopped before the update. "
+                    f"{ckpt_path} still holds the last good epoch: lower --lr or use --amp off, then --resume.")
             if scaler is not None:
                 scaler.unscale_(opt)
             if cfg.max_grad_norm:

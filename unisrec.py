@@ -632,6 +632,11 @@ def fit(model: UniSRec, train_hist, train_target, eval_fn: Callable[[UniSRec], d
                 bar.set_postfix(loss=f"{loss.item():.4f}")
         bar.close()
         train_loss = float(total) / N
+        if not math.isfinite(train_loss):  # stop before anything of this epoch is written
+            raise FloatingPointError(
+                f"training loss became {train_loss} in epoch {epoch}; stopped. {last_path} still holds "
+                f"epoch {st['epoch']} (the last good one): lower the learning rate or use --amp off, "
+                "then --resume.")
         train_s = time.perf_counter() - t0
         model.eval()
         with torch.no_grad():

@@ -1,0 +1,162 @@
+"""Faults (issue 6): SIGKILL a real training process and resume it; NaN losses; unwritable output.
+
+A killed run resumed with --resume must end with exactly the metrics of an uninterrupted run
+(CPU, same seed): checkpoints are written atomically, so a kill mid-write leaves the previous
+checkpoint intact (plus a stray temp file that resuming ignores)."""
+import errno
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import amazon_fixture as fx
+import train
+import unisrec as us
+from conftest import ROOT
+from test_encoderec import make_tiny
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "ENCODEREC_OFFLINE": "1"}
+
+
+def synthetic_lcrec(folder, users=60, items=30, seed=0):
+    """A random LC-Rec folder big enough that an epoch takes a visible moment."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {str(i): {"asin": f"A{i:04d}", "title": f"item {i}", "categories": "a,b"} for i in range(items)}
+    inter = {str(u): rng.choice(items, size=int(rng.integers(5, 12)), replace=False).tolist()
+             for u in range(users)}
+    (folder / "Syn.item.json").write_text(json.dumps(meta))
+    (folder / "Syn.inter.json").write_text(json.dumps(inter))
+    return folder
+
+
+def _train(argv, **kw):
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *argv], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _finish(proc, timeout=240):
+    out, _ = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+def _kill_after(proc, history, epochs, timeout=240):
+    """SIGKILL proc as soon as `history` (a JSON list) records `epochs` epochs."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            if len(json.loads(history.read_text())) >= epochs:
+                break
+        except (OSError, ValueError):
+            pass
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before it could be killed:\n{proc.stdout.read()[-2000:]}")
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+
+def _junk_temp_file(folder, name):
+    """What a kill in the middle of an atomic write leaves behind: a half-written temp file."""
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+    os.write(fd, b"PK\x03\x04 half a checkpoint")
+    os.close(fd)
+
+
+def test_unisrec_killed_mid_run_resumes_to_the_same_metrics(tmp_path):
+    ds = synthetic_lcrec(tmp_path / "Syn")
+    common = ["--stage", "unisrec", "--dataset", str(ds), "--encoder", "none", "--max-epochs", "6",
+              "--patience", "100", "--batch-size", "64", "--data-dir", str(tmp_path / "cache"),
+              "--device", "cpu"]
+    _finish(_train([*common, "--out", str(tmp_path / "whole")]))
+    cut = tmp_path / "cut"
+    _kill_after(_train([*common, "--out", str(cut)]), cut / "history.json", 2)
+    assert not (cut / "results.json").exists()
+    _junk_temp_file(cut, "last.pt")
+    out = _finish(_train([*common, "--out", str(cut), "--resume"]))
+    assert "resumed from" in out
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())
+    again = json.loads((cut / "results.json").read_text())
+    assert again["test"] == whole["test"] and again["valid"] == whole["valid"]
+    assert again["best_epoch"] == whole["best_epoch"] and again["epochs_run"] == 6
+
+
+def test_encoder_killed_mid_run_resumes_to_the_same_weights(tmp_path):
+    tiny = make_tiny(tmp_path / "tiny", dropout=0.1)        # dropout on: the RNG state must resume too
+    ds = fx.write_lcrec(tmp_path / "Fix")
+    common = ["--stage", "encoder", "--backbone", str(tiny), "--dataset", str(ds), "--epochs", "8",
+              "--batch-size", "3", "--no-eval", "--chunk-size", "2", "--lr", "1e-3", "--max-length", "32",
+              "--doc-fields", "description,brand", "--data-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    _finish(_train([*common, "--out", str(tmp_path / "whole")]))
+    cut = tmp_path / "cut"
+    _kill_after(_train([*common, "--out", str(cut)]), cut / "history.json", 3)
+    assert not (cut / "model.safetensors").exists()
+    _junk_temp_file(cut, "checkpoint.pt")
+    _finish(_train([*common, "--out", str(cut), "--resume"]))
+    from safetensors.torch import load_file
+    a, b = load_file(str(tmp_path / "whole" / "model.safetensors")), load_file(str(cut / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ha = json.loads((tmp_path / "whole" / "history.json").read_text())
+    hb = json.loads((cut / "history.json").read_text())
+    assert [h.get("loss") for h in ha] == [h.get("loss") for h in hb] and len(ha) == 9  # epoch 0 = before training
+
+
+def test_nan_loss_stops_unisrec_and_keeps_the_last_good_checkpoint(tmp_path, one_thread):
+    rng = np.random.default_rng(0)
+    hist, target = rng.integers(-1, 20, (64, 6)), rng.integers(0, 20, 64)
+    model = us.SASRecID(20, us.UniSRecConfig(hidden_size=8, inner_size=16, n_heads=2, n_layers=1))
+    real_loss, calls = model.loss, {"n": 0}
+
+    def loss(h, t):  # epoch 1 is fine, then the loss blows up
+        calls["n"] += 1
+        out = real_loss(h, t)
+        return out if calls["n"] <= 2 else out * math.nan
+
+    model.loss = loss
+    cfg = us.TrainConfig(batch_size=32, max_epochs=5)
+    with pytest.raises(FloatingPointError, match="epoch 2.*last good"):
+        us.fit(model, hist, target, lambda m: {"ndcg@10": 0.1}, tmp_path, cfg)
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ck["state"]["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
+
+
+def test_nan_loss_stops_the_encoder_before_the_update(tmp_path, monkeypatch, one_thread):
+    import encoderec as er
+    enc = er.load_encoder(make_tiny(tmp_path / "tiny"))
+    real, calls = er.contrastive_step, {"n": 0}
+
+    def step(*a, **k):
+        calls["n"] += 1
+        return real(*a, **k) if calls["n"] <= 2 else math.inf
+
+    monkeypatch.setattr(er, "contrastive_step", step)
+    pairs = [("red relay kit", "a relay"), ("steel staples", "heavy duty"), ("hard start", "capacitor"),
+             ("blue kit", "kit for the relay")]
+    cfg = er.FinetuneConfig(batch_size=2, chunk_size=2, epochs=3, max_length=16)
+    with pytest.raises(FloatingPointError, match="epoch 2, step 1"):
+        er.finetune(enc, pairs, tmp_path / "run", cfg)
+    assert torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["epoch"] == 1
+
+
+def test_full_disk_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    ds = fx.write_lcrec(tmp_path / "Fix")
+
+    def full(*a, dir=None, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dir))
+
+    monkeypatch.setattr(tempfile, "mkstemp", full)
+    code = train.main(["--stage", "unisrec", "--dataset", str(ds), "--encoder", "none", "--max-epochs", "1",
+                       "--data-dir", str(tmp_path / "cache"), "--runs", str(tmp_path / "runs"), "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and "No space left on device" in err and "writable --runs" in err

@@ -1,0 +1,247 @@
+"""Tests for rqvae.py and its CLI wiring: the code -> latent round trip, k-means (no empty code on
+separable data, determinism), the straight-through gradient, semantic IDs (dedup code = rank in
+group, vocabularies), the collision audit on a hand example, a short training run, checkpoints,
+and `train.py --stage rqvae` / `eval.py --task collisions` end to end on the fixture catalog.
+Tiny random configs, 1 thread."""
+import json
+from dataclasses import replace
+
+import amazon_fixture as fx
+import numpy as np
+import pytest
+import torch
+
+import eval as ev
+import rqvae as rq
+import train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = rq.RQVAEConfig(input_dim=12, hidden_dims=(16, 8), latent_dim=4, levels=3, codebook_size=8,
+                      batch_size=64, epochs=20, log_every=10, kmeans_iters=10)
+
+
+def clusters(n_clusters=16, per=8, d=8, sep=20.0, seed=0) -> np.ndarray:
+    """n_clusters tight, far-apart blobs: (n_clusters * per, d) float32."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((n_clusters, d)) * sep
+    return (centers.repeat(per, 0) + 0.05 * rng.standard_normal((n_clusters * per, d))).astype(np.float32)
+
+
+def build(seed=0, **kw) -> rq.RQVAE:
+    torch.manual_seed(seed)
+    return rq.RQVAE(replace(TINY, **kw)).eval()
+
+
+# ----------------------------------------------------------------------------- model
+def test_codes_round_trip_to_the_quantised_latent():
+    m = build()
+    m.set_standardization(np.random.default_rng(1).standard_normal((50, 12)) * 3 + 1)
+    x = torch.randn(20, 12)
+    with torch.no_grad():
+        codes, z_q, losses = m.quantize(m.encode(x))
+        assert codes.shape == (20, 3) and codes.dtype == torch.int64 and losses.shape == (3,)
+        torch.testing.assert_close(m.codes_to_latent(codes), z_q, atol=1e-6, rtol=0)
+        torch.testing.assert_close(m.decode(m.codes_to_latent(codes)), m.decode(z_q), atol=1e-5, rtol=0)
+        out = m(x)
+        torch.testing.assert_close(out.x_hat, m.decode(z_q), atol=1e-5, rtol=0)
+        assert torch.equal(out.codes, codes)
+        # decode un-standardises: decoder output in z-scores, times std plus mean
+        torch.testing.assert_close(m.decode(z_q), m.decoder(z_q) * m.std + m.mean)
+
+
+def test_residuals_follow_the_chosen_codes():
+    m = build()
+    z = torch.randn(10, 4)
+    with torch.no_grad():
+        codes, _, _, res = m.quantize(z, return_residuals=True)
+    assert res.shape == (3, 10, 4)
+    torch.testing.assert_close(res[0], z)
+    for lv in (1, 2):
+        torch.testing.assert_close(res[lv], res[lv - 1] - m.codebooks[lv - 1, codes[:, lv - 1]])
+
+
+def test_straight_through_gradient_reaches_the_encoder():
+    m = build().train()
+    x = torch.randn(16, 12)
+    out = m(x)
+    out.recon.backward()                         # reconstruction alone: only the STE links it to z
+    g = m.encoder[0].weight.grad
+    assert g is not None and g.abs().sum() > 0
+    assert m.codebooks.grad is None or m.codebooks.grad.abs().sum() == 0   # codes move by their own loss
+    m.zero_grad()
+    out = m(x)
+    out.quant.sum().backward()
+    assert m.codebooks.grad.abs().sum() > 0 and m.encoder[0].weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- k-means
+@pytest.mark.parametrize("init", ["k-means++", "random"])
+def test_kmeans_leaves_no_empty_code_on_separable_data(init):
+    x = torch.from_numpy(clusters())
+    c, a = rq.kmeans(x, 16, iters=20, seed=3, init=init)
+    assert c.shape == (16, 8) and np.bincount(a.numpy(), minlength=16).min() > 0
+    if init == "k-means++":                       # random init may split a blob and merge two others
+        truth = np.arange(16).repeat(8)
+        assert len({(t, p) for t, p in zip(truth, a.tolist())}) == 16   # one code per true cluster
+
+
+def test_kmeans_init_of_the_codebooks_uses_every_code():
+    """init_codebooks = k-means on the latents of a batch: with an identity encoder on 16
+    separable clusters and 16 codes, the first level uses every code."""
+    m = build(input_dim=8, hidden_dims=(), latent_dim=8, codebook_size=16, standardize=False)
+    with torch.no_grad():
+        m.encoder[0].weight.copy_(torch.eye(8))
+        m.encoder[0].bias.zero_()
+    x = torch.from_numpy(clusters())
+    m.init_codebooks(x, seed=0)
+    codes = m.quantize(m.encode(x))[0]
+    assert bool(m.initialized) and np.bincount(codes[:, 0].numpy(), minlength=16).min() > 0
+
+
+def test_kmeans_with_fewer_points_than_codes():
+    x = torch.randn(5, 3)
+    c, a = rq.kmeans(x, 8, seed=0)
+    assert c.shape == (8, 3) and a.tolist() == [0, 1, 2, 3, 4]
+
+
+def test_residual_kmeans_is_deterministic_for_a_seed():
+    emb = np.random.default_rng(0).standard_normal((300, 10)).astype(np.float32)
+    a = rq.residual_kmeans(emb, levels=3, k=16, iters=20, seed=7)
+    b = rq.residual_kmeans(emb, levels=3, k=16, iters=20, seed=7)
+    assert a.shape == (300, 3) and a.dtype == np.int64 and np.array_equal(a, b)
+    assert not np.array_equal(a, rq.residual_kmeans(emb, levels=3, k=16, iters=20, seed=8))
+    codes, books = rq.residual_kmeans(emb, levels=3, k=16, iters=20, seed=7, return_codebooks=True)
+    assert np.array_equal(codes, a) and books.shape == (3, 16, 10)
+    z = (emb - emb.mean(0)) / emb.std(0)             # the standardised space the codebooks live in
+    approx = sum(books[lv, codes[:, lv]] for lv in range(3))
+    assert ((z - approx) ** 2).mean() < ((z - books[0, codes[:, 0]]) ** 2).mean() < (z ** 2).mean()
+
+
+# ----------------------------------------------------------------------------- semantic IDs
+def test_semantic_ids_dedup_code_is_the_rank_in_the_group():
+    codes = np.array([[1, 2, 3], [1, 2, 3], [0, 0, 0], [1, 2, 3], [0, 0, 0], [5, 5, 5]])
+    ids, vocab = rq.semantic_ids(codes)
+    assert ids.dtype == np.int64 and ids.shape == (6, 4)
+    assert ids[:, 3].tolist() == [0, 1, 0, 2, 1, 0] and np.array_equal(ids[:, :3], codes)
+    assert len(np.unique(ids, axis=0)) == 6 and vocab == (256, 256, 256, 256)
+    big = np.zeros((300, 3), dtype=np.int64)          # one group larger than a codebook
+    ids, vocab = rq.semantic_ids(big)
+    assert ids[:, 3].tolist() == list(range(300)) and vocab == (256, 256, 256, 300)
+
+
+def test_semantic_ids_unique_on_random_codes():
+    codes = np.random.default_rng(0).integers(0, 3, size=(500, 3))
+    ids, vocab = rq.semantic_ids(codes, codebook_size=3)
+    assert len(np.unique(ids, axis=0)) == 500
+    _, inv, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
+    assert vocab == (3, 3, 3, max(int(counts.max()), 3)) and ids[:, 3].max() == counts.max() - 1
+    for g in range(len(counts)):                       # ranks follow item order inside each group
+        assert ids[inv.reshape(-1) == g, 3].tolist() == list(range(counts[g]))
+    with pytest.raises(ValueError, match="outside a codebook"):
+        rq.semantic_ids(codes, codebook_size=2)
+
+
+def test_collision_stats_hand_example():
+    codes = np.array([[0, 0, 0], [0, 0, 0], [0, 0, 0], [0, 1, 0], [1, 1, 0], [1, 1, 1]])
+    s = rq.collision_stats(codes, codebook_size=4)
+    assert s["items"] == 6 and s["unique_prefixes"] == 4 and s["largest_group"] == 3
+    assert s["collision_rate"] == pytest.approx(1 - 4 / 6, abs=1e-6) and s["items_in_collisions"] == 3
+    assert s["usage"] == [0.5, 0.5, 0.5]
+    p0 = np.array([4, 2]) / 6                           # level 0: code 0 four times, code 1 twice
+    assert s["perplexity"][0] == pytest.approx(np.exp(-(p0 * np.log(p0)).sum()), abs=0.01)
+    assert s["perplexity"][1] == pytest.approx(2.0, abs=0.01)    # level 1: 3 + 3
+    assert rq.collision_stats(np.arange(6)[:, None].repeat(3, 1), 8)["collision_rate"] == 0
+
+
+# ----------------------------------------------------------------------------- training
+def test_training_lowers_the_loss_and_is_deterministic(tmp_path):
+    rng = np.random.default_rng(0)
+    emb = (rng.standard_normal((20, 12)).repeat(10, 0) + 0.1 * rng.standard_normal((200, 12))).astype(np.float32)
+    lines = []
+    m, hist = rq.train_rqvae(emb, TINY, seed=0, log=lines.append, progress=False)
+    assert len(hist) == 20 and len(lines) == 2 and "usage" in lines[-1]
+    assert hist[-1]["loss"] < hist[0]["loss"] and hist[-1]["recon"] < hist[0]["recon"]
+    assert set(hist[-1]["catalog"]) >= {"usage", "perplexity", "collision_rate", "largest_group"}
+    m2, hist2 = rq.train_rqvae(emb, TINY, seed=0, log=lambda s: None, progress=False)
+    assert hist2 == hist and np.array_equal(rq.tokenize(m, emb), rq.tokenize(m2, emb))
+    rq.save_rqvae(m, tmp_path / "m.pt", history=hist)
+    back = rq.load_rqvae(tmp_path / "m.pt")
+    assert back.cfg == m.cfg and np.array_equal(rq.tokenize(back, emb), rq.tokenize(m, emb))
+    torch.save({"format": "other"}, tmp_path / "x.pt")
+    with pytest.raises(ValueError, match="not an RQ-VAE checkpoint"):
+        rq.load_rqvae(tmp_path / "x.pt")
+
+
+def test_dead_code_restart_revives_unused_codes():
+    emb = np.random.default_rng(0).standard_normal((200, 12)).astype(np.float32)
+    cfg = replace(TINY, epochs=3, kmeans_init=False, dead_code_restart=True, codebook_size=32)
+    _, hist = rq.train_rqvae(emb, cfg, seed=0, log=lambda s: None, progress=False)
+    assert sum(hist[0]["restarted"]) > 0           # random codebooks: many codes unused at first
+    assert hist[-1]["usage"][0] > hist[0]["usage"][0]
+
+
+def test_bad_embeddings_are_value_errors():
+    with pytest.raises(ValueError, match="NaN"):
+        rq.train_rqvae(np.full((4, 3), np.nan, np.float32), TINY, progress=False)
+    with pytest.raises(ValueError, match=r"\(N, d\)"):
+        rq.residual_kmeans(np.zeros(5))
+
+
+# ----------------------------------------------------------------------------- CLI
+def _common(tmp_path):
+    return ["--data-dir", str(tmp_path / "cache"), "--runs", str(tmp_path / "runs")]
+
+
+@pytest.mark.parametrize("tokenizer", ["rkmeans", "rqvae"])
+def test_cli_stage_rqvae_then_collision_audit(tmp_path, tokenizer, capsys):
+    folder = fx.write_lcrec(tmp_path / "Fix")
+    emb_path = train.embedding_path(tmp_path / "runs", "Fix", "minilm", ("title", "categories"))
+    emb_path.parent.mkdir(parents=True)
+    np.save(emb_path, np.random.default_rng(0).standard_normal((6, 16)).astype(np.float32))
+    argv = ["--stage", "rqvae", "--dataset", str(folder), "--encoder", "minilm", "--fields",
+            "title,categories", "--tokenizer", tokenizer, "--rqvae-epochs", "2", "--device", "cpu",
+            *_common(tmp_path)]
+    assert train.main(argv) == 0
+    path = train.semantic_ids_path(tmp_path / "runs", "Fix", "minilm", tokenizer, ("title", "categories"))
+    assert path.name == f"semantic_ids-{tokenizer}-title+categories.npy"
+    ids = np.load(path)
+    side = json.loads(path.with_suffix(".json").read_text())
+    assert ids.shape == (6, 4) and ids.dtype == np.int64 and len(np.unique(ids, axis=0)) == 6
+    assert side["vocab_sizes"] == [256, 256, 256, 256] and side["tokenizer"] == tokenizer
+    assert side["collisions"]["items"] == 6 and side["ids_unique"] is True
+    assert path.with_suffix(".pt").exists() == (tokenizer == "rqvae")
+    capsys.readouterr()
+    assert train.main(argv) == 0                       # same inputs: nothing to do
+    assert "up to date" in capsys.readouterr().err
+    assert ev.main(["--task", "collisions", "--dataset", str(folder), "--encoder", "minilm", "--fields",
+                    "title,categories", "--tokenizer", tokenizer, *_common(tmp_path)]) == 0
+    audit = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert audit["items"] == 6 and audit["ids_unique"] is True and len(audit["usage"]) == 3
+    assert audit["unique_prefixes"] == side["collisions"]["unique_prefixes"]
+
+
+def test_cli_errors_exit_2(tmp_path, capsys):
+    folder = fx.write_lcrec(tmp_path / "Fix")
+    # the audit reads the file and names the command that makes it
+    assert ev.main(["--task", "collisions", "--dataset", str(folder), "--encoder", "minilm",
+                    *_common(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "missing" in err and "python train.py --stage rqvae" in err and "Traceback" not in err
+    # no text: the missing embedding cannot be made
+    notext = tmp_path / "NoText"
+    notext.mkdir()
+    (notext / "N.item.json").write_text(json.dumps({str(i): {"asin": f"A{i}"} for i in range(3)}))
+    (notext / "N.inter.json").write_text(json.dumps({"0": [0, 1, 2]}))
+    assert train.main(["--stage", "rqvae", "--dataset", str(notext), *_common(tmp_path)]) == 2
+    assert "title" in capsys.readouterr().err
+    assert train.main(["--stage", "rqvae", "--dataset", str(folder), "--encoder", "none",
+                       *_common(tmp_path)]) == 2
+    assert "--encoder" in capsys.readouterr().err
+    # an embedding of the wrong size
+    emb_path = train.embedding_path(tmp_path / "runs", "Fix", "minilm", ("title",))
+    emb_path.parent.mkdir(parents=True)
+    np.save(emb_path, np.zeros((4, 8), np.float32))
+    assert train.main(["--stage", "rqvae", "--dataset", str(folder), "--fields", "title",
+                       *_common(tmp_path)]) == 2
+    assert "6 items" in capsys.readouterr().err

@@ -191,6 +191,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=64)
     u = ap.add_argument_group("unisrec / tiger")
     u.add_argument("--run", default=None, help="run folder written by train.py")
+    u.add_argument("--beam", type=int, default=10, help="tiger: beam width = returned IDs (TIGER: 10)")
+    u.add_argument("--no-constrain", action="store_true",
+                   help="tiger: free decoding (IDs may name no item; their share is reported)")
+    c = ap.add_argument_group("collisions (semantic IDs written by train.py --stage rqvae; --encoder as above)")
+    c.add_argument("--tokenizer", choices=["rqvae", "rkmeans"], default="rqvae")
+    c.add_argument("--fields", default=None, help="item text fields (default: title,categories,brand)")
+    c.add_argument("--runs", default="runs", help="run folders of train.py (default ./runs)")
     return ap
 
 
@@ -251,11 +258,107 @@ def run_unisrec(args) -> dict:
             "test": evaluate_unisrec(model, ds, ds.splits.test, max_len, args.mask_history)}
 
 
+def run_collisions(args) -> dict:
+    """Collision audit of the semantic IDs that `train.py --stage rqvae` wrote (read, never re-made:
+    a missing file is a user error that names the command making it)."""
+    from pathlib import Path
+
+    from data import ITEM_TEXT_FIELDS, DataError, load_dataset
+    from rqvae import collision_stats
+    from train import semantic_ids_path
+    ds = load_dataset(args.dataset, args.data_dir)
+    fields = parse_fields(args.fields) or ITEM_TEXT_FIELDS
+    path = semantic_ids_path(Path(args.runs), ds.name, args.encoder, args.tokenizer, fields)
+    side = path.with_suffix(".json")
+    if not path.exists() or not side.exists():
+        extra = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k, d in
+                        (("data_dir", "data"), ("runs", "runs")) if getattr(args, k) != d)
+        raise DataError(f"{path} is missing: make the semantic IDs first with\n  python train.py --stage "
+                        f"rqvae --dataset {args.dataset} --encoder {args.encoder} --fields "
+                        f"{','.join(fields)} --tokenizer {args.tokenizer}{extra}")
+    ids, info = np.load(path), json.loads(side.read_text())
+    if ids.ndim != 2 or ids.shape != (ds.n_items, 4) or not np.issubdtype(ids.dtype, np.integer):
+        raise DataError(f"{path} holds {ids.dtype} {ids.shape}, expected int64 ({ds.n_items}, 4): delete it "
+                        f"and re-run train.py --stage rqvae")
+    if info.get("data_fingerprint") != ds.fingerprint:
+        print(f"warning: {path} was made from other data than {ds.name} now holds", file=sys.stderr)
+    vocab = info.get("vocab_sizes") or [256] * 4
+    stats = collision_stats(ids[:, :3], int(vocab[0]))                      # (N, 4) -> (N, 3) prefixes
+    return {"task": "collisions", "dataset": ds.name, "encoder": str(args.encoder),
+            "tokenizer": args.tokenizer, "fields": list(fields), "semantic_ids": str(path), **stats,
+            "ids_unique": len(np.unique(ids, axis=0)) == len(ids), "vocab_sizes": vocab,
+            "max_dedup_code": int(ids[:, 3].max())}
+
+
+def training_counts(ds) -> np.ndarray:
+    """Training-interaction count of every item (I,): all interactions except the validation and test
+    targets (leave-one-out), or those before the first split time (BLaIR time split)."""
+    from data import BLAIR_T1
+    train = np.ones(ds.n_interactions, dtype=bool)
+    for cases in (ds.splits.valid, ds.splits.test):
+        train[ds.seq_offsets[cases.user] + cases.pos] = False
+    if ds.protocol == "time":
+        train &= ds.seq_times < BLAIR_T1
+    return np.bincount(ds.seq_items[train], minlength=ds.n_items)
+
+
+def popularity_ranks(ds, cases, chunk_size: int = 1024) -> np.ndarray:
+    """Ranks of the cases' targets when every item is scored by its training-interaction count
+    (the popularity baseline; full ranking, ties pessimistic, the same for every user)."""
+    counts = torch.as_tensor(training_counts(ds), dtype=torch.float32)      # (I,)
+    return full_ranking_ranks(lambda idx: counts.expand(len(idx), -1), len(cases), cases.target,
+                              chunk_size=chunk_size)
+
+
+def evaluate_tiger(model, ds, cases, ids, beam: int = 10, constrain: bool = True,
+                   ks=(5, 10), progress: bool = True, batch_size: int = 256) -> dict:
+    """Recall/NDCG@K of TIGER's beam search (top-`beam` generated IDs) on some cases, overall and
+    for in-set / cold-start targets; with constrain=False also the share of generated IDs (of all
+    returned top-`beam` slots) that name no item."""
+    from tiger import recommend
+    hist, _ = ds.histories(cases, model.cfg.max_items)                      # (C, L), -1 = padding
+    items, _ = recommend(model, hist, ids, beam=beam, constrain=constrain, batch_size=batch_size,
+                         progress=progress)                                # (C, beam), -1 = invalid
+    out = summarize(ranks_from_topk(items, cases.target), ks, cold=cases.cold)
+    if not constrain:
+        out["invalid_share"] = float((items < 0).mean()) if items.size else math.nan
+    return out
+
+
+def run_tiger(args) -> dict:
+    """Test metrics (Recall/NDCG @5, @10, all / in-set / cold-start) of a TIGER run's best model, the
+    invalid-ID share with --no-constrain, and the popularity baseline on the same test cases."""
+    from pathlib import Path
+    from data import DataError, load_dataset
+    from tiger import load_checkpoint
+    if not args.run:
+        raise DataError("--task tiger needs --run RUN_DIR (a folder written by train.py --stage tiger)")
+    run = Path(args.run)
+    if not (run / "run.json").exists() or not (run / "best.pt").exists():
+        raise DataError(f"{run} is not a finished TIGER run (run.json and best.pt expected)")
+    if args.beam < 1:
+        raise DataError(f"--beam must be >= 1, got {args.beam}")
+    info = json.loads((run / "run.json").read_text())
+    ds = load_dataset(args.dataset, args.data_dir)
+    if ds.fingerprint != info.get("data_fingerprint"):
+        print(f"warning: {ds.name} differs from the data {run} was trained on", file=sys.stderr)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    model, ids = load_checkpoint(run / "best.pt", device=device)
+    if ids.n_items != ds.n_items:
+        raise DataError(f"{run} has semantic IDs for {ids.n_items} items but {ds.name} has {ds.n_items}")
+    test = ds.splits.test
+    return {"task": "tiger", "dataset": ds.name, "run": str(run), "beam": args.beam,
+            "constrained": not args.no_constrain, "semantic_ids": info.get("semantic_ids"),
+            "test": evaluate_tiger(model, ds, test, ids, args.beam, not args.no_constrain),
+            "popularity": summarize(popularity_ranks(ds, test), (5, 10), cold=test.cold)}
+
+
 def main(argv=None) -> int:
     from data import DataError
     from encoderec import BackboneError, WeightsError
     args = build_parser().parse_args(argv)
-    runners = {"retrieval": run_retrieval, "unisrec": run_unisrec}
+    runners = {"retrieval": run_retrieval, "unisrec": run_unisrec, "collisions": run_collisions,
+               "tiger": run_tiger}
     if args.task not in runners:
         print(f"error: --task {args.task} ({TASKS[args.task]}) is not implemented yet", file=sys.stderr)
         return 2

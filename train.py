@@ -12,12 +12,17 @@ Run folders (all under --runs, default ./runs):
                                                 + checkpoint.pt, history.json, run.json
     runs/<dataset>/<encoder>/item_emb-<fields>.npy   row i = catalog item i, float32 (N, d)
                                                 + .json sidecar: what made it (encoder, fields, data)
+    runs/<dataset>/<encoder>/semantic_ids-<tokenizer>-<fields>.npy   (N, 4) int64, row i = item i:
+                                                3 codes + the dedup code; .json sidecar with
+                                                vocab_sizes, config, collision audit; the RQ-VAE
+                                                checkpoint beside it (same name, .pt)
 
 Every user error ends with a message and exit code 2, never a bare traceback.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import os
@@ -30,11 +35,12 @@ import numpy as np
 
 from data import ITEM_TEXT_FIELDS, REGISTRY, DataError, load_dataset
 
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}  # -> clear message
 STAGES = {
     "encoder": "EncodeRec InfoNCE fine-tuning",
     "embed": "item embeddings from a frozen encoder",
-    "rqvae": "RQ-VAE / residual k-means semantic IDs (issue 5)",
-    "tiger": "TIGER generative retrieval (issue 5)",
+    "rqvae": "semantic IDs of the items: RQ-VAE (--tokenizer rqvae) or residual k-means (rkmeans)",
+    "tiger": "TIGER generative retrieval on semantic IDs (beam search), early stopping on valid NDCG@10",
     "unisrec": "UniSRec on frozen item embeddings, or SASRec-ID with --encoder none",
     "all": "the whole pipeline (issue 6)",
 }
@@ -104,6 +110,104 @@ def init_distributed(device: str) -> tuple[str, int, int]:
 
 def embedding_path(runs: Path, dataset: str, encoder: str, fields) -> Path:
     return runs / dataset / encoder_key(encoder) / f"item_emb-{'+'.join(fields)}.npy"
+
+
+TOKENIZERS = ("rqvae", "rkmeans")
+RKMEANS = {"levels": 3, "k": 256, "iters": 50, "standardize": True}  # residual k-means = RQ-VAE's codebooks
+
+
+def semantic_ids_path(runs: Path, dataset: str, encoder: str, tokenizer: str, fields) -> Path:
+    """(N, 4) int64 semantic IDs (row i = catalog item i); the .json sidecar and .pt checkpoint beside it."""
+    return Path(runs) / dataset / encoder_key(encoder) / f"semantic_ids-{tokenizer}-{'+'.join(fields)}.npy"
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def ensure_semantic_ids(args, ds) -> Path:
+    """Semantic IDs of every item of `ds` from the `--encoder` embeddings of `--fields` (made with
+    stage_embed when missing), tokenised by `--tokenizer` (rqvae | rkmeans). Written once; a sidecar
+    that matches the same embedding bytes, data, fields and config means "up to date" (no work).
+    Returns the .npy path: (N, 4) int64 = 3 codes + the dedup code, sidecar["vocab_sizes"] = 4 ints."""
+    import time
+    from dataclasses import asdict, replace
+
+    import rqvae as rq
+
+    tokenizer = getattr(args, "tokenizer", None) or "rqvae"
+    if tokenizer not in TOKENIZERS:
+        raise DataError(f"unknown --tokenizer {tokenizer!r}; choose from {', '.join(TOKENIZERS)}")
+    if str(args.encoder).lower() == "none":
+        raise DataError("semantic IDs are made from item text embeddings: pass --encoder minilm or a "
+                        "fine-tuned run folder, not 'none'")
+    fields = parse_fields(getattr(args, "fields", None), ITEM_TEXT_FIELDS)
+    emb_path = embedding_path(Path(args.runs), ds.name, args.encoder, fields)
+    if not emb_path.exists():
+        print(f"{emb_path} is missing: embedding the items first", file=sys.stderr)
+        stage_embed(argparse.Namespace(**{**vars(args), "out": str(emb_path), "batch_size": 64}))
+    emb = np.load(emb_path)
+    if emb.ndim != 2 or emb.shape[0] != ds.n_items:
+        raise DataError(f"{emb_path} has shape {emb.shape} but {ds.name} has {ds.n_items} items: delete "
+                        f"it and re-run (it is re-made with train.py --stage embed)")
+    if tokenizer == "rqvae":
+        cfg = rq.RQVAEConfig(input_dim=int(emb.shape[1]))
+        if getattr(args, "rqvae_epochs", None) is not None:
+            cfg = replace(cfg, epochs=args.rqvae_epochs)
+        if getattr(args, "no_dead_code_restart", False):
+            cfg = replace(cfg, dead_code_restart=False)
+        config = {"rqvae": asdict(cfg), "seed": args.seed}
+    else:
+        config = {"rkmeans": dict(RKMEANS), "seed": args.seed}
+    config = json.loads(json.dumps(config))                      # tuples -> lists, as the sidecar holds them
+    out = semantic_ids_path(Path(args.runs), ds.name, args.encoder, tokenizer, fields)
+    side = out.with_suffix(".json")
+    inputs = {"tokenizer": tokenizer, "fields": list(fields), "embedding_sha256": file_sha256(emb_path),
+              "embedding_bytes": emb_path.stat().st_size, "data_fingerprint": ds.fingerprint,
+              "config": config}
+    if out.exists() and side.exists():
+        try:
+            old = json.loads(side.read_text())
+        except ValueError:
+            old = {}
+        if all(old.get(k) == v for k, v in inputs.items()):
+            print(f"up to date: {out}", file=sys.stderr)
+            return out
+    t0 = time.time()
+    ckpt = None
+    if tokenizer == "rqvae":
+        import torch
+        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        print(f"{ds.name}: RQ-VAE on {emb.shape[0]} x {emb.shape[1]} embeddings ({emb_path.name}), "
+              f"{cfg.epochs} epochs, device {device}", file=sys.stderr)
+        model, history = rq.train_rqvae(emb, cfg, seed=args.seed, device=device)
+        codes = rq.tokenize(model, emb)                                              # (N, 3)
+        ckpt = out.with_suffix(".pt")
+        rq.save_rqvae(model, ckpt, history=history, meta={
+            "dataset": ds.name, "data_fingerprint": ds.fingerprint, "embedding": str(emb_path),
+            "fields": list(fields), "seed": args.seed, "git_commit": git_commit()})
+    else:
+        print(f"{ds.name}: residual k-means on {emb.shape[0]} x {emb.shape[1]} embeddings "
+              f"({emb_path.name})", file=sys.stderr)
+        codes = rq.residual_kmeans(emb, seed=args.seed, progress=True, **RKMEANS)    # (N, 3)
+    ids, vocab = rq.semantic_ids(codes, RKMEANS["k"])                                # (N, 4), 4 ints
+    stats = rq.collision_stats(codes, RKMEANS["k"])
+
+    def save(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name
+            np.save(f, ids)
+    atomic_write(out, save)
+    write_json(side, {**inputs, "vocab_sizes": list(vocab), "shape": list(ids.shape),
+                      "encoder": str(args.encoder), "embedding": str(emb_path),
+                      "checkpoint": str(ckpt) if ckpt else None, "collisions": stats,
+                      "ids_unique": len(np.unique(ids, axis=0)) == len(ids),
+                      "wall_time_s": round(time.time() - t0, 1), "git_commit": git_commit()})
+    print(f"wrote {out} {ids.shape}, vocab sizes {list(vocab)}", file=sys.stderr)
+    return out
 
 
 # ----------------------------------------------------------------------------- stages
@@ -191,6 +295,73 @@ def stage_embed(args) -> Path:
     return out
 
 
+def stage_rqvae(args) -> dict:
+    """Semantic IDs (TIGER's 3 codes + dedup code) of every item; prints the collision audit as JSON."""
+    ds = load_dataset(args.dataset, args.data_dir)
+    path = ensure_semantic_ids(args, ds)
+    side = json.loads(path.with_suffix(".json").read_text())
+    summary = {"task": "rqvae", "dataset": ds.name, "semantic_ids": str(path),
+               **{k: side[k] for k in ("tokenizer", "fields", "encoder", "vocab_sizes", "collisions",
+                                       "ids_unique")}}
+    print(json.dumps(summary, sort_keys=True))
+    return summary
+
+
+def stage_tiger(args) -> dict:
+    """TIGER on the semantic IDs of the `--encoder` embeddings (`--tokenizer rqvae|rkmeans`, made by
+    ensure_semantic_ids when missing): train with early stopping on valid NDCG@10 of constrained
+    beam search, test the best checkpoint once (+ the popularity baseline on the same cases)."""
+    import time
+    import torch
+    from eval import evaluate_tiger, popularity_ranks, summarize
+    from tiger import Tiger, TigerConfig, TrainConfig, fit, load_semantic_ids
+
+    ds = load_dataset(args.dataset, args.data_dir)
+    if args.tiger_history < 1 or args.beam < 1 or args.eval_every < 1 or args.max_steps < 1:
+        raise DataError("--tiger-history, --beam, --eval-every and --max-steps must be >= 1")
+    sem_path = ensure_semantic_ids(args, ds)
+    try:
+        ids = load_semantic_ids(sem_path)
+    except (FileNotFoundError, ValueError) as e:
+        raise DataError(f"{sem_path}: {e}; delete it and re-run train.py --stage rqvae") from e
+    if ids.n_items != ds.n_items:
+        raise DataError(f"{sem_path} has {ids.n_items} rows but {ds.name} has {ds.n_items} items: delete it "
+                        f"and re-run train.py --stage rqvae")
+    out = (Path(args.out) if args.out else
+           Path(args.runs) / ds.name / f"tiger-{args.tokenizer}-{encoder_key(args.encoder)}")
+    if (out / "last.pt").exists() and not args.resume:
+        raise DataError(f"{out} already holds a run: pass --resume to continue it, or --out NEW_DIR")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    torch.manual_seed(args.seed)
+    cfg = TigerConfig(vocab_sizes=list(ids.vocab_sizes), max_items=args.tiger_history)
+    model = Tiger(cfg).to(device)
+    tcfg = TrainConfig(lr=args.lr or 1e-3, batch_size=args.batch_size, max_steps=args.max_steps,
+                       max_epochs=args.max_epochs, eval_every=args.eval_every, patience=args.patience,
+                       beam=args.beam, amp=args.amp, compile=args.compile, seed=args.seed)
+    train_hist, _ = ds.histories(ds.splits.train, args.tiger_history)      # (N, L), -1 = padding
+    meta = {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "git_commit": git_commit(),
+            "semantic_ids": str(sem_path)}
+    write_json(out / "run.json", {
+        "stage": "tiger", "args": vars(args), "model_config": cfg.__dict__, "train_config": tcfg.__dict__,
+        "dataset": ds.name, "data_fingerprint": ds.fingerprint, "semantic_ids": str(sem_path),
+        "semantic_ids_sha1": ids.fingerprint, "n_train_examples": len(train_hist), "git_commit": git_commit()})
+    print(f"{ds.name}: TIGER on {sem_path.name} (vocab {ids.vocab_sizes}), {len(train_hist)} training "
+          f"prefixes, device {device}, writing {out}", file=sys.stderr)
+    t0 = time.time()
+    summary = fit(model, ids, train_hist, ds.splits.train.target,
+                  lambda m: evaluate_tiger(m, ds, ds.splits.valid, ids, args.beam), out, tcfg,
+                  resume=args.resume, meta=meta)
+    test = ds.splits.test
+    results = {"task": "tiger", "dataset": ds.name, "encoder": str(args.encoder), "tokenizer": args.tokenizer,
+               "semantic_ids": str(sem_path), "run": str(out), "beam": args.beam, **summary,
+               "test": evaluate_tiger(model, ds, test, ids, args.beam),
+               "popularity": summarize(popularity_ranks(ds, test), (5, 10), cold=test.cold),
+               "wall_time_this_call_s": round(time.time() - t0, 1)}
+    write_json(out / "results.json", results)
+    print(json.dumps(results, sort_keys=True))
+    return results
+
+
 def stage_unisrec(args) -> dict:
     """UniSRec on frozen item embeddings (`--encoder minilm|RUN_DIR`), or SASRec with item IDs
     only (`--encoder none`): train with early stopping on valid NDCG@10, test the best once."""
@@ -276,20 +447,34 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--encoder", default="minilm",
                    help="minilm | a fine-tuned run folder | a BERT folder | none (unisrec: SASRec-ID)")
     m.add_argument("--fields", default=None, help="item text fields (default: title,categories,brand)")
+    q = ap.add_argument_group("rqvae (semantic IDs)")
+    q.add_argument("--tokenizer", choices=TOKENIZERS, default="rqvae",
+                   help="RQ-VAE (TIGER) or residual k-means (no network)")
+    q.add_argument("--rqvae-epochs", type=int, default=None,
+                   help="RQ-VAE training epochs (default: RQVAEConfig.epochs = 150; TIGER: 20k)")
+    q.add_argument("--no-dead-code-restart", action="store_true",
+                   help="the plain TIGER recipe: never restart unused codes (see rqvae.py)")
+    t = ap.add_argument_group("tiger (also --tokenizer, --max-epochs, --patience, --lr, --batch-size 256)")
+    t.add_argument("--max-steps", type=int, default=200_000, help="training steps (TIGER: 200k)")
+    t.add_argument("--eval-every", type=int, default=1000, help="steps between validations (beam search)")
+    t.add_argument("--beam", type=int, default=10, help="beam width = generated IDs (TIGER: 10)")
+    t.add_argument("--tiger-history", type=int, default=20, help="history items (TIGER: last 20)")
     u = ap.add_argument_group("unisrec")
     u.add_argument("--mode", choices=["inductive", "transductive"], default="inductive",
                    help="text only (the paper's setting) or text + item-ID embedding")
     u.add_argument("--emb", default=None, help="use this item-embedding .npy instead of the encoder's")
     u.add_argument("--max-history", type=int, default=50, help="history length (UniSRec: 50)")
     u.add_argument("--max-epochs", type=int, default=None, help="cap on epochs (default: early stop only)")
-    u.add_argument("--patience", type=int, default=10, help="epochs without valid NDCG@10 gain")
+    u.add_argument("--patience", type=int, default=10,
+                   help="epochs (unisrec) / validations (tiger) without valid NDCG@10 gain")
     u.add_argument("--mask-history", action="store_true", help="mask history items when ranking")
     return ap
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    runners = {"encoder": stage_encoder, "embed": stage_embed, "unisrec": stage_unisrec}
+    runners = {"encoder": stage_encoder, "embed": stage_embed, "rqvae": stage_rqvae, "unisrec": stage_unisrec,
+               "tiger": stage_tiger}
     if args.stage not in runners:
         print(f"error: --stage {args.stage} ({STAGES[args.stage]}) is not implemented yet",
               file=sys.stderr)
@@ -298,12 +483,22 @@ def main(argv=None) -> int:
         print("error: --dataset is required (a registered name or a folder)", file=sys.stderr)
         return 2
     if args.batch_size is None:
-        args.batch_size = {"encoder": 512, "unisrec": 2048}.get(args.stage, 64)
+        args.batch_size = {"encoder": 512, "unisrec": 2048, "tiger": 256}.get(args.stage, 64)
     from encoderec import BackboneError, WeightsError
     try:
         runners[args.stage](args)
     except (DataError, BackboneError, WeightsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:  # a NaN/inf loss: the last good checkpoint is kept
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if e.errno not in WRITE_ERRORS:
+            raise
+        print(f"error: cannot write {e.filename or 'the output'}: {e.strerror}. Free some space or "
+              f"choose a writable --runs / --out folder; files written before are intact (writes are "
+              f"atomic), so --resume continues from the last checkpoint.", file=sys.stderr)
         return 2
     return 0
 

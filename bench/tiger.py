@@ -1,0 +1,213 @@
+"""Benchmark: tiger.py against Hugging Face `transformers.T5ForConditionalGeneration` configured the
+same way (TIGER's T5: d_model 128, d_kv 64, 6 heads, d_ff 1024, 4 + 4 layers, ReLU, dropout 0.1,
+the same vocabulary, tied head) and holding the SAME weights (tiger.t5_state_dict).
+
+Training: examples/s of one optimizer step (forward + backward + AdamW, float32, both models in
+train mode) on the same seeded batches of --batch-size training prefixes (history <= 20 items ->
+next item, ds.histories(ds.splits.train, 20)); HF gets input_ids / attention_mask / labels, the
+way a T5 fine-tuning script feeds it. Ours is timed with its length buckets (the default) and
+without them (every row at the batch width, like HF). Decoding: users/s of beam search, width 10,
+10 returned IDs, constrained to the catalog's IDs, both models in eval mode, on the same batch of
+--decode-users validation users; HF = generate(num_beams=10, num_return_sequences=10,
+max_new_tokens=4, prefix_allowed_tokens_fn=<dict lookup of the catalog's prefixes>). Repeats are
+interleaved (ours, then HF, on the same batch) after one untimed warm-up each; the table shows
+medians and ratios ours / HF. It also reports how often the two decoders return the same top-10
+list (same weights, so they should agree up to float ties).
+
+Data: --dataset (default ../shared/data/lcrec/Beauty). Semantic IDs: --sem-ids FILE.npy (with
+its .json sidecar), else a runs/<dataset>/*/semantic_ids-*.npy (RQ-VAE first), else random unique IDs
+with the real catalog size (tiger.random_semantic_ids: 3 x 256 codes + a dedup level); the
+header says which. Speed does not depend on the ID values, but the constraint tables do.
+
+    python bench/tiger.py [--threads 1] [--repeats 3] [--batch-size 256] [--decode-users 128]
+"""
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import tiger as tg
+from data import load_dataset
+
+DATA = ROOT.parent / "shared" / "data" / "lcrec" / "Beauty"
+
+
+def find_sem_ids(args, ds) -> tuple[tg.SemanticIDs, str]:
+    path = Path(args.sem_ids) if args.sem_ids else None
+    if path is None:
+        found = sorted((ROOT / "runs" / ds.name).glob("*/semantic_ids-*.npy"),
+                       key=lambda p: ("rqvae" not in p.name, str(p)))          # RQ-VAE IDs first
+        path = found[0] if found else None
+    if path is not None:
+        ids = tg.load_semantic_ids(path)
+        if ids.n_items != ds.n_items:
+            sys.exit(f"error: {path} has {ids.n_items} rows but {ds.name} has {ds.n_items} items")
+        return ids, f"{path} (vocab {ids.vocab_sizes})"
+    codes, vocab = tg.random_semantic_ids(ds.n_items, seed=args.seed)
+    return tg.SemanticIDs(codes, vocab), f"random unique IDs, real catalog size (vocab {vocab})"
+
+
+def hf_prefix_fn(ids: tg.SemanticIDs):
+    """prefix_allowed_tokens_fn: decoded tokens so far (start token first) -> allowed next tokens."""
+    allowed: dict[tuple, set] = {}
+    for row in ids.tokens.tolist():
+        for lvl in range(len(row)):
+            allowed.setdefault(tuple(row[:lvl]), set()).add(row[lvl])
+    allowed = {k: sorted(v) for k, v in allowed.items()}
+
+    def fn(batch_id, input_ids):
+        return allowed.get(tuple(input_ids[1:].tolist()), [])
+    return fn
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--dataset", default=str(DATA))
+    ap.add_argument("--data-dir", default=str(ROOT / "data"))
+    ap.add_argument("--sem-ids", default=None, help="semantic_ids-*.npy (default: a run's, else random)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--batch-size", type=int, default=256, help="training batch (TIGER: 256)")
+    ap.add_argument("--decode-users", type=int, default=128, help="users per decoding batch")
+    ap.add_argument("--beam", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
+    ap.add_argument("--no-unbucketed", action="store_true", help="skip the 'ours without length buckets' row")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    try:
+        import transformers
+        from transformers import T5Config, T5ForConditionalGeneration
+    except ImportError:
+        print("transformers is not installed: nothing to compare against (pip install transformers)")
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not Path(args.dataset).exists():
+        print(f"dataset {args.dataset} is absent (expected ../shared/data beside the checkout): skipping")
+        return 0
+    ds = load_dataset(args.dataset, args.data_dir)
+    ids, ids_note = find_sem_ids(args, ds)
+    hist, _ = ds.histories(ds.splits.train, 20)                        # (N, 20), -1 = padding
+    target = ds.splits.train.target
+    vhist, _ = ds.histories(ds.splits.valid, 20)
+
+    torch.manual_seed(args.seed)
+    cfg = tg.TigerConfig(vocab_sizes=ids.vocab_sizes)
+    ours = tg.Tiger(cfg)
+    hf = T5ForConditionalGeneration(T5Config(**tg.t5_config_kwargs(cfg)))
+    hf.load_state_dict(tg.t5_state_dict(ours))
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-3)
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-3)
+    rng = np.random.default_rng(args.seed)
+    print(f"TIGER benchmark: {ds.name} ({ds.n_items:,} items, {len(target):,} training prefixes); semantic IDs: "
+          f"{ids_note}; CPU threads {torch.get_num_threads()}; torch {torch.__version__}, transformers "
+          f"{transformers.__version__}; float32; {args.repeats} interleaved repeats (median)", flush=True)
+
+    # ---- training
+    def batch():
+        idx = rng.choice(len(target), args.batch_size, replace=False)
+        return tg.tokenize_histories(hist[idx], ids), tg.target_tokens(target[idx], ids)
+
+    def step_ours(src, tgt, buckets=True):
+        ours.length_buckets = buckets
+        loss = ours.loss(src, tgt)
+        opt_ours.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_ours.step()
+
+    def step_hf(src, tgt):
+        out = hf(input_ids=src, attention_mask=(src != tg.PAD).long(), labels=tgt)
+        opt_hf.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt_hf.step()
+
+    ours.train()
+    hf.train()
+    src, tgt = batch()
+    step_ours(src, tgt)                                                # warm-up (untimed)
+    step_hf(src, tgt)
+    t = {"ours": [], "ours_pad": [], "hf": []}
+    widths, real = [], []
+    for r in range(args.repeats):
+        src, tgt = batch()
+        widths.append(src.shape[1])
+        real.append(float((src != tg.PAD).sum(1).float().mean()))
+        t["ours"].append(timed(lambda s=src, y=tgt: step_ours(s, y)))
+        if not args.no_unbucketed:
+            t["ours_pad"].append(timed(lambda s=src, y=tgt: step_ours(s, y, buckets=False)))
+        t["hf"].append(timed(lambda s=src, y=tgt: step_hf(s, y)))
+        print(f"  train repeat {r + 1}: width {src.shape[1]} | " + " | ".join(
+            f"{k} {v[-1]:.2f}s" for k, v in t.items() if v), flush=True)
+    ours.length_buckets = True
+    train = {k: args.batch_size / statistics.median(v) for k, v in t.items() if v}
+
+    # ---- decoding (same weights again, eval mode)
+    hf.load_state_dict(tg.t5_state_dict(ours))
+    ours.eval()
+    hf.eval()
+    fn = hf_prefix_fn(ids)
+
+    def dec_ours(src):
+        return tg.beam_search(ours, src, ids, beam=args.beam)[0]
+
+    def dec_hf(src):
+        with torch.inference_mode():
+            out = hf.generate(input_ids=src, attention_mask=(src != tg.PAD).long(), num_beams=args.beam,
+                              num_return_sequences=args.beam, max_new_tokens=ids.n_levels, do_sample=False,
+                              prefix_allowed_tokens_fn=fn)
+        codes = out[:, 1:1 + ids.n_levels] - torch.tensor(ids.offsets)   # (B*beam, 4) tokens -> codes
+        return ids.lookup(ids.key_of(codes)).view(len(src), args.beam)
+
+    users = rng.choice(len(vhist), args.decode_users * (args.repeats + 1), replace=False)
+    groups = users.reshape(args.repeats + 1, args.decode_users)
+    src = tg.tokenize_histories(vhist[groups[0]], ids)
+    dec_ours(src)                                                       # warm-up (untimed)
+    dec_hf(src)
+    d = {"ours": [], "hf": []}
+    same = []
+    for r in range(args.repeats):
+        src = tg.tokenize_histories(vhist[groups[r + 1]], ids)
+        res = {}
+        for name, f in (("ours", dec_ours), ("hf", dec_hf)):
+            t0 = time.perf_counter()
+            res[name] = f(src)
+            d[name].append(time.perf_counter() - t0)
+        same.append((res["ours"] == res["hf"]).all(1).float().mean().item())
+        print(f"  decode repeat {r + 1}: width {src.shape[1]} | ours {d['ours'][-1]:.2f}s | hf {d['hf'][-1]:.2f}s",
+              flush=True)
+    dec = {k: args.decode_users / statistics.median(v) for k, v in d.items()}
+
+    # ---- table
+    rows = [(f"training examples/s (batch {args.batch_size})", train["ours"], train["hf"])]
+    if "ours_pad" in train:
+        rows.append(("training examples/s, ours without length buckets", train["ours_pad"], train["hf"]))
+    rows.append((f"decoding users/s (beam {args.beam}, constrained, {args.decode_users} users)", dec["ours"],
+                 dec["hf"]))
+    w = max(len(r[0]) for r in rows)
+    print()
+    print(f"| {'measure'.ljust(w)} | {'tiger.py':>9} | {'HF T5':>9} | {'ratio':>6} |")
+    print(f"|{'-' * (w + 2)}|{'-' * 11}|{'-' * 11}|{'-' * 8}|")
+    for name, a, b in rows:
+        print(f"| {name.ljust(w)} | {a:9.1f} | {b:9.1f} | {a / b:5.2f}x |")
+    print(f"\nbatch widths (tokens) {widths}, mean real tokens per row {statistics.mean(real):.1f}; "
+          f"same top-{args.beam} list as HF (same weights): {100 * statistics.mean(same):.1f}% of users")
+    print(f"targets: training >= 1.5x: {'met' if train['ours'] / train['hf'] >= 1.5 else 'NOT met'} "
+          f"({train['ours'] / train['hf']:.2f}x); decoding >= 3x: "
+          f"{'met' if dec['ours'] / dec['hf'] >= 3 else 'NOT met'} ({dec['ours'] / dec['hf']:.2f}x)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 KS = (10,)
+MISS = np.iinfo(np.int64).max // 2  # rank of a target absent from a top-K list
 
 
 # ----------------------------------------------------------------------------- ranks
@@ -59,10 +60,11 @@ def mask_history(scores: torch.Tensor, history: torch.Tensor, targets: torch.Ten
 
 def ranks_from_topk(topk: torch.Tensor | np.ndarray, targets: torch.Tensor | np.ndarray) -> np.ndarray:
     """Ranks from ranked lists (generative models): position of the target in its row of top-K
-    item ids (B, K), or K when it is absent (a miss at any cutoff <= K)."""
+    item ids (B, K), or MISS when it is absent: a miss at EVERY cutoff, also cutoffs above K (a
+    5-item list has no 7th item to hit with)."""
     topk, targets = np.asarray(topk), np.asarray(targets)
     hit = topk == targets[:, None]                         # (B, K)
-    return np.where(hit.any(1), hit.argmax(1), topk.shape[1]).astype(np.int64)
+    return np.where(hit.any(1), hit.argmax(1), MISS).astype(np.int64)
 
 
 def full_ranking_ranks(score_fn: Callable[[np.ndarray], torch.Tensor], n_cases: int,
@@ -173,8 +175,13 @@ TASKS = {
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Evaluate a task; the last stdout line is JSON metrics.")
-    ap.add_argument("--task", required=True, choices=list(TASKS))
-    ap.add_argument("--dataset", required=True, help="registered name or folder")
+    ap.add_argument("--task", choices=list(TASKS))
+    ap.add_argument("--report", action="store_true",
+                    help="instead of a task: the paper-shaped tables of every run of the datasets "
+                         "(Markdown on stdout, CSV + optional PNG next to --runs)")
+    ap.add_argument("--dataset", required=True, nargs="+",
+                    help="registered name or folder (--report: one or more)")
+    ap.add_argument("--csv", default=None, help="--report: CSV path (default runs/report-<datasets>.csv)")
     ap.add_argument("--data-dir", default="data", help="download and cache folder (default ./data)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     ap.add_argument("--seed", type=int, default=0, help="also selects the --holdout items")
@@ -353,10 +360,190 @@ def run_tiger(args) -> dict:
             "popularity": summarize(popularity_ranks(ds, test), (5, 10), cold=test.cold)}
 
 
+# ----------------------------------------------------------------------------- the results report
+# `python eval.py --report --dataset A [B ...]` reads what train.py wrote under --runs and lays it out
+# as the paper's tables. Only files are read (nothing is recomputed); each cell names its run folder.
+#   results.json   (train.py --stage unisrec | tiger)          -> Table 2 (UniSRec), Table 3 (TIGER)
+#   retrieval-*.json (train.py --stage all)                    -> Table 1 (title -> document retrieval)
+#   semantic_ids-*.json sidecars (train.py --stage rqvae)      -> the collision table
+
+def encoder_label(encoder: str) -> str:
+    """Row name of an encoder: 'none' -> SASRec-ID, 'minilm' -> off-the-shelf, a folder -> its name."""
+    from pathlib import Path
+    e = str(encoder)
+    if e.lower() == "none":
+        return "no text (SASRec-ID)"
+    if e.lower() == "minilm":
+        return "all-MiniLM-L6-v2"
+    return Path(e).name
+
+
+def _schedule(res: dict) -> str:
+    """How long a run trained, for the row label: '' when it ran to early stopping."""
+    if res.get("task") == "tiger":
+        stopped = " (early stop)" if res.get("stopped_early") else ""
+        return f"{res.get('steps_run')} steps{stopped}"
+    if res.get("max_epochs") and not res.get("stopped_early"):
+        return f"capped at {res['max_epochs']} epochs"
+    return ""
+
+
+def collect_report(runs, names) -> list[dict]:
+    """Every metric found for the datasets `names` (folder names under runs/) as flat records
+    {table, dataset, row, run, schedule, metric, value} (the CSV rows)."""
+    from pathlib import Path
+    recs = []
+
+    def add(table, ds, row, run, schedule, metrics: dict, keys):
+        for k in keys:
+            if isinstance(metrics.get(k), (int, float)):
+                recs.append({"table": table, "dataset": ds, "row": row, "run": str(run),
+                             "schedule": schedule, "metric": k, "value": float(metrics[k])})
+
+    for name in names:
+        root = Path(runs) / name
+        for f in sorted(root.glob("*/results.json")):
+            try:
+                res = json.loads(f.read_text())
+            except ValueError:
+                continue
+            task = res.get("task")
+            row = encoder_label(res.get("encoder", "?"))
+            if task == "unisrec":
+                if res.get("mode") == "transductive":
+                    row += " + item IDs"
+                add("unisrec", name, row, f.parent, _schedule(res), res.get("test", {}),
+                    ("recall@10", "ndcg@10", "recall@50", "ndcg@50"))
+            elif task == "tiger":
+                row += f" / {res.get('tokenizer', 'rqvae')}"
+                add("tiger", name, row, f.parent, _schedule(res), res.get("test", {}),
+                    ("recall@5", "ndcg@5", "recall@10", "ndcg@10"))
+                add("tiger", name, "popularity", f.parent, "", res.get("popularity", {}),
+                    ("recall@5", "ndcg@5", "recall@10", "ndcg@10"))
+        for f in sorted(root.glob("*/retrieval-*.json")):
+            res = json.loads(f.read_text())
+            add("retrieval", name, encoder_label(res.get("encoder", "?")), f, f"docs: {res.get('doc_fields')}",
+                res, ("recall@10", "ndcg@10"))
+        for f in sorted(root.glob("*/semantic_ids-*.json")):
+            side = json.loads(f.read_text())
+            col = side.get("collisions") or {}
+            usage = col.get("usage") or []
+            add("collisions", name, f"{encoder_label(side.get('encoder', '?'))} / {side.get('tokenizer')}", f,
+                "", {**col, **{f"usage_l{i + 1}": u for i, u in enumerate(usage)}},
+                ("items", "unique_prefixes", "collision_rate", "largest_group",
+                 *(f"usage_l{i + 1}" for i in range(len(usage)))))
+    # one run per (table, dataset, row, schedule): the newest file wins (older duplicates dropped)
+    newest: dict[tuple, str] = {}
+    for r in recs:
+        key = (r["table"], r["dataset"], r["row"], r["schedule"])
+        t = Path(r["run"]).stat().st_mtime
+        if key not in newest or t > Path(newest[key]).stat().st_mtime:
+            newest[key] = r["run"]
+    return [r for r in recs if newest[(r["table"], r["dataset"], r["row"], r["schedule"])] == r["run"]]
+
+
+TABLES = {  # table -> (title, metrics shown per dataset)
+    "retrieval": ("Table 1 shape: title -> document retrieval (full ranking over all documents)",
+                  ("recall@10", "ndcg@10")),
+    "unisrec": ("Table 2 shape: UniSRec on frozen item embeddings, test set, full ranking",
+                ("recall@10", "ndcg@10")),
+    "tiger": ("Table 3 shape: TIGER on semantic IDs, test set, constrained beam 10",
+              ("recall@10", "ndcg@10")),
+    "collisions": ("Semantic-ID collisions (3-code prefixes)",
+                   ("collision_rate", "largest_group", "usage_l1", "usage_l2", "usage_l3")),
+}
+
+
+def report_markdown(recs: list[dict]) -> str:
+    out = []
+    for table, (title, metrics) in TABLES.items():
+        rs = [r for r in recs if r["table"] == table]
+        if not rs:
+            continue
+        datasets = list(dict.fromkeys(r["dataset"] for r in rs))
+        rows = list(dict.fromkeys((r["row"], r["schedule"]) for r in rs))
+        cell = {(r["dataset"], r["row"], r["schedule"], r["metric"]): r["value"] for r in rs}
+        head = ["encoder"] + [f"{d} {m}" for d in datasets for m in metrics]
+        out += [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row, sched in rows:
+            label = f"{row} ({sched})" if sched and table != "retrieval" else row
+            vals = []
+            for d in datasets:
+                for m in metrics:
+                    v = cell.get((d, row, sched, m))
+                    vals.append("–" if v is None else (f"{v:.0f}" if m == "largest_group" else f"{v:.4f}"))
+            out.append("| " + " | ".join([label, *vals]) + " |")
+        srcs = sorted({(r["dataset"], r["row"], r["schedule"], r["run"]) for r in rs})
+        out += ["", "Sources: " + "; ".join(f"{d} / {row}{f' ({s})' if s else ''}: `{run}`"
+                                            for d, row, s, run in srcs), ""]
+    return "\n".join(out) if out else "(no results found)"
+
+
+def write_report_files(recs: list[dict], csv_path, png_path=None) -> list[str]:
+    """The long-format CSV (always) and, when matplotlib is installed, a PNG of Recall@10 per
+    encoder and recommender. Returns the paths written."""
+    import csv
+    from pathlib import Path
+    csv_path = Path(csv_path)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["table", "dataset", "row", "schedule", "metric", "value", "run"])
+        w.writeheader()
+        w.writerows(recs)
+    written = [str(csv_path)]
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    bars = [r for r in recs if r["table"] in ("unisrec", "tiger") and r["metric"] == "recall@10"]
+    if bars and png_path:
+        labels = [f"{r['dataset']} {r['table']}\n{r['row']}" for r in bars]
+        fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(bars)), 4))
+        ax.bar(range(len(bars)), [r["value"] for r in bars])
+        ax.set_xticks(range(len(bars)), labels, rotation=75, ha="right", fontsize=7)
+        ax.set_ylabel("Recall@10 (test)")
+        fig.tight_layout()
+        fig.savefig(png_path, dpi=120)
+        plt.close(fig)
+        written.append(str(png_path))
+    return written
+
+
+def run_report(args) -> str:
+    from pathlib import Path
+
+    from data import load_dataset
+    names = [load_dataset(d, args.data_dir).name if not (Path(args.runs) / d).is_dir() else d
+             for d in args.dataset]
+    recs = collect_report(args.runs, names)
+    text = report_markdown(recs)
+    csv_path = Path(args.csv) if args.csv else Path(args.runs) / f"report-{'+'.join(names)}.csv"
+    files = write_report_files(recs, csv_path, csv_path.with_suffix(".png"))
+    print(text)
+    print(f"wrote {', '.join(files)}", file=sys.stderr)
+    return text
+
+
 def main(argv=None) -> int:
     from data import DataError
     from encoderec import BackboneError, WeightsError
     args = build_parser().parse_args(argv)
+    if args.report:
+        try:
+            run_report(args)
+        except (DataError, ValueError, OSError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if not args.task:
+        print("error: pass --task TASK or --report", file=sys.stderr)
+        return 2
+    if len(args.dataset) != 1:
+        print("error: --task takes one --dataset (several are for --report)", file=sys.stderr)
+        return 2
+    args.dataset = args.dataset[0]
     runners = {"retrieval": run_retrieval, "unisrec": run_unisrec, "collisions": run_collisions,
                "tiger": run_tiger}
     if args.task not in runners:

@@ -33,7 +33,9 @@ teacher forcing, cross-entropy over the full vocabulary at the 4 target position
 TIGER used Adafactor, lr 0.01, inverse-square-root decay after 10k warm-up steps, 200k steps;
 we use AdamW (lr 1e-3, weight decay 0.01 on matrices) with linear warm-up over 1,000 steps then
 inverse-square-root decay lr * sqrt(warmup / step), gradients clipped at norm 1 (TrainConfig).
-The schedule depends only on the step, so --resume may raise max_steps.
+The schedule depends only on the step, so --resume may raise max_steps. Under torchrun, fit trains
+with DistributedDataParallel on shares of the same global batch (exactly its loss and gradients) and
+rank 0 alone validates and writes checkpoints.
 
 Decoding: beam search batched over users and beams (a loop over the 4 levels only), width 10,
 with a KV cache; cross-attention K/V of the encoder output are computed once per layer and
@@ -916,6 +918,60 @@ def _check_train_arrays(ids: SemanticIDs, hist, target) -> tuple[np.ndarray, np.
     return hist.astype(np.int64, copy=False), target.astype(np.int64, copy=False)
 
 
+# ----------------------------------------------------------------------------- torchrun (DDP)
+def _rank_world() -> tuple[int, int]:
+    """(rank, world size) of an initialised torch.distributed group with > 1 process, else (0, 1)."""
+    d = torch.distributed
+    if d.is_available() and d.is_initialized() and d.get_world_size() > 1:
+        return d.get_rank(), d.get_world_size()
+    return 0, 1
+
+
+class TrainLoss(nn.Module):
+    """`model.loss(src, tgt)` as a forward, so DistributedDataParallel can wrap it (DDP arms its
+    gradient hooks in forward). Its state_dict keys carry a "model." prefix: checkpoints save the
+    Tiger itself, never this wrapper."""
+
+    def __init__(self, model: Tiger):
+        super().__init__()
+        self.model = model
+
+    def forward(self, src, tgt):
+        return self.model.loss(src, tgt)
+
+
+def global_batch_loss(model: Tiger, ids: SemanticIDs, hist: torch.Tensor, target: torch.Tensor,
+                      ddp: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss of one GLOBAL training batch: hist (B, L) item indices, target (B,) items.
+    Returns (the loss to backward, the global mean loss: detached, identical on every rank).
+
+    One process (ddp None): model.loss on the whole batch. Under torchrun, ddp =
+    DistributedDataParallel(TrainLoss(model)) and this rank takes its share
+    hist.tensor_split(world)[rank] (shares differ by at most one row). DDP averages the gradients
+    over the ranks, so the rank's mean loss is weighted by n_rank * world / B before backward: the
+    average is then exactly the gradient of the mean loss over the B global rows. A rank whose share
+    is empty (B < world) runs row 0 at weight 0, since DDP needs every rank in every backward."""
+    if ddp is None:
+        loss = model.loss(tokenize_histories(hist, ids, model.cfg.max_items), ids.tokens[target])
+        return loss, loss.detach()
+    rank, world = _rank_world()
+    B = len(target)
+    share = torch.arange(B, device=target.device).tensor_split(world)[rank]   # (n,) this rank's rows
+    n = len(share)
+    rows = share if n else share.new_zeros(1)                                  # (max(n, 1),)
+    local = ddp(tokenize_histories(hist[rows], ids, model.cfg.max_items), ids.tokens[target[rows]])
+    glob = local.detach().float() * (n / B)                                    # this rank's part of the mean
+    torch.distributed.all_reduce(glob)
+    return local * (n * world / B), glob
+
+
+def _gather_rng(dev: torch.device) -> list:
+    """Every rank's RNG state (dropout draws differ per rank), in rank order; a collective."""
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, _rng_state(dev))
+    return out
+
+
 def fit(model: Tiger, ids: SemanticIDs, train_hist, train_target, eval_fn: Callable[[Tiger], dict], out_dir,
         cfg: TrainConfig | None = None, resume: bool = False, meta: dict | None = None) -> dict:
     """Train with AdamW on teacher-forced cross-entropy, validating every cfg.eval_every steps.
@@ -931,7 +987,19 @@ def fit(model: Tiger, ids: SemanticIDs, train_hist, train_target, eval_fn: Calla
     validations without a strictly better metric. resume=True continues from last.pt exactly (CPU,
     same seed; max_steps / max_epochs may be raised). The best weights are
     loaded back at the end. Returns {best_step, best_epoch, steps_run, epochs_run, best_valid,
-    stopped_early, wall_time_s (summed over resumed runs), examples_per_s}."""
+    stopped_early, wall_time_s (summed over resumed runs), examples_per_s}. A non-finite training
+    loss raises FloatingPointError before that step's update (with fp16 the GradScaler skips such
+    steps itself; a non-finite segment still raises at the next validation), so last.pt keeps
+    the last validated, good, state.
+
+    Under torchrun (torch.distributed initialised, world > 1) the model trains wrapped in
+    DistributedDataParallel; cfg.batch_size stays the GLOBAL batch: every rank draws the same epoch
+    order and takes its share of each global batch (see global_batch_loss: the loss and gradients
+    are those of the global batch). Rank 0 alone validates, prints and writes best.pt / last.pt /
+    history.json, then broadcasts the training state (best, patience count, stop decision,
+    history), so all ranks stop together and return the same summary; the others wait for it.
+    Rank r seeds its dropout with cfg.seed + r; last.pt keeps every rank's RNG state, and every
+    rank loads last.pt on resume."""
     cfg = cfg or TrainConfig()
     if cfg.amp not in ("off", "bf16", "fp16"):
         raise ValueError(f"TrainConfig.amp={cfg.amp!r}: use 'off', 'bf16' or 'fp16'.")
@@ -954,6 +1022,8 @@ def fit(model: Tiger, ids: SemanticIDs, train_hist, train_target, eval_fn: Calla
     autocast = (lambda: torch.autocast(dev.type, dtype=amp_dtype)) if amp_dtype else nullcontext
     scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
     opt = _optimizer(model, cfg)
+    rank, world = _rank_world()                                            # (0, 1) without torchrun
+    main = rank == 0
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -981,17 +1051,29 @@ def fit(model: Tiger, ids: SemanticIDs, train_hist, train_target, eval_fn: Calla
         opt.load_state_dict(ck["optimizer"])
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
-        _set_rng_state(dev, ck["rng"])
         st = ck["state"]
-        print(f"resumed from {last_path} at step {st['step']} (best {cfg.metric} {st['best']:.4f} at step "
-              f"{st['best_step']}, {st['bad']} validations without improvement)")
+        rngs = ck.get("rng_ranks")
+        if rngs and len(rngs) == world:
+            _set_rng_state(dev, rngs[rank])
+        elif rank == 0:
+            _set_rng_state(dev, ck["rng"])
+        else:  # another world size than the run that wrote last.pt: fresh dropout draws for this rank
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rank, st["step"]]).generate_state(1)[0]))
+        if main:
+            print(f"resumed from {last_path} at step {st['step']} (best {cfg.metric} {st['best']:.4f} at step "
+                  f"{st['best_step']}, {st['bad']} validations without improvement)")
     else:
-        if resume:
+        if resume and main:
             print(f"no {last_path} to resume from: starting fresh")
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed + rank)                                 # rank r: its own dropout draws
     st["n_examples"] = N
     if cfg.compile:
         model.compile_core()
+    ddp = None
+    if world > 1:  # DDP broadcasts rank 0's weights once here, then averages gradients in backward
+        ddp = torch.nn.parallel.DistributedDataParallel(
+            TrainLoss(model), device_ids=[dev.index if dev.index is not None else torch.cuda.current_device()]
+            if dev.type == "cuda" else None)
 
     def cap_steps() -> int:
         cap = cfg.max_steps
@@ -1003,7 +1085,8 @@ def fit(model: Tiger, ids: SemanticIDs, train_hist, train_target, eval_fn: Calla
     wall0 = st["wall"]
     perm, perm_epoch = None, None
     loss_sum, loss_n, ex_seen, t_seg = torch.zeros((), device=dev), 0, 0, time.perf_counter()
-    bar = tqdm(total=cap_steps(), initial=min(st["step"], cap_steps()), desc="tiger", unit="step", leave=False)
+    bar = tqdm(total=cap_steps(), initial=min(st["step"], cap_steps()), desc="tiger", unit="step", leave=False,
+               disable=not main)
     while not st["stopped"] and st["step"] < cap_steps():
         model.train()
         epoch = st["epochs_done"] + 1
@@ -1011,14 +1094,17 @@ def fit(model: Tiger, ids: SemanticIDs, train_hist, train_target, eval_fn: Calla
             perm = torch.as_tensor(np.random.default_rng([cfg.seed, epoch]).permutation(N), device=dev)  # (N,)
             perm_epoch = epoch
         b = st["batch"]
-        idx = perm[b * bs:(b + 1) * bs]                                    # (b,)
-        src = tokenize_histories(H[idx], ids, model.cfg.max_items)         # (b, 4L'+1)
-        tgt = ids.tokens[Tg[idx]]                                          # (b, 4)
+        idx = perm[b * bs:(b + 1) * bs]                                    # (b,) the global batch
         lr = cfg.lr * lr_factor(st["step"], cfg.warmup_steps)
         for g in opt.param_groups:
             g["lr"] = lr
-        with autocast():
-            loss = model.loss(src, tgt)
+        with autocast():  # tokenises (b, L) -> (b, 4L'+1) and (b,) -> (b, 4), or this rank's share
+            loss, step_loss = global_batch_loss(model, ids, H[idx], Tg[idx], ddp)
+        if scaler is None and not bool(torch.isfinite(step_loss)):  # the same verdict on every rank
+            raise FloatingPointError(
+                f"training loss became {float(step_loss)} at step {st['step'] + 1}; stopped before the update. "
+                f"{last_path} still holds the last validated step (a good one): lower the learning rate or "
+                "use --amp off, then --resume.")
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -1032,7 +1118,7 @@ def fit(model: Tiger, ids: SemanticIDs, train_hist, train_target, eval_fn: Calla
             scaler.update()
         else:
             opt.step()
-        loss_sum += loss.detach().float() * len(idx)
+        loss_sum += step_loss.float() * len(idx)
         loss_n += len(idx)
         ex_seen += len(idx)
         st["examples"] += len(idx)
@@ -1042,7 +1128,7 @@ def fit(model: Tiger, ids: SemanticIDs, train_hist, train_target, eval_fn: Calla
             st["batch"], st["epochs_done"] = 0, st["epochs_done"] + 1
         bar.update(1)
         if st["step"] % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.1e}")
+            bar.set_postfix(loss=f"{step_loss.item():.4f}", lr=f"{lr:.1e}")
         if st["step"] % cfg.eval_every and st["step"] < cap_steps():
             continue
         # ---- validation
@@ -1053,39 +1139,46 @@ def fit(model: Tiger, ids: SemanticIDs, train_hist, train_target, eval_fn: Calla
                 f"the last validated step (a good one): lower the learning rate or use --amp off, then --resume.")
         train_s = time.perf_counter() - t_seg
         st["train_s"] += train_s
-        t0 = time.perf_counter()
-        model.eval()
-        with torch.no_grad():
-            res = dict(eval_fn(model) or {})
-        if cfg.metric not in res:
-            raise ValueError(f"eval_fn returned {sorted(res)} without {cfg.metric!r}, the early-stopping metric")
-        value = float(res[cfg.metric])
-        improved = not math.isnan(value) and value > st["best"]
-        rec = {"step": st["step"], "epoch": round(st["step"] / n_batches, 3), "loss": train_loss,
-               "lr": lr, "valid": _plain(res), "train_s": round(train_s, 3),
-               "eval_s": round(time.perf_counter() - t0, 3), "examples_per_s": round(ex_seen / max(train_s, 1e-9), 1),
-               "improved": improved}
-        st["history"].append(rec)
-        if improved:
-            st.update(best=value, best_step=st["step"], best_valid=_plain(res), bad=0)
-            save_checkpoint(model, ids, best_path, meta=meta, step=st["step"], valid=_plain(res),
-                            train_config=asdict(cfg))
-        else:
-            st["bad"] += 1
-        st["stopped"] = st["bad"] >= cfg.patience
-        st["wall"] = wall0 + time.perf_counter() - t_start
-        metrics = " ".join(f"{k} {v:.4f}" for k, v in res.items() if isinstance(v, (int, float)) and k != "n")
-        tqdm.write(f"step {st['step']} (epoch {rec['epoch']:.2f}) | loss {rec['loss']:.4f} | lr {lr:.2e} | "
-                   f"valid {metrics} | {rec['examples_per_s']:.0f} ex/s, eval {rec['eval_s']:.1f}s"
-                   + (" | best" if improved else f" | {st['bad']}/{cfg.patience} without improvement"))
-        ck = checkpoint_dict(model, ids, optimizer=opt.state_dict(), scaler=scaler.state_dict() if scaler else None,
-                             rng=_rng_state(dev), state=st, train_config=asdict(cfg), meta=_plain(meta or {}))
-        _atomic_save(ck, last_path)
-        _atomic_write_text(hist_path, json.dumps(st["history"], indent=2))
+        rngs = _gather_rng(dev) if world > 1 else None                     # collective, before rank 0 writes
+        if main:  # validate, count patience, write best.pt / last.pt / history.json
+            t0 = time.perf_counter()
+            model.eval()
+            with torch.no_grad():
+                res = dict(eval_fn(model) or {})
+            if cfg.metric not in res:
+                raise ValueError(f"eval_fn returned {sorted(res)} without {cfg.metric!r}, the early-stopping metric")
+            value = float(res[cfg.metric])
+            improved = not math.isnan(value) and value > st["best"]
+            rec = {"step": st["step"], "epoch": round(st["step"] / n_batches, 3), "loss": train_loss,
+                   "lr": lr, "valid": _plain(res), "train_s": round(train_s, 3),
+                   "eval_s": round(time.perf_counter() - t0, 3), "examples_per_s": round(ex_seen / max(train_s, 1e-9), 1),
+                   "improved": improved}
+            st["history"].append(rec)
+            if improved:
+                st.update(best=value, best_step=st["step"], best_valid=_plain(res), bad=0)
+                save_checkpoint(model, ids, best_path, meta=meta, step=st["step"], valid=_plain(res),
+                                train_config=asdict(cfg))
+            else:
+                st["bad"] += 1
+            st["stopped"] = st["bad"] >= cfg.patience
+            st["wall"] = wall0 + time.perf_counter() - t_start
+            metrics = " ".join(f"{k} {v:.4f}" for k, v in res.items() if isinstance(v, (int, float)) and k != "n")
+            tqdm.write(f"step {st['step']} (epoch {rec['epoch']:.2f}) | loss {rec['loss']:.4f} | lr {lr:.2e} | "
+                       f"valid {metrics} | {rec['examples_per_s']:.0f} ex/s, eval {rec['eval_s']:.1f}s"
+                       + (" | best" if improved else f" | {st['bad']}/{cfg.patience} without improvement"))
+            ck = checkpoint_dict(model, ids, optimizer=opt.state_dict(), scaler=scaler.state_dict() if scaler else None,
+                                 rng=_rng_state(dev), state=st, train_config=asdict(cfg), meta=_plain(meta or {}),
+                                 **({"rng_ranks": rngs} if rngs else {}))
+            _atomic_save(ck, last_path)
+            _atomic_write_text(hist_path, json.dumps(st["history"], indent=2))
+        if world > 1:  # rank 0's verdict (best, patience, stop) for all; the others wait here for it
+            box = [st]
+            torch.distributed.broadcast_object_list(box, src=0)
+            st = box[0]
         loss_sum, loss_n, ex_seen, t_seg = torch.zeros((), device=dev), 0, 0, time.perf_counter()
     bar.close()
 
-    if st["stopped"]:
+    if st["stopped"] and main:
         print(f"early stop: no better valid {cfg.metric} for {cfg.patience} validations "
               f"(best {st['best']:.4f} at step {st['best_step']})")
     if best_path.is_file():
@@ -1096,3 +1189,4 @@ def fit(model: Tiger, ids: SemanticIDs, train_hist, train_target, eval_fn: Calla
             "stopped_early": st["stopped"], "wall_time_s": round(wall0 + time.perf_counter() - t_start, 3),
             "examples_per_s": round(st["examples"] / max(st["train_s"], 1e-9), 1), "max_steps": cfg.max_steps,
             "max_epochs": cfg.max_epochs}
+

@@ -316,10 +316,19 @@ def stage_tiger(args) -> dict:
     from eval import evaluate_tiger, popularity_ranks, summarize
     from tiger import Tiger, TigerConfig, TrainConfig, fit, load_semantic_ids
 
+    # torchrun: rank 0 loads the data and makes the semantic IDs first (the others then find them
+    # up to date), fit trains under DDP with the global batch, and rank 0 alone tests and writes
+    device, rank, world = init_distributed(args.device)
+    if rank > 0:
+        torch.distributed.barrier()
     ds = load_dataset(args.dataset, args.data_dir)
-    if args.tiger_history < 1 or args.beam < 1 or args.eval_every < 1 or args.max_steps < 1:
-        raise DataError("--tiger-history, --beam, --eval-every and --max-steps must be >= 1")
+    warmup = getattr(args, "warmup_steps", None)
+    warmup = TrainConfig.warmup_steps if warmup is None else warmup
+    if args.tiger_history < 1 or args.beam < 1 or args.eval_every < 1 or args.max_steps < 1 or warmup < 0:
+        raise DataError("--tiger-history, --beam, --eval-every and --max-steps must be >= 1, --warmup-steps >= 0")
     sem_path = ensure_semantic_ids(args, ds)
+    if rank == 0 and world > 1:
+        torch.distributed.barrier()
     try:
         ids = load_semantic_ids(sem_path)
     except (FileNotFoundError, ValueError) as e:
@@ -331,26 +340,31 @@ def stage_tiger(args) -> dict:
            Path(args.runs) / ds.name / f"tiger-{args.tokenizer}-{encoder_key(args.encoder)}")
     if (out / "last.pt").exists() and not args.resume:
         raise DataError(f"{out} already holds a run: pass --resume to continue it, or --out NEW_DIR")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     torch.manual_seed(args.seed)
     cfg = TigerConfig(vocab_sizes=list(ids.vocab_sizes), max_items=args.tiger_history)
     model = Tiger(cfg).to(device)
     tcfg = TrainConfig(lr=args.lr or 1e-3, batch_size=args.batch_size, max_steps=args.max_steps,
                        max_epochs=args.max_epochs, eval_every=args.eval_every, patience=args.patience,
-                       beam=args.beam, amp=args.amp, compile=args.compile, seed=args.seed)
+                       beam=args.beam, amp=args.amp, compile=args.compile, seed=args.seed, warmup_steps=warmup)
     train_hist, _ = ds.histories(ds.splits.train, args.tiger_history)      # (N, L), -1 = padding
     meta = {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "git_commit": git_commit(),
             "semantic_ids": str(sem_path)}
-    write_json(out / "run.json", {
-        "stage": "tiger", "args": vars(args), "model_config": cfg.__dict__, "train_config": tcfg.__dict__,
-        "dataset": ds.name, "data_fingerprint": ds.fingerprint, "semantic_ids": str(sem_path),
-        "semantic_ids_sha1": ids.fingerprint, "n_train_examples": len(train_hist), "git_commit": git_commit()})
-    print(f"{ds.name}: TIGER on {sem_path.name} (vocab {ids.vocab_sizes}), {len(train_hist)} training "
-          f"prefixes, device {device}, writing {out}", file=sys.stderr)
+    if rank == 0:
+        write_json(out / "run.json", {
+            "stage": "tiger", "args": vars(args), "model_config": cfg.__dict__, "train_config": tcfg.__dict__,
+            "dataset": ds.name, "data_fingerprint": ds.fingerprint, "semantic_ids": str(sem_path),
+            "semantic_ids_sha1": ids.fingerprint, "n_train_examples": len(train_hist), "git_commit": git_commit(),
+            "world_size": world})
+        print(f"{ds.name}: TIGER on {sem_path.name} (vocab {ids.vocab_sizes}), {len(train_hist)} training "
+              f"prefixes, device {device}" + (f" x {world} ranks" if world > 1 else "") + f", writing {out}",
+              file=sys.stderr)
     t0 = time.time()
     summary = fit(model, ids, train_hist, ds.splits.train.target,
                   lambda m: evaluate_tiger(m, ds, ds.splits.valid, ids, args.beam), out, tcfg,
                   resume=args.resume, meta=meta)
+    if rank > 0:  # rank 0 alone tests the best checkpoint and writes results.json
+        return summary
     test = ds.splits.test
     results = {"task": "tiger", "dataset": ds.name, "encoder": str(args.encoder), "tokenizer": args.tokenizer,
                "semantic_ids": str(sem_path), "run": str(out), "beam": args.beam, **summary,
@@ -414,6 +428,138 @@ def stage_unisrec(args) -> dict:
     return results
 
 
+# ----------------------------------------------------------------------------- the whole pipeline
+BUDGETS = {
+    # minutes on 2 CPU cores: proves every stage runs end to end; the numbers are not results
+    "smoke": {"epochs": 1, "max_length": 64, "max_epochs": 2, "rqvae_epochs": 20,
+              "max_steps": 40, "eval_every": 40, "warmup_steps": 20},
+    # the published schedules: EncodeRec 3 epochs at 256 tokens, UniSRec to early stopping,
+    # TIGER 200k steps (a GPU job), RQ-VAE rqvae.RQVAEConfig's default
+    "paper": {"epochs": 3, "max_length": 256, "max_epochs": None, "rqvae_epochs": None,
+              "max_steps": 200_000, "eval_every": 1000, "warmup_steps": 1000},
+}
+
+
+def _pipeline_step(label: str, out: Path, key: dict, done: str, run) -> None:
+    """Run `run(resume)` unless `out` already finished (file `done`) with the same inputs `key`
+    (fingerprints of the data, the upstream files and the config, kept in out/pipeline-key.json).
+    A finished or partial run with another key is moved aside (never deleted); a partial run with
+    the same key is resumed."""
+    import time
+    kf = out / "pipeline-key.json"
+    try:
+        old = json.loads(kf.read_text()) if kf.exists() else None
+    except ValueError:
+        old = None
+    key = json.loads(json.dumps(key, default=str))
+    if old == key and (out / done).exists():
+        print(f"[all] {label}: up to date ({out})", file=sys.stderr)
+        return
+    if out.exists() and old != key and any(out.iterdir()):
+        stale = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(stale)
+        print(f"[all] {label}: inputs changed, previous run moved to {stale}", file=sys.stderr)
+    print(f"[all] {label} -> {out}", file=sys.stderr)
+    write_json(kf, key)
+    run(old == key)
+
+
+def _sidecar(path: Path) -> dict:
+    return json.loads(path.with_suffix(".json").read_text())
+
+
+def stage_all(args) -> None:
+    """The paper's pipeline for one dataset: EncodeRec fine-tuning, title -> document retrieval and
+    item embeddings for the off-the-shelf and the fine-tuned encoder, UniSRec on each (+ SASRec-ID),
+    semantic IDs + collision audit and TIGER on each, then the report. Every step is skipped when its
+    outputs exist for the same inputs and config; `--budget` sets all schedules in one place."""
+    from eval import collect_report, report_markdown, retrieval_eval
+    from encoderec import load_encoder, resolve_backbone
+
+    budget = BUDGETS[args.budget]
+    ds = load_dataset(args.dataset, args.data_dir)
+    runs, tag = Path(args.runs), args.budget
+    fields = parse_fields(args.fields, ITEM_TEXT_FIELDS)
+    doc_fields = parse_fields(args.doc_fields, ("features", "description", "brand", "categories"))
+    base = {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "budget": budget, "seed": args.seed}
+    opts = lambda *names: {k: getattr(args, k, None) for k in names}  # noqa: E731  (options a stage reads)
+    # each stage keeps its own default learning rate (5e-5 encoder, 1e-3 UniSRec / TIGER): --lr is not passed
+    sub = lambda **kw: argparse.Namespace(**{**vars(args), "resume": False, "out": None, "lr": None, **kw})  # noqa: E731
+
+    titles, docs, texts = ds.title_texts(), ds.document_texts(doc_fields), ds.item_texts(fields)
+    has_pairs = sum(bool(t and d) for t, d in zip(titles, docs)) >= 2
+    has_text = any(t is not None for t in texts)
+    encoders = []
+    if has_text:
+        encoders.append(args.backbone)
+    else:
+        print(f"[all] {ds.name} has no item text ({', '.join(fields)}): SASRec-ID only", file=sys.stderr)
+
+    # 1. EncodeRec fine-tuning (title <-> document), all items (--holdout 0)
+    if has_text and has_pairs:
+        ft = runs / ds.name / f"encoderec-{args.backbone}-{tag}"
+        key = {**base, "stage": "encoder", "backbone": str(resolve_backbone(args.backbone, args.weights)),
+               "batch_size": 512, "doc_fields": doc_fields, **opts("temperature", "symmetric")}
+        _pipeline_step("EncodeRec fine-tuning", ft, key, "model.safetensors", lambda resume: stage_encoder(sub(
+            stage="encoder", out=str(ft), resume=resume, epochs=budget["epochs"], max_length=budget["max_length"],
+            batch_size=512, holdout=0.0, no_eval=True, doc_fields=",".join(doc_fields))))
+        encoders.append(str(ft))
+    elif has_text:
+        print(f"[all] {ds.name}: no item has both a title and a document ({', '.join(doc_fields)}): "
+              f"no fine-tuning, off-the-shelf encoder only", file=sys.stderr)
+
+    # 2. retrieval (Table 1) and item embeddings of every encoder
+    for enc_name in encoders:
+        folder = resolve_backbone(enc_name, weights=args.weights if enc_name == args.backbone else None)
+        if has_pairs:
+            out = runs / ds.name / encoder_key(enc_name) / f"retrieval-{'+'.join(doc_fields)}-len{budget['max_length']}.json"
+            key = {"data_fingerprint": ds.fingerprint, "weights_digest": weights_digest(folder),
+                   "doc_fields": list(doc_fields), "max_length": budget["max_length"]}
+            if out.exists() and {k: json.loads(out.read_text()).get(k) for k in key} == key:
+                print(f"[all] retrieval {encoder_key(enc_name)}: up to date ({out})", file=sys.stderr)
+            else:
+                enc = load_encoder(folder, device=args.device, max_length=budget["max_length"])
+                m = retrieval_eval(enc, ds, doc_fields=doc_fields)
+                write_json(out, {"task": "retrieval", "dataset": ds.name, "encoder": enc_name, **key, **m})
+                print(f"[all] retrieval {encoder_key(enc_name)}: {json.dumps(m)}", file=sys.stderr)
+        stage_embed(sub(stage="embed", encoder=enc_name, batch_size=64, max_length=256))
+
+    # 3. UniSRec on each encoder's embeddings, and SASRec-ID
+    for enc_name in ["none", *encoders]:
+        name = "sasrec-id" if enc_name == "none" else f"unisrec-inductive-{encoder_key(enc_name)}"
+        out = runs / ds.name / (name if name.endswith(f"-{tag}") else f"{name}-{tag}")
+        emb = None if enc_name == "none" else embedding_path(runs, ds.name, enc_name, fields)
+        key = {**base, "stage": "unisrec", "encoder": enc_name, "fields": fields,
+               **opts("patience", "max_history", "mask_history"),
+               "embedding": _sidecar(emb) if emb else None}
+        _pipeline_step(f"UniSRec ({encoder_label_short(enc_name)})", out, key, "results.json",
+                       lambda resume, e=enc_name, o=out: stage_unisrec(sub(
+                           stage="unisrec", encoder=e, out=str(o), resume=resume, batch_size=2048,
+                           max_epochs=budget["max_epochs"], emb=None)))
+
+    # 4. semantic IDs (+ collision audit in their sidecars) and TIGER on each encoder
+    for enc_name in encoders:
+        sem = ensure_semantic_ids(sub(stage="rqvae", encoder=enc_name, rqvae_epochs=budget["rqvae_epochs"]), ds)
+        name = f"tiger-{args.tokenizer}-{encoder_key(enc_name)}"
+        out = runs / ds.name / (name if name.endswith(f"-{tag}") else f"{name}-{tag}")
+        key = {**base, "stage": "tiger", **opts("patience", "tiger_history", "beam"), "semantic_ids": {k: v for k, v in _sidecar(sem).items()
+                                                          if k in ("embedding_sha256", "config", "tokenizer")}}
+        tiger_kw = {"max_steps": budget["max_steps"], "eval_every": budget["eval_every"]}
+        if hasattr(args, "warmup_steps"):
+            tiger_kw["warmup_steps"] = budget["warmup_steps"]
+        _pipeline_step(f"TIGER ({encoder_label_short(enc_name)})", out, key, "results.json",
+                       lambda resume, e=enc_name, o=out: stage_tiger(sub(
+                           stage="tiger", encoder=e, out=str(o), resume=resume, batch_size=256,
+                           rqvae_epochs=budget["rqvae_epochs"], max_epochs=None, **tiger_kw)))
+
+    # 5. the report of everything under runs/<dataset>
+    print(report_markdown(collect_report(runs, [ds.name])))
+
+
+def encoder_label_short(enc_name: str) -> str:
+    return "no text" if enc_name == "none" else encoder_key(enc_name)
+
+
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Train one stage of the EncodeRec pipeline.")
@@ -458,6 +604,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, default=200_000, help="training steps (TIGER: 200k)")
     t.add_argument("--eval-every", type=int, default=1000, help="steps between validations (beam search)")
     t.add_argument("--beam", type=int, default=10, help="beam width = generated IDs (TIGER: 10)")
+    t.add_argument("--warmup-steps", type=int, default=None,
+                   help="linear lr warm-up steps, then inverse-sqrt decay (default: TrainConfig.warmup_steps "
+                        "= 1000; TIGER: 10k of 200k)")
     t.add_argument("--tiger-history", type=int, default=20, help="history items (TIGER: last 20)")
     u = ap.add_argument_group("unisrec")
     u.add_argument("--mode", choices=["inductive", "transductive"], default="inductive",
@@ -468,13 +617,16 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--patience", type=int, default=10,
                    help="epochs (unisrec) / validations (tiger) without valid NDCG@10 gain")
     u.add_argument("--mask-history", action="store_true", help="mask history items when ranking")
+    a = ap.add_argument_group("all (the whole pipeline)")
+    a.add_argument("--budget", choices=list(BUDGETS), default="smoke",
+                   help="schedules of every stage: smoke (minutes on CPU) or paper (published; GPU for TIGER)")
     return ap
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     runners = {"encoder": stage_encoder, "embed": stage_embed, "rqvae": stage_rqvae, "unisrec": stage_unisrec,
-               "tiger": stage_tiger}
+               "tiger": stage_tiger, "all": stage_all}
     if args.stage not in runners:
         print(f"error: --stage {args.stage} ({STAGES[args.stage]}) is not implemented yet",
               file=sys.stderr)

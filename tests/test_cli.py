@@ -134,3 +134,28 @@ def test_unisrec_stage_and_eval(tmp_path, fixture_ds, encoder, capsys):
                     "--data-dir", str(tmp_path / "cache"), "--device", "cpu"]) == 0
     again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert again["test"] == results["test"] and again["valid"] == results["valid"]
+
+
+def test_stage_all_smoke_then_everything_is_up_to_date(tmp_path, fixture_ds, minilm, capsys):
+    """The whole pipeline on the fixture catalog (real MiniLM), then a second call that only reads."""
+    argv = ["--stage", "all", "--dataset", str(fixture_ds), "--budget", "smoke", *_common(tmp_path)]
+    assert train.main(argv) == 0
+    out = capsys.readouterr()
+    runs = tmp_path / "runs" / "Fix"
+    for run in ("encoderec-minilm-smoke", "sasrec-id-smoke", "unisrec-inductive-minilm-smoke",
+                "unisrec-inductive-encoderec-minilm-smoke", "tiger-rqvae-minilm-smoke",
+                "tiger-rqvae-encoderec-minilm-smoke"):
+        assert (runs / run / "pipeline-key.json").exists(), run
+    for table in ("Table 1 shape", "Table 2 shape", "Table 3 shape", "collisions"):
+        assert table in out.out
+    first = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()}
+
+    assert train.main(argv) == 0                                  # nothing left to do
+    err = capsys.readouterr().err
+    assert "->" not in err.replace("up to date", "") and err.count("up to date") >= 11
+    assert {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} == first
+
+    # a longer TIGER history: only the two TIGER runs are redone, the old ones are kept aside
+    assert train.main(argv + ["--tiger-history", "10"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("previous run moved to") == 2 and len(list(runs.glob("tiger-*.replaced-*"))) == 2

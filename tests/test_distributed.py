@@ -2,14 +2,18 @@
 
 The distributed InfoNCE all-gathers the embeddings, so each query is scored against the whole
 global batch, and sums the parameter gradients over ranks: loss and gradients must equal the
-single-process computation, and a short fine-tuning run must end with the same weights."""
+single-process computation, and a short fine-tuning run must end with the same weights.
+TIGER trains under DistributedDataParallel with each rank's mean loss weighted by its share of
+the global batch: the same equalities hold, and rank 0's early-stopping verdict stops both ranks."""
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 
 import encoderec as er
+import tiger as tg
 from test_encoderec import TEXTS, make_tiny
 
 WORLD = 2
@@ -22,8 +26,8 @@ def _grads(enc):
 
 
 def _worker(rank, folder, rendezvous, out):
-    """One rank: a single contrastive step, then a short fine-tuning run (one spawn: start-up is
-    the slow part of this test)."""
+    """One rank: a single contrastive step, then a short fine-tuning run; then the same for TIGER
+    (one spawn for both: start-up is the slow part of this test)."""
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
                                          world_size=WORLD)
@@ -37,6 +41,7 @@ def _worker(rank, folder, rendezvous, out):
         enc = er.load_encoder(folder)
         er.finetune(enc, list(zip(QS + DS, DS + QS)), f"{out}/run", FT)
         torch.save({"step": step, "state": enc.bert.state_dict()}, f"{out}/rank{rank}.pt")
+        _tiger_rank(rank, out)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -88,3 +93,76 @@ def test_two_rank_finetune_matches_single_process(two_ranks, tmp_path, one_threa
     single = json.loads((tmp_path / "single" / "history.json").read_text())
     assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in single], abs=1e-6)
     assert (tmp / "run" / "model.safetensors").is_file()
+
+
+# ----------------------------------------------------------------------------- TIGER under DDP
+_rng = np.random.default_rng(0)
+T_HIST, T_TARGET = _rng.integers(-1, 12, (22, 5)), _rng.integers(0, 12, 22)   # 22 prefixes: batches 7, 7, 7, 1
+T_CFG = tg.TrainConfig(lr=1e-2, warmup_steps=2, batch_size=7, max_steps=12, eval_every=2, patience=2)
+T_VALID = [0.1, 0.3, 0.2, 0.2, 0.9]   # best at step 4, then 2 validations without gain: stop at step 8
+
+
+def _tiger():
+    codes, vocab = tg.random_semantic_ids(12, (3, 3, 3), seed=1)
+    ids = tg.SemanticIDs(codes, vocab)
+    torch.manual_seed(0)
+    return ids, tg.Tiger(tg.TigerConfig(vocab_sizes=ids.vocab_sizes, d_model=16, d_kv=8, n_heads=2, d_ff=32,
+                                        n_encoder_layers=1, n_decoder_layers=1, dropout=0.0))
+
+
+def _valid_sequence():
+    values = iter(T_VALID)
+    return lambda model: {"ndcg@10": next(values)}
+
+
+def _tiger_step(model, ids, ddp=None):
+    """Loss and gradients of one global batch (rows 0..6: shares of 4 and 3 rows under 2 ranks)."""
+    loss, value = tg.global_batch_loss(model, ids, torch.as_tensor(T_HIST[:7]), torch.as_tensor(T_TARGET[:7]), ddp)
+    loss.backward()
+    return {"loss": float(value), "grads": {k: p.grad.clone() for k, p in model.named_parameters()}}
+
+
+def _tiger_rank(rank, out):
+    ids, model = _tiger()
+    step = _tiger_step(model, ids, torch.nn.parallel.DistributedDataParallel(tg.TrainLoss(model)))
+    ids, model = _tiger()
+    summary = tg.fit(model, ids, T_HIST, T_TARGET, _valid_sequence(), f"{out}/tiger", T_CFG)
+    torch.save({"step": step, "state": model.state_dict(), "summary": summary}, f"{out}/tiger{rank}.pt")
+
+
+def test_tiger_two_ranks_equal_one_process_on_the_global_batch(two_ranks, one_thread):
+    _, tmp, _ = two_ranks
+    ids, model = _tiger()
+    ref = _tiger_step(model, ids)
+    for r in range(WORLD):
+        got = torch.load(tmp / f"tiger{r}.pt")["step"]
+        assert got["loss"] == pytest.approx(ref["loss"], abs=1e-6)
+        assert got["grads"].keys() == ref["grads"].keys()
+        for k, g in ref["grads"].items():
+            torch.testing.assert_close(got["grads"][k], g, atol=1e-6, rtol=1e-5)
+    # the weighting matters: rank 0's 4 rows alone give another loss
+    local = model.loss(tg.tokenize_histories(T_HIST[:4], ids), ids.tokens[torch.as_tensor(T_TARGET[:4])])
+    assert local.item() != pytest.approx(ref["loss"], abs=1e-3)
+
+
+def test_tiger_two_rank_fit_matches_single_process(two_ranks, tmp_path, one_thread):
+    _, tmp, _ = two_ranks
+    ids, model = _tiger()
+    single = tg.fit(model, ids, T_HIST, T_TARGET, _valid_sequence(), tmp_path / "single", T_CFG)
+    assert single["stopped_early"] and (single["best_step"], single["steps_run"]) == (4, 8)
+    pick = ("best_step", "steps_run", "stopped_early", "best_valid", "epochs_run")
+    for r in range(WORLD):  # rank 1 never validated: rank 0's verdict stopped it, and it loaded best.pt
+        got = torch.load(tmp / f"tiger{r}.pt")
+        assert {k: got["summary"][k] for k in pick} == {k: single[k] for k in pick}
+        for k, v in model.state_dict().items():
+            torch.testing.assert_close(got["state"][k], v, atol=2e-6, rtol=1e-5)
+    # rank 0 alone wrote the run folder: same global-batch losses, last.pt (step 8) has the same
+    # weights under the model's own names, and every rank's RNG state
+    hist = json.loads((tmp / "tiger" / "history.json").read_text())
+    ref = json.loads((tmp_path / "single" / "history.json").read_text())
+    assert [h["loss"] for h in hist] == pytest.approx([h["loss"] for h in ref], abs=1e-6)
+    a = torch.load(tmp / "tiger" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "single" / "last.pt", weights_only=True)
+    assert a["model"].keys() == b["model"].keys() and len(a["rng_ranks"]) == WORLD and "rng_ranks" not in b
+    for k, v in b["model"].items():
+        torch.testing.assert_close(a["model"][k], v, atol=2e-6, rtol=1e-5)

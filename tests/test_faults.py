@@ -1,4 +1,5 @@
-"""Faults (issue 6): SIGKILL a real training process and resume it; NaN losses; unwritable output.
+"""Faults (issue 6): SIGKILL a real training process (UniSRec, encoder, TIGER) and resume it; NaN
+losses; unwritable output.
 
 A killed run resumed with --resume must end with exactly the metrics of an uninterrupted run
 (CPU, same seed): checkpoints are written atomically, so a kill mid-write leaves the previous
@@ -18,9 +19,11 @@ import pytest
 import torch
 
 import amazon_fixture as fx
+import tiger as tg
 import train
 import unisrec as us
 from conftest import ROOT
+from data import ITEM_TEXT_FIELDS, load_dataset
 from test_encoderec import make_tiny
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "ENCODEREC_OFFLINE": "1"}
@@ -109,6 +112,65 @@ def test_encoder_killed_mid_run_resumes_to_the_same_weights(tmp_path):
     ha = json.loads((tmp_path / "whole" / "history.json").read_text())
     hb = json.loads((cut / "history.json").read_text())
     assert [h.get("loss") for h in ha] == [h.get("loss") for h in hb] and len(ha) == 9  # epoch 0 = before training
+
+
+def test_tiger_killed_mid_run_resumes_to_the_same_metrics(tmp_path):
+    """Semantic IDs without the network or MiniLM: random item embeddings written where
+    train.embedding_path puts the default encoder's, so ensure_semantic_ids finds them and only runs
+    residual k-means (once: the later runs find the IDs up to date)."""
+    ds = synthetic_lcrec(tmp_path / "Syn")
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+    data = load_dataset(str(ds), str(cache))
+    emb = train.embedding_path(runs, data.name, "minilm", train.parse_fields(None, ITEM_TEXT_FIELDS))
+    emb.parent.mkdir(parents=True)
+    np.save(emb, np.random.default_rng(0).standard_normal((data.n_items, 16)).astype(np.float32))
+    common = ["--stage", "tiger", "--dataset", str(ds), "--tokenizer", "rkmeans", "--max-steps", "24",
+              "--eval-every", "6", "--batch-size", "8", "--warmup-steps", "6", "--lr", "3e-3",
+              "--data-dir", str(cache), "--runs", str(runs), "--device", "cpu"]
+    out = _finish(_train([*common, "--out", str(tmp_path / "whole")]))
+    assert "embedding the items first" not in out
+    cut = tmp_path / "cut"
+    _kill_after(_train([*common, "--out", str(cut)]), cut / "history.json", 2)
+    assert not (cut / "results.json").exists()
+    _junk_temp_file(cut, "last.pt")
+    out = _finish(_train([*common, "--out", str(cut), "--resume"]))
+    assert "resumed from" in out and "up to date" in out
+    whole = json.loads((tmp_path / "whole" / "results.json").read_text())
+    again = json.loads((cut / "results.json").read_text())
+    assert again["test"] == whole["test"] and again["best_valid"] == whole["best_valid"]
+    assert again["best_step"] == whole["best_step"] and again["steps_run"] == 24
+    ha = json.loads((tmp_path / "whole" / "history.json").read_text())
+    hb = json.loads((cut / "history.json").read_text())
+    assert [(h["loss"], h["valid"]) for h in ha] == [(h["loss"], h["valid"]) for h in hb] and len(ha) == 4
+
+
+def test_nan_loss_stops_tiger_before_the_update(tmp_path, one_thread):
+    codes, vocab = tg.random_semantic_ids(20, (3, 3, 3), seed=0)
+    ids = tg.SemanticIDs(codes, vocab)
+    rng = np.random.default_rng(0)
+    hist, target = rng.integers(-1, 20, (64, 5)), rng.integers(0, 20, 64)
+    torch.manual_seed(0)
+    model = tg.Tiger(tg.TigerConfig(vocab_sizes=ids.vocab_sizes, d_model=16, d_kv=8, n_heads=2, d_ff=32,
+                                    n_encoder_layers=1, n_decoder_layers=1))
+    real_loss, calls = model.loss, {"n": 0}
+
+    def loss(src, tgt):  # steps 1-5 are fine, then the loss blows up
+        calls["n"] += 1
+        out = real_loss(src, tgt)
+        if calls["n"] <= 5:
+            return out
+        calls["weights"] = {k: v.clone() for k, v in model.state_dict().items()}
+        return out * math.nan
+
+    model.loss = loss
+    cfg = tg.TrainConfig(batch_size=16, max_steps=20, eval_every=4)
+    with pytest.raises(FloatingPointError, match="at step 6; stopped before the update.*last validated"):
+        tg.fit(model, ids, hist, target, lambda m: {"ndcg@10": 0.1}, tmp_path, cfg)
+    for k, v in model.state_dict().items():  # the NaN step changed nothing
+        assert torch.equal(v, calls["weights"][k]), k
+    ck = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert ck["state"]["step"] == 4 and len(json.loads((tmp_path / "history.json").read_text())) == 1
+    assert all(torch.isfinite(v).all() for v in ck["model"].values() if v.is_floating_point())
 
 
 def test_nan_loss_stops_unisrec_and_keeps_the_last_good_checkpoint(tmp_path, one_thread):

@@ -59,9 +59,11 @@ def test_mask_history_keeps_target():
 def test_topk_ranks():
     topk = np.array([[5, 3, 1], [2, 4, 6], [7, 8, 9]])
     ranks = ranks_from_topk(topk, np.array([1, 2, 0]))
-    assert ranks.tolist() == [2, 0, 3]
-    m = metrics_from_ranks(ranks, ks=(1, 3))
+    assert ranks[:2].tolist() == [2, 0]
+    m = metrics_from_ranks(ranks, ks=(1, 3, 10))
     assert m["recall@1"] == pytest.approx(1 / 3) and m["recall@3"] == pytest.approx(2 / 3)
+    assert m["recall@10"] == pytest.approx(2 / 3)  # a miss of a 3-item list stays a miss at 10
+    assert m["ndcg@10"] == pytest.approx((1 / np.log2(4) + 1) / 3)
 
 
 def test_chunked_equals_unchunked():
@@ -85,11 +87,13 @@ def test_uniform_scores_get_no_credit():
 
 
 @pytest.mark.parametrize("script,args", [
-    ("train.py", ["--stage", "all", "--dataset", "x"]),
+    ("train.py", ["--stage", "all", "--dataset", "no-such-dataset"]),
+    ("eval.py", ["--task", "tiger", "--dataset", "no-such-dataset", "--run", "x"]),
+    ("eval.py", ["--report"]),
 ])
-def test_unimplemented_stages_exit_cleanly(script, args):
+def test_user_errors_exit_cleanly(script, args):
     r = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True)
-    assert r.returncode == 2 and "not implemented yet" in r.stderr and "Traceback" not in r.stderr
+    assert r.returncode == 2 and "error" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_ranks_with_repeated_entries():

@@ -532,7 +532,7 @@ def stage_all(args) -> None:
         key = {**base, "stage": "unisrec", "encoder": enc_name, "fields": fields,
                **opts("patience", "max_history", "mask_history"),
                "embedding": _sidecar(emb) if emb else None}
-        _pipeline_step(f"UniSRec ({encoder_label_short(enc_name)})", out, key, "results.json",
+        _pipeline_step(f"UniSRec ({encoder_key(enc_name)})", out, key, "results.json",
                        lambda resume, e=enc_name, o=out: stage_unisrec(sub(
                            stage="unisrec", encoder=e, out=str(o), resume=resume, batch_size=2048,
                            max_epochs=budget["max_epochs"], emb=None)))
@@ -547,7 +547,7 @@ def stage_all(args) -> None:
         tiger_kw = {"max_steps": budget["max_steps"], "eval_every": budget["eval_every"]}
         if hasattr(args, "warmup_steps"):
             tiger_kw["warmup_steps"] = budget["warmup_steps"]
-        _pipeline_step(f"TIGER ({encoder_label_short(enc_name)})", out, key, "results.json",
+        _pipeline_step(f"TIGER ({encoder_key(enc_name)})", out, key, "results.json",
                        lambda resume, e=enc_name, o=out: stage_tiger(sub(
                            stage="tiger", encoder=e, out=str(o), resume=resume, batch_size=256,
                            rqvae_epochs=budget["rqvae_epochs"], max_epochs=None, **tiger_kw)))
@@ -555,9 +555,6 @@ def stage_all(args) -> None:
     # 5. the report of everything under runs/<dataset>
     print(report_markdown(collect_report(runs, [ds.name])))
 
-
-def encoder_label_short(enc_name: str) -> str:
-    return "no text" if enc_name == "none" else encoder_key(enc_name)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -556,7 +556,6 @@ def stage_all(args) -> None:
     print(report_markdown(collect_report(runs, [ds.name])))
 
 
-
 # ----------------------------------------------------------------------------- CLI
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Train one stage of the EncodeRec pipeline.")

@@ -205,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tokenizer", choices=["rqvae", "rkmeans"], default="rqvae")
     c.add_argument("--fields", default=None, help="item text fields (default: title,categories,brand)")
     c.add_argument("--runs", default="runs", help="run folders of train.py (default ./runs)")
+    c.add_argument("--rqvae-epochs", type=int, default=None,
+                   help="the IDs of a non-default RQ-VAE run (as given to train.py; e.g. 20 for --budget smoke)")
+    c.add_argument("--no-dead-code-restart", action="store_true", help="the IDs of a run made with this flag")
     return ap
 
 
@@ -275,11 +278,14 @@ def run_collisions(args) -> dict:
     from train import semantic_ids_path
     ds = load_dataset(args.dataset, args.data_dir)
     fields = parse_fields(args.fields) or ITEM_TEXT_FIELDS
-    path = semantic_ids_path(Path(args.runs), ds.name, args.encoder, args.tokenizer, fields)
+    path = semantic_ids_path(Path(args.runs), ds.name, args.encoder, args.tokenizer, fields, args.rqvae_epochs,
+                             not args.no_dead_code_restart)
     side = path.with_suffix(".json")
     if not path.exists() or not side.exists():
         extra = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k, d in
                         (("data_dir", "data"), ("runs", "runs")) if getattr(args, k) != d)
+        extra += f" --rqvae-epochs {args.rqvae_epochs}" if args.rqvae_epochs is not None else ""
+        extra += " --no-dead-code-restart" if args.no_dead_code_restart else ""
         raise DataError(f"{path} is missing: make the semantic IDs first with\n  python train.py --stage "
                         f"rqvae --dataset {args.dataset} --encoder {args.encoder} --fields "
                         f"{','.join(fields)} --tokenizer {args.tokenizer}{extra}")
@@ -428,8 +434,10 @@ def collect_report(runs, names) -> list[dict]:
             side = json.loads(f.read_text())
             col = side.get("collisions") or {}
             usage = col.get("usage") or []
-            add("collisions", name, f"{encoder_label(side.get('encoder', '?'))} / {side.get('tokenizer')}", f,
-                "", {**col, **{f"usage_l{i + 1}": u for i, u in enumerate(usage)}},
+            tok, fields = side.get("tokenizer", "?"), "+".join(side.get("fields") or [])
+            variant = f.stem[len(f"semantic_ids-{tok}"):-len(fields) - 1].strip("-")  # e.g. "e20", see train.py
+            add("collisions", name, f"{encoder_label(side.get('encoder', '?'))} / {tok}", f,
+                variant, {**col, **{f"usage_l{i + 1}": u for i, u in enumerate(usage)}},
                 ("items", "unique_prefixes", "collision_rate", "largest_group",
                  *(f"usage_l{i + 1}" for i in range(len(usage)))))
     # one run per (table, dataset, row, schedule): the newest file wins (older duplicates dropped)

@@ -135,6 +135,7 @@ class TrainConfig:
     amp: str = "off"                # "off" | "bf16" | "fp16" (autocast; fp16 needs CUDA, uses a GradScaler)
     compile: bool = False           # torch.compile the encoder and decoder stacks
     seed: int = 0                   # dropout RNG and the per-epoch shuffles
+    group_by_length: int = 50       # batches per length-sorted span (ours; see epoch_order); 0 = plain shuffle
 
 
 # ----------------------------------------------------------------------------- semantic IDs
@@ -940,6 +941,28 @@ class TrainLoss(nn.Module):
         return self.model.loss(src, tgt)
 
 
+def epoch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, buckets: int) -> np.ndarray:
+    """The order in which epoch `epoch` visits the N training examples: consecutive runs of
+    `batch_size` are the batches (the last one may be short). A seeded shuffle; with buckets > 1,
+    each run of `buckets` batches of the shuffle is sorted by history length (`lengths` (N,), items
+    kept) before it is cut into batches, and the full batches are then put in a random order.
+    Histories of one batch then have similar lengths. Tiger.forward already runs every batch in
+    groups of rows of similar width; grouping the batches themselves makes those groups few and
+    large (on Scientific, CPU, 1 thread: ~1.3-1.7x training examples/s over a plain shuffle), while
+    every batch still draws its users from the whole shuffle and the batch order stays random.
+    The same (seed, epoch) always gives the same order (exact resume)."""
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(len(lengths))
+    if buckets <= 1:
+        return perm
+    span = batch_size * buckets
+    order = np.concatenate([c[np.argsort(lengths[c], kind="stable")]
+                            for c in np.array_split(perm, range(span, len(perm), span))]) if len(perm) else perm
+    n_full = len(order) // batch_size * batch_size
+    batches = order[:n_full].reshape(-1, batch_size)                       # (n_full / bs, bs)
+    return np.concatenate([batches[rng.permutation(len(batches))].ravel(), order[n_full:]])
+
+
 def global_batch_loss(model: Tiger, ids: SemanticIDs, hist: torch.Tensor, target: torch.Tensor,
                       ddp: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss of one GLOBAL training batch: hist (B, L) item indices, target (B,) items.
@@ -978,7 +1001,8 @@ def fit(model: Tiger, ids: SemanticIDs, train_hist, train_target, eval_fn: Calla
 
     train_hist (N, L) int64 item indices (-1 = padding, either alignment) and train_target (N,)
     are every training prefix -> its next item; each step tokenises a batch of them on the
-    device. Epoch e visits the examples in the order np.random.default_rng([seed, e]). eval_fn(model)
+    device. Epoch e visits the examples in epoch_order(.., seed, e, cfg.group_by_length): a seeded
+    shuffle, batched by similar history length unless group_by_length is 0. eval_fn(model)
     -> dict with at least cfg.metric (called in eval mode; e.g. beam search on the validation
     cases). Validation runs every eval_every steps and once more at the last step when training
     ends at max_steps / max_epochs. Writes to out_dir, atomically: best.pt (best validation so far),
@@ -1014,6 +1038,7 @@ def fit(model: Tiger, ids: SemanticIDs, train_hist, train_target, eval_fn: Calla
         raise ValueError(f"semantic IDs have vocab sizes {ids.vocab_sizes} but the model {model.cfg.vocab_sizes}")
     ids = ids.to(dev)
     hist_np, target_np = _check_train_arrays(ids, train_hist, train_target)
+    lengths = np.minimum((hist_np >= 0).sum(1), model.cfg.max_items)      # (N,) history items kept
     H = torch.as_tensor(hist_np, device=dev)                               # (N, L)
     Tg = torch.as_tensor(target_np, device=dev)                            # (N,)
     N, bs = len(Tg), cfg.batch_size
@@ -1091,7 +1116,7 @@ def fit(model: Tiger, ids: SemanticIDs, train_hist, train_target, eval_fn: Calla
         model.train()
         epoch = st["epochs_done"] + 1
         if perm_epoch != epoch:
-            perm = torch.as_tensor(np.random.default_rng([cfg.seed, epoch]).permutation(N), device=dev)  # (N,)
+            perm = torch.as_tensor(epoch_order(lengths, bs, cfg.seed, epoch, cfg.group_by_length), device=dev)  # (N,)
             perm_epoch = epoch
         b = st["batch"]
         idx = perm[b * bs:(b + 1) * bs]                                    # (b,) the global batch

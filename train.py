@@ -12,10 +12,12 @@ Run folders (all under --runs, default ./runs):
                                                 + checkpoint.pt, history.json, run.json
     runs/<dataset>/<encoder>/item_emb-<fields>.npy   row i = catalog item i, float32 (N, d)
                                                 + .json sidecar: what made it (encoder, fields, data)
-    runs/<dataset>/<encoder>/semantic_ids-<tokenizer>-<fields>.npy   (N, 4) int64, row i = item i:
-                                                3 codes + the dedup code; .json sidecar with
+    runs/<dataset>/<encoder>/semantic_ids-<tokenizer>[-<variant>]-<fields>.npy   (N, 4) int64, row i =
+                                                item i: 3 codes + the dedup code; .json sidecar with
                                                 vocab_sizes, config, collision audit; the RQ-VAE
-                                                checkpoint beside it (same name, .pt)
+                                                checkpoint beside it (same name, .pt). <variant>
+                                                marks a non-default config: e<N> = N RQ-VAE epochs,
+                                                nodcr = no dead-code restart
 
 Every user error ends with a message and exit code 2, never a bare traceback.
 """
@@ -116,9 +118,18 @@ TOKENIZERS = ("rqvae", "rkmeans")
 RKMEANS = {"levels": 3, "k": 256, "iters": 50, "standardize": True}  # residual k-means = RQ-VAE's codebooks
 
 
-def semantic_ids_path(runs: Path, dataset: str, encoder: str, tokenizer: str, fields) -> Path:
-    """(N, 4) int64 semantic IDs (row i = catalog item i); the .json sidecar and .pt checkpoint beside it."""
-    return Path(runs) / dataset / encoder_key(encoder) / f"semantic_ids-{tokenizer}-{'+'.join(fields)}.npy"
+def semantic_ids_path(runs: Path, dataset: str, encoder: str, tokenizer: str, fields,
+                      rqvae_epochs: int | None = None, dead_code_restart: bool = True) -> Path:
+    """(N, 4) int64 semantic IDs (row i = catalog item i); the .json sidecar and .pt checkpoint beside it.
+    A non-default RQ-VAE config is part of the name (-e20 = 20 epochs, -nodcr = no dead-code restart),
+    so that a smoke run and a full run of the same encoder keep separate files."""
+    import rqvae as rq
+    tag = tokenizer
+    if tokenizer == "rqvae" and rqvae_epochs not in (None, rq.RQVAEConfig.epochs):
+        tag += f"-e{rqvae_epochs}"
+    if tokenizer == "rqvae" and not dead_code_restart:
+        tag += "-nodcr"
+    return Path(runs) / dataset / encoder_key(encoder) / f"semantic_ids-{tag}-{'+'.join(fields)}.npy"
 
 
 def file_sha256(path: Path) -> str:
@@ -154,17 +165,18 @@ def ensure_semantic_ids(args, ds) -> Path:
     if emb.ndim != 2 or emb.shape[0] != ds.n_items:
         raise DataError(f"{emb_path} has shape {emb.shape} but {ds.name} has {ds.n_items} items: delete "
                         f"it and re-run (it is re-made with train.py --stage embed)")
+    epochs, restart = getattr(args, "rqvae_epochs", None), not getattr(args, "no_dead_code_restart", False)
     if tokenizer == "rqvae":
         cfg = rq.RQVAEConfig(input_dim=int(emb.shape[1]))
-        if getattr(args, "rqvae_epochs", None) is not None:
-            cfg = replace(cfg, epochs=args.rqvae_epochs)
-        if getattr(args, "no_dead_code_restart", False):
+        if epochs is not None:
+            cfg = replace(cfg, epochs=epochs)
+        if not restart:
             cfg = replace(cfg, dead_code_restart=False)
         config = {"rqvae": asdict(cfg), "seed": args.seed}
     else:
         config = {"rkmeans": dict(RKMEANS), "seed": args.seed}
     config = json.loads(json.dumps(config))                      # tuples -> lists, as the sidecar holds them
-    out = semantic_ids_path(Path(args.runs), ds.name, args.encoder, tokenizer, fields)
+    out = semantic_ids_path(Path(args.runs), ds.name, args.encoder, tokenizer, fields, epochs, restart)
     side = out.with_suffix(".json")
     inputs = {"tokenizer": tokenizer, "fields": list(fields), "embedding_sha256": file_sha256(emb_path),
               "embedding_bytes": emb_path.stat().st_size, "data_fingerprint": ds.fingerprint,
@@ -346,7 +358,8 @@ def stage_tiger(args) -> dict:
     model = Tiger(cfg).to(device)
     tcfg = TrainConfig(lr=args.lr or 1e-3, batch_size=args.batch_size, max_steps=args.max_steps,
                        max_epochs=args.max_epochs, eval_every=args.eval_every, patience=args.patience,
-                       beam=args.beam, amp=args.amp, compile=args.compile, seed=args.seed, warmup_steps=warmup)
+                       beam=args.beam, amp=args.amp, compile=args.compile, seed=args.seed, warmup_steps=warmup,
+                       group_by_length=args.group_by_length)
     train_hist, _ = ds.histories(ds.splits.train, args.tiger_history)      # (N, L), -1 = padding
     meta = {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "git_commit": git_commit(),
             "semantic_ids": str(sem_path)}
@@ -431,8 +444,8 @@ def stage_unisrec(args) -> dict:
 # ----------------------------------------------------------------------------- the whole pipeline
 BUDGETS = {
     # minutes on 2 CPU cores: proves every stage runs end to end; the numbers are not results
-    "smoke": {"epochs": 1, "max_length": 64, "max_epochs": 2, "rqvae_epochs": 20,
-              "max_steps": 40, "eval_every": 40, "warmup_steps": 20},
+    "smoke": {"epochs": 1, "max_length": 32, "max_epochs": 2, "rqvae_epochs": 20,
+              "max_steps": 30, "eval_every": 30, "warmup_steps": 10},
     # the published schedules: EncodeRec 3 epochs at 256 tokens, UniSRec to early stopping,
     # TIGER 200k steps (a GPU job), RQ-VAE rqvae.RQVAEConfig's default
     "paper": {"epochs": 3, "max_length": 256, "max_epochs": None, "rqvae_epochs": None,
@@ -604,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="linear lr warm-up steps, then inverse-sqrt decay (default: TrainConfig.warmup_steps "
                         "= 1000; TIGER: 10k of 200k)")
     t.add_argument("--tiger-history", type=int, default=20, help="history items (TIGER: last 20)")
+    t.add_argument("--group-by-length", type=int, default=50,
+                   help="batch training prefixes of similar history length, sorted in spans of this many "
+                        "batches of the shuffle (tiger.epoch_order); 0 = plain shuffle")
     u = ap.add_argument_group("unisrec")
     u.add_argument("--mode", choices=["inductive", "transductive"], default="inductive",
                    help="text only (the paper's setting) or text + item-ID embedding")

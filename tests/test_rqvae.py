@@ -203,8 +203,8 @@ def test_cli_stage_rqvae_then_collision_audit(tmp_path, tokenizer, capsys):
             "title,categories", "--tokenizer", tokenizer, "--rqvae-epochs", "2", "--device", "cpu",
             *_common(tmp_path)]
     assert train.main(argv) == 0
-    path = train.semantic_ids_path(tmp_path / "runs", "Fix", "minilm", tokenizer, ("title", "categories"))
-    assert path.name == f"semantic_ids-{tokenizer}-title+categories.npy"
+    path = train.semantic_ids_path(tmp_path / "runs", "Fix", "minilm", tokenizer, ("title", "categories"), 2)
+    assert path.name == f"semantic_ids-{tokenizer}{'-e2' if tokenizer == 'rqvae' else ''}-title+categories.npy"
     ids = np.load(path)
     side = json.loads(path.with_suffix(".json").read_text())
     assert ids.shape == (6, 4) and ids.dtype == np.int64 and len(np.unique(ids, axis=0)) == 6
@@ -215,7 +215,7 @@ def test_cli_stage_rqvae_then_collision_audit(tmp_path, tokenizer, capsys):
     assert train.main(argv) == 0                       # same inputs: nothing to do
     assert "up to date" in capsys.readouterr().err
     assert ev.main(["--task", "collisions", "--dataset", str(folder), "--encoder", "minilm", "--fields",
-                    "title,categories", "--tokenizer", tokenizer, *_common(tmp_path)]) == 0
+                    "title,categories", "--tokenizer", tokenizer, "--rqvae-epochs", "2", *_common(tmp_path)]) == 0
     audit = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert audit["items"] == 6 and audit["ids_unique"] is True and len(audit["usage"]) == 3
     assert audit["unique_prefixes"] == side["collisions"]["unique_prefixes"]

@@ -231,7 +231,8 @@ def test_fit_early_stopping_and_exact_resume(tmp_path):
     ids = make_ids(12, vocab=(3, 3, 3), seed=2)
     hist, target = _task()
     eval_fn = _ndcg_eval(ids, hist[:24], target[:24])
-    cfg = tg.TrainConfig(lr=1e-2, warmup_steps=5, batch_size=16, max_steps=400, eval_every=5, patience=2)
+    cfg = tg.TrainConfig(lr=1e-2, warmup_steps=5, batch_size=16, max_steps=400, eval_every=5, patience=2,
+                         group_by_length=2)                            # grouped order resumes exactly too
 
     a = build(ids, seed=1)
     sa = tg.fit(a, ids, hist, target, eval_fn, tmp_path / "a", cfg)
@@ -260,6 +261,21 @@ def test_fit_early_stopping_and_exact_resume(tmp_path):
         assert torch.equal(la["model"][k], lb["model"][k]), k
     with pytest.raises(ValueError, match="another TrainConfig"):
         tg.fit(build(ids), ids, hist, target, eval_fn, tmp_path / "b", replace(cfg, lr=0.5), resume=True)
+
+
+def test_epoch_order_buckets_by_length():
+    rng = np.random.default_rng(0)
+    lengths = np.minimum(rng.geometric(0.25, size=1000), 20)              # short-tailed, like Amazon
+    plain = tg.epoch_order(lengths, 64, seed=3, epoch=1, buckets=0)
+    assert np.array_equal(plain, np.random.default_rng([3, 1]).permutation(1000))
+    order = tg.epoch_order(lengths, 64, seed=3, epoch=1, buckets=5)
+    assert np.array_equal(np.sort(order), np.arange(1000))                 # a permutation: every example once
+    assert np.array_equal(order, tg.epoch_order(lengths, 64, seed=3, epoch=1, buckets=5))   # deterministic
+    assert not np.array_equal(order, tg.epoch_order(lengths, 64, seed=3, epoch=2, buckets=5))
+    pad = lambda o: np.mean([lengths[o[i:i + 64]].max() for i in range(0, len(o), 64)])  # noqa: E731
+    assert pad(order) < 0.6 * pad(plain)                                   # batches pad far less
+    firsts = order[:15 * 64:64]                                            # batch order is shuffled, not sorted
+    assert not np.all(np.diff(lengths[firsts]) >= 0)
 
 
 # ----------------------------------------------------------------------------- Hugging Face parity

@@ -371,6 +371,7 @@ def run_tiger(args) -> dict:
 # as the paper's tables. Only files are read (nothing is recomputed); each cell names its run folder.
 #   results.json   (train.py --stage unisrec | tiger)          -> Table 2 (UniSRec), Table 3 (TIGER)
 #   retrieval-*.json (train.py --stage all)                    -> Table 1 (title -> document retrieval)
+#   encoder runs' history.json (train.py --stage encoder with --holdout): Table 1 rows before / after
 #   semantic_ids-*.json sidecars (train.py --stage rqvae)      -> the collision table
 
 def encoder_label(encoder: str) -> str:
@@ -430,6 +431,24 @@ def collect_report(runs, names) -> list[dict]:
             res = json.loads(f.read_text())
             add("retrieval", name, encoder_label(res.get("encoder", "?")), f, f"docs: {res.get('doc_fields')}",
                 res, ("recall@10", "ndcg@10"))
+        for f in sorted(root.glob("*/history.json")):  # EncodeRec runs: held-out retrieval before / after
+            try:
+                info, hist = json.loads((f.parent / "run.json").read_text()), json.loads(f.read_text())
+            except (OSError, ValueError):
+                continue
+            evals = [h for h in hist if isinstance(h, dict) and "eval" in h] if isinstance(hist, list) else []
+            if info.get("stage") != "encoder" or not evals:
+                continue
+            a = info.get("args", {})
+            note = f"held-out {a.get('holdout', 0):.0%} of items, {a.get('max_length')} tokens"
+            docs = f"docs: {info.get('doc_fields')}"
+            keys = ("recall@10", "ndcg@10")
+            if evals[0].get("epoch") == 0:
+                add("retrieval", name, f"{encoder_label(a.get('backbone', '?'))} ({note})", f, docs,
+                    evals[0]["eval"], keys)
+            if evals[-1].get("epoch", 0) > 0:
+                add("retrieval", name, f"{f.parent.name} ({note}, epoch {evals[-1]['epoch']})", f, docs,
+                    evals[-1]["eval"], keys)
         for f in sorted(root.glob("*/semantic_ids-*.json")):
             side = json.loads(f.read_text())
             col = side.get("collisions") or {}

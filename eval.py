@@ -429,8 +429,8 @@ def collect_report(runs, names) -> list[dict]:
                     ("recall@5", "ndcg@5", "recall@10", "ndcg@10"))
         for f in sorted(root.glob("*/retrieval-*.json")):
             res = json.loads(f.read_text())
-            add("retrieval", name, encoder_label(res.get("encoder", "?")), f, f"docs: {res.get('doc_fields')}",
-                res, ("recall@10", "ndcg@10"))
+            add("retrieval", name, f"{encoder_label(res.get('encoder', '?'))} (all items, {res.get('max_length')} "
+                f"tokens)", f, f"docs: {res.get('doc_fields')}", res, ("recall@10", "ndcg@10"))
         for f in sorted(root.glob("*/history.json")):  # EncodeRec runs: held-out retrieval before / after
             try:
                 info, hist = json.loads((f.parent / "run.json").read_text()), json.loads(f.read_text())
@@ -481,6 +481,13 @@ TABLES = {  # table -> (title, metrics shown per dataset)
 }
 
 
+def _row_order(row_schedule: tuple) -> tuple:
+    """Baselines first (popularity, SASRec-ID), then the off-the-shelf encoder, then fine-tuned ones."""
+    row, sched = row_schedule
+    rank = next((i for i, p in enumerate(("popularity", "no text", "all-MiniLM")) if row.startswith(p)), 3)
+    return rank, row, sched
+
+
 def report_markdown(recs: list[dict]) -> str:
     out = []
     for table, (title, metrics) in TABLES.items():
@@ -488,7 +495,7 @@ def report_markdown(recs: list[dict]) -> str:
         if not rs:
             continue
         datasets = list(dict.fromkeys(r["dataset"] for r in rs))
-        rows = list(dict.fromkeys((r["row"], r["schedule"]) for r in rs))
+        rows = sorted(dict.fromkeys((r["row"], r["schedule"]) for r in rs), key=_row_order)
         cell = {(r["dataset"], r["row"], r["schedule"], r["metric"]): r["value"] for r in rs}
         head = ["encoder"] + [f"{d} {m}" for d in datasets for m in metrics]
         out += [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

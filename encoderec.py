@@ -290,7 +290,9 @@ class BertModel(nn.Module):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
         x = self.embeddings(input_ids, token_type_ids)  # (B, L, H)
         attn_mask = None
-        if attention_mask is not None and not bool(attention_mask.all()):
+        # no mask when nothing is padded (the fast SDPA kernels); under torch.compile always pass
+        # it, so the data-dependent check does not break the graph
+        if attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
             attn_mask = attention_mask.bool()[:, None, None, :]  # (B, L) -> (B, 1, 1, L) keys to attend
         for layer in self.encoder.layer:
             x = layer(x, attn_mask)

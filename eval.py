@@ -387,9 +387,12 @@ def encoder_label(encoder: str) -> str:
 
 def _schedule(res: dict) -> str:
     """How long a run trained, for the row label: '' when it ran to early stopping."""
+    cap = f"{res['max_minutes']:g}-min cap" if res.get("time_capped") else ""
     if res.get("task") == "tiger":
-        stopped = " (early stop)" if res.get("stopped_early") else ""
+        stopped = ", early stop" if res.get("stopped_early") else f", {cap}" if cap else ""
         return f"{res.get('steps_run')} steps{stopped}"
+    if cap:
+        return f"{cap}, {res.get('epochs_run')} epochs"
     if res.get("max_epochs") and not res.get("stopped_early"):
         return f"capped at {res['max_epochs']} epochs"
     return ""

@@ -259,13 +259,11 @@ def stage_encoder(args) -> None:
               f"document = {' + '.join(doc_fields)}", file=sys.stderr)
 
     def eval_fn(encoder, epoch):
-        if args.no_eval:
-            return {}
         m = retrieval_eval(encoder, ds, doc_fields=doc_fields,
                            query_items=held if len(held) else None)
         return {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
 
-    finetune(enc, pairs, out, cfg, resume=args.resume, eval_fn=eval_fn,
+    finetune(enc, pairs, out, cfg, resume=args.resume, eval_fn=None if args.no_eval else eval_fn,
              meta={"git_commit": git_commit(), "data_fingerprint": ds.fingerprint, "dataset": ds.name})
     if rank == 0:
         print(f"fine-tuned encoder written to {out}", file=sys.stderr)
@@ -357,7 +355,8 @@ def stage_tiger(args) -> dict:
     cfg = TigerConfig(vocab_sizes=list(ids.vocab_sizes), max_items=args.tiger_history)
     model = Tiger(cfg).to(device)
     tcfg = TrainConfig(lr=args.lr or 1e-3, batch_size=args.batch_size, max_steps=args.max_steps,
-                       max_epochs=args.max_epochs, eval_every=args.eval_every, patience=args.patience,
+                       max_epochs=args.max_epochs, max_minutes=getattr(args, "max_minutes", None),
+                       eval_every=args.eval_every, patience=args.patience,
                        beam=args.beam, amp=args.amp, compile=args.compile, seed=args.seed, warmup_steps=warmup,
                        group_by_length=args.group_by_length)
     train_hist, _ = ds.histories(ds.splits.train, args.tiger_history)      # (N, L), -1 = padding
@@ -420,7 +419,8 @@ def stage_unisrec(args) -> dict:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model.to(device)
     tcfg = TrainConfig(lr=args.lr or 1e-3, batch_size=args.batch_size, max_epochs=args.max_epochs,
-                       patience=args.patience, amp=args.amp, compile=args.compile, seed=args.seed)
+                       max_minutes=getattr(args, "max_minutes", None), patience=args.patience, amp=args.amp,
+                       compile=args.compile, seed=args.seed)
     train_hist, _ = ds.histories(ds.splits.train, args.max_history)         # (N, L)
     write_json(out / "run.json", {
         "stage": "unisrec", "args": vars(args), "model_config": cfg.__dict__,
@@ -626,6 +626,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--emb", default=None, help="use this item-embedding .npy instead of the encoder's")
     u.add_argument("--max-history", type=int, default=50, help="history length (UniSRec: 50)")
     u.add_argument("--max-epochs", type=int, default=None, help="cap on epochs (default: early stop only)")
+    u.add_argument("--max-minutes", type=float, default=None,
+                   help="unisrec / tiger: stop at the first validation after this much wall time "
+                        "(results.json says time_capped; --resume continues)")
     u.add_argument("--patience", type=int, default=10,
                    help="epochs (unisrec) / validations (tiger) without valid NDCG@10 gain")
     u.add_argument("--mask-history", action="store_true", help="mask history items when ranking")

@@ -5,8 +5,9 @@ the same vocabulary, tied head) and holding the SAME weights (tiger.t5_state_dic
 Training: examples/s of one optimizer step (forward + backward + AdamW, float32, both models in
 train mode) on the same seeded batches of --batch-size training prefixes (history <= 20 items ->
 next item, ds.histories(ds.splits.train, 20)); HF gets input_ids / attention_mask / labels, the
-way a T5 fine-tuning script feeds it. Ours is timed with its length buckets (the default) and
-without them (every row at the batch width, like HF). Decoding: users/s of beam search, width 10,
+way a T5 fine-tuning script feeds it. Ours is timed as it trains by default (length buckets
+on CPU, none on CUDA, see Tiger.length_buckets) and without buckets (every row at the batch
+width, like HF). Decoding: users/s of beam search, width 10,
 10 returned IDs, constrained to the catalog's IDs, both models in eval mode, on the same batch of
 --decode-users validation users; HF = generate(num_beams=10, num_return_sequences=10,
 max_new_tokens=4, prefix_allowed_tokens_fn=<dict lookup of the catalog's prefixes>). Repeats are
@@ -19,7 +20,10 @@ its .json sidecar), else a runs/<dataset>/*/semantic_ids-*.npy (RQ-VAE first), e
 with the real catalog size (tiger.random_semantic_ids: 3 x 256 codes + a dedup level); the
 header says which. Speed does not depend on the ID values, but the constraint tables do.
 
-    python bench/tiger.py [--threads 1] [--repeats 3] [--batch-size 256] [--decode-users 128]
+    python bench/tiger.py [--threads 1] [--repeats 3] [--batch-size 256] [--decode-users 128] [--device cuda]
+
+The targets (>= 1.5x training, >= 3x decoding) are for CPU; --device cuda runs the same comparison
+on a GPU (float32 on both sides, synchronised timers).
 """
 
 import argparse
@@ -67,9 +71,16 @@ def hf_prefix_fn(ids: tg.SemanticIDs):
     return fn
 
 
-def timed(fn) -> float:
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device: torch.device) -> float:
+    sync(device)
     t0 = time.perf_counter()
     fn()
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -85,7 +96,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
     ap.add_argument("--no-unbucketed", action="store_true", help="skip the 'ours without length buckets' row")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu", help="cpu (the targets' setting) | cuda[:N]")
     args = ap.parse_args(argv)
+    device = torch.device(args.device)
     try:
         import transformers
         from transformers import T5Config, T5ForConditionalGeneration
@@ -99,20 +112,23 @@ def main(argv=None) -> int:
         return 0
     ds = load_dataset(args.dataset, args.data_dir)
     ids, ids_note = find_sem_ids(args, ds)
+    ids = ids.to(device)
     hist, _ = ds.histories(ds.splits.train, 20)                        # (N, 20), -1 = padding
     target = ds.splits.train.target
     vhist, _ = ds.histories(ds.splits.valid, 20)
 
     torch.manual_seed(args.seed)
     cfg = tg.TigerConfig(vocab_sizes=ids.vocab_sizes)
-    ours = tg.Tiger(cfg)
-    hf = T5ForConditionalGeneration(T5Config(**tg.t5_config_kwargs(cfg)))
+    ours = tg.Tiger(cfg).to(device)
+    hf = T5ForConditionalGeneration(T5Config(**tg.t5_config_kwargs(cfg))).to(device)
     hf.load_state_dict(tg.t5_state_dict(ours))
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-3)
     opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-3)
     rng = np.random.default_rng(args.seed)
     print(f"TIGER benchmark: {ds.name} ({ds.n_items:,} items, {len(target):,} training prefixes); semantic IDs: "
-          f"{ids_note}; CPU threads {torch.get_num_threads()}; torch {torch.__version__}, transformers "
+          f"{ids_note}; device {device}"
+          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}; CPU threads "
+          f"{torch.get_num_threads()}; torch {torch.__version__}, transformers "
           f"{transformers.__version__}; float32; {args.repeats} interleaved repeats (median)", flush=True)
 
     # ---- training
@@ -120,7 +136,7 @@ def main(argv=None) -> int:
         idx = rng.choice(len(target), args.batch_size, replace=False)
         return tg.tokenize_histories(hist[idx], ids), tg.target_tokens(target[idx], ids)
 
-    def step_ours(src, tgt, buckets=True):
+    def step_ours(src, tgt, buckets="auto"):      # the default: length buckets on CPU, not on CUDA
         ours.length_buckets = buckets
         loss = ours.loss(src, tgt)
         opt_ours.zero_grad(set_to_none=True)
@@ -144,13 +160,13 @@ def main(argv=None) -> int:
         src, tgt = batch()
         widths.append(src.shape[1])
         real.append(float((src != tg.PAD).sum(1).float().mean()))
-        t["ours"].append(timed(lambda s=src, y=tgt: step_ours(s, y)))
+        t["ours"].append(timed(lambda s=src, y=tgt: step_ours(s, y), device))
         if not args.no_unbucketed:
-            t["ours_pad"].append(timed(lambda s=src, y=tgt: step_ours(s, y, buckets=False)))
-        t["hf"].append(timed(lambda s=src, y=tgt: step_hf(s, y)))
+            t["ours_pad"].append(timed(lambda s=src, y=tgt: step_ours(s, y, buckets=False), device))
+        t["hf"].append(timed(lambda s=src, y=tgt: step_hf(s, y), device))
         print(f"  train repeat {r + 1}: width {src.shape[1]} | " + " | ".join(
             f"{k} {v[-1]:.2f}s" for k, v in t.items() if v), flush=True)
-    ours.length_buckets = True
+    ours.length_buckets = "auto"
     train = {k: args.batch_size / statistics.median(v) for k, v in t.items() if v}
 
     # ---- decoding (same weights again, eval mode)
@@ -167,7 +183,7 @@ def main(argv=None) -> int:
             out = hf.generate(input_ids=src, attention_mask=(src != tg.PAD).long(), num_beams=args.beam,
                               num_return_sequences=args.beam, max_new_tokens=ids.n_levels, do_sample=False,
                               prefix_allowed_tokens_fn=fn)
-        codes = out[:, 1:1 + ids.n_levels] - torch.tensor(ids.offsets)   # (B*beam, 4) tokens -> codes
+        codes = out[:, 1:1 + ids.n_levels] - torch.tensor(ids.offsets, device=out.device)   # (B*beam, 4) tokens -> codes
         return ids.lookup(ids.key_of(codes)).view(len(src), args.beam)
 
     users = rng.choice(len(vhist), args.decode_users * (args.repeats + 1), replace=False)
@@ -181,16 +197,15 @@ def main(argv=None) -> int:
         src = tg.tokenize_histories(vhist[groups[r + 1]], ids)
         res = {}
         for name, f in (("ours", dec_ours), ("hf", dec_hf)):
-            t0 = time.perf_counter()
-            res[name] = f(src)
-            d[name].append(time.perf_counter() - t0)
+            d[name].append(timed(lambda f=f, name=name: res.__setitem__(name, f(src)), device))
         same.append((res["ours"] == res["hf"]).all(1).float().mean().item())
         print(f"  decode repeat {r + 1}: width {src.shape[1]} | ours {d['ours'][-1]:.2f}s | hf {d['hf'][-1]:.2f}s",
               flush=True)
     dec = {k: args.decode_users / statistics.median(v) for k, v in d.items()}
 
     # ---- table
-    rows = [(f"training examples/s (batch {args.batch_size})", train["ours"], train["hf"])]
+    rows = [(f"training examples/s (batch {args.batch_size}, buckets {'on' if device.type == 'cpu' else 'off'})",
+             train["ours"], train["hf"])]
     if "ours_pad" in train:
         rows.append(("training examples/s, ours without length buckets", train["ours_pad"], train["hf"]))
     rows.append((f"decoding users/s (beam {args.beam}, constrained, {args.decode_users} users)", dec["ours"],
@@ -203,7 +218,7 @@ def main(argv=None) -> int:
         print(f"| {name.ljust(w)} | {a:9.1f} | {b:9.1f} | {a / b:5.2f}x |")
     print(f"\nbatch widths (tokens) {widths}, mean real tokens per row {statistics.mean(real):.1f}; "
           f"same top-{args.beam} list as HF (same weights): {100 * statistics.mean(same):.1f}% of users")
-    print(f"targets: training >= 1.5x: {'met' if train['ours'] / train['hf'] >= 1.5 else 'NOT met'} "
+    print(f"targets (CPU): training >= 1.5x: {'met' if train['ours'] / train['hf'] >= 1.5 else 'NOT met'} "
           f"({train['ours'] / train['hf']:.2f}x); decoding >= 3x: "
           f"{'met' if dec['ours'] / dec['hf'] >= 3 else 'NOT met'} ({dec['ours'] / dec['hf']:.2f}x)")
     return 0

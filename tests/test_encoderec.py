@@ -387,3 +387,17 @@ def test_saved_model_loads_in_sentence_transformers(tiny, tmp_path):
     ours = enc.encode(TEXTS, show_progress=False)
     theirs = st.SentenceTransformer(str(tmp_path / "ft"), device="cpu").encode(TEXTS, batch_size=5)
     assert np.abs(theirs - ours).max() <= 2e-5
+
+
+def test_bert_traces_without_graph_breaks():
+    """torch.compile sees the whole encoder as one graph (a data-dependent branch would split it)."""
+    import torch._dynamo as dynamo
+    cfg = er.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)
+    model = er.BertModel(cfg).eval()
+    ids = torch.randint(1, 100, (3, 9))
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[0, 5:] = 0
+    explained = dynamo.explain(model)(ids, mask)
+    assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
+    assert explained.graph_count == 1

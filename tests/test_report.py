@@ -19,6 +19,12 @@ def test_report_collects_every_table(tmp_path, capsys):
     _write(root / "tiger-rqvae-minilm" / "results.json",
            {"task": "tiger", "encoder": "minilm", "tokenizer": "rqvae", "steps_run": 30, "stopped_early": False,
             "test": {**m, "recall@10": 0.07}, "popularity": {**m, "recall@10": 0.02}})
+    _write(root / "unisrec-inductive-enc" / "results.json",
+           {"task": "unisrec", "encoder": "runs/Other/enc", "max_minutes": 5.0, "time_capped": True,
+            "epochs_run": 44, "test": {**m, "recall@10": 0.63}})
+    _write(root / "tiger-rqvae-enc" / "results.json",
+           {"task": "tiger", "encoder": "enc", "tokenizer": "rqvae", "steps_run": 5500, "max_minutes": 5,
+            "time_capped": True, "test": {**m, "recall@10": 0.08}, "popularity": {**m, "recall@10": 0.02}})
     _write(root / "minilm" / "semantic_ids-rqvae-e20-title+categories.json",
            {"encoder": "minilm", "tokenizer": "rqvae", "fields": ["title", "categories"],
             "collisions": {"items": 10, "unique_prefixes": 9, "collision_rate": 0.1, "largest_group": 2,
@@ -33,6 +39,8 @@ def test_report_collects_every_table(tmp_path, capsys):
     assert got[("unisrec", "all-MiniLM-L6-v2", "capped at 1 epochs", "recall@10")] == 0.61
     assert got[("tiger", "all-MiniLM-L6-v2 / rqvae", "30 steps", "recall@10")] == 0.07
     assert got[("tiger", "popularity", "", "recall@10")] == 0.02
+    assert got[("unisrec", "enc", "5-min cap, 44 epochs", "recall@10")] == 0.63   # time-capped runs say so
+    assert got[("tiger", "enc / rqvae", "5500 steps, 5-min cap", "recall@10")] == 0.08
     assert got[("collisions", "all-MiniLM-L6-v2 / rqvae", "e20", "usage_l3")] == 0.8
     assert got[("retrieval", "all-MiniLM-L6-v2 (held-out 10% of items, 128 tokens)", "docs: ['description']",
                 "ndcg@10")] == 0.6

@@ -263,6 +263,20 @@ def test_fit_early_stopping_and_exact_resume(tmp_path):
         tg.fit(build(ids), ids, hist, target, eval_fn, tmp_path / "b", replace(cfg, lr=0.5), resume=True)
 
 
+
+def test_time_cap_stops_at_a_validation_and_resumes(tmp_path):
+    ids = make_ids(12, vocab=(3, 3, 3), seed=2)
+    hist, target = _task()
+    eval_fn = _ndcg_eval(ids, hist[:24], target[:24])
+    cfg = tg.TrainConfig(lr=1e-2, warmup_steps=5, batch_size=16, max_steps=15, eval_every=5, patience=9)
+    full = tg.fit(build(ids, seed=1), ids, hist, target, eval_fn, tmp_path / "a", cfg)
+    assert full["steps_run"] == 15 and not full["time_capped"]
+    capped = tg.fit(build(ids, seed=1), ids, hist, target, eval_fn, tmp_path / "b", replace(cfg, max_minutes=0))
+    assert capped["time_capped"] and capped["steps_run"] == 5              # stopped at the first validation
+    again = tg.fit(build(ids, seed=3), ids, hist, target, eval_fn, tmp_path / "b", cfg, resume=True)
+    assert {k: again[k] for k in ("best_step", "steps_run", "best_valid")} == \
+           {k: full[k] for k in ("best_step", "steps_run", "best_valid")}
+
 def test_epoch_order_buckets_by_length():
     rng = np.random.default_rng(0)
     lengths = np.minimum(rng.geometric(0.25, size=1000), 20)              # short-tailed, like Amazon

@@ -284,3 +284,17 @@ def test_resume_is_exact(mode, tmp_path):
     assert [r["loss"] for r in a["state"]["history"]] == [r["loss"] for r in b["state"]["history"]]
     with pytest.raises(ValueError, match="lr"):
         us.fit(again, hist, tgt, ev, tmp_path / "part", replace(cfg, lr=0.5), resume=True)
+
+
+def test_time_cap_stops_after_an_epoch_and_resumes(tmp_path):
+    hist, tgt, vh, vt = synthetic(n_users=20)
+    ev = ndcg_eval(vh, vt)
+    cfg = replace(FAST, max_epochs=3, batch_size=16)
+    full = us.fit(build("id", seed=5), hist, tgt, ev, tmp_path / "full", cfg)
+    assert not full["time_capped"]
+    capped = us.fit(build("id", seed=5), hist, tgt, ev, tmp_path / "cap", replace(cfg, max_minutes=0))
+    assert capped["time_capped"] and capped["epochs_run"] == 1 and not capped["stopped_early"]
+    again = us.fit(build("id", seed=9), hist, tgt, ev, tmp_path / "cap", cfg, resume=True)  # the cap may change
+    assert not again["time_capped"]
+    assert {k: again[k] for k in ("best_epoch", "epochs_run", "best_valid")} == \
+           {k: full[k] for k in ("best_epoch", "epochs_run", "best_valid")}

@@ -644,11 +644,43 @@ def fetch_named(name: str, data_dir: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- loading + cache
-def _fingerprint(paths: Sequence[Path], options: dict) -> str:
+def _content_digest(path: Path, memo: Path | None = None) -> str:
+    """sha256 of a file's bytes. With `memo` (a JSON file), the digest is remembered per (path,
+    size, mtime), so an unchanged multi-GB raw file is read once, not at every load."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    known: dict = {}
+    if memo is not None and memo.is_file():
+        try:
+            known = json.loads(memo.read_text())
+        except (OSError, ValueError):
+            known = {}
+    if key in known:
+        return known[key]
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    if memo is not None:
+        known[key] = h.hexdigest()
+        try:
+            memo.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=memo.parent, prefix=f".{memo.name}.")
+            with os.fdopen(fd, "w") as f:
+                json.dump(known, f)
+            os.replace(tmp, memo)
+        except OSError:
+            pass  # a read-only data dir only costs a re-read next time
+    return h.hexdigest()
+
+
+def _fingerprint(paths: Sequence[Path], options: dict, memo: Path | None = None) -> str:
+    """Identity of a dataset's inputs: the processing options and each file's name and CONTENT, so
+    a copied or re-provisioned folder (new paths, new mtimes, same bytes) keeps its fingerprint and
+    every stage keyed on it stays up to date, while any edit to the data changes it."""
     h = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "options": options}, sort_keys=True).encode())
-    for p in sorted(paths):
-        st = p.stat()
-        h.update(f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    for p in sorted(paths, key=lambda q: q.name):
+        h.update(f"{p.name}|{_content_digest(p, memo)}".encode())
     return h.hexdigest()[:16]
 
 
@@ -720,7 +752,7 @@ def load_dataset(dataset: str, data_dir: str | Path = "data", kcore: int = 5,
                         f"meta_X.jsonl.gz for 2023)")
     paths = list(lc) if lc else [raw.reviews, raw.meta]
     options = {"kcore": kcore if raw else None, "protocol": protocol}
-    fp = _fingerprint(paths, options)
+    fp = _fingerprint(paths, options, data_dir / "processed" / "digests.json")
     cache = data_dir / "processed" / f"{name}-{fp}.npz"
     t0 = time.perf_counter()
     if use_cache and cache.exists():

@@ -293,3 +293,18 @@ def test_real_text_coverage(tmp_path):
     texts = beauty.item_texts(("title", "categories"))
     assert texts[0] == "OPI Nail Lacquer, Simmer and Shimmer, 0.5-Fluid Ounce. Beauty, Makeup, Nails, Nail Polish"
     assert sum(t is None for t in beauty.title_texts()) == 7
+
+
+def test_fingerprint_follows_content_not_path_or_mtime(tmp_path):
+    import os
+    import shutil
+    a = fx.write_lcrec(tmp_path / "a" / "Fix")
+    fp = data.load_dataset(str(a), tmp_path / "cache").fingerprint
+    b = tmp_path / "b" / "Fix"
+    shutil.copytree(a, b)                                                  # new path, new mtimes, same bytes
+    for f in b.iterdir():
+        os.utime(f, (1e9, 1e9))
+    assert data.load_dataset(str(b), tmp_path / "cache2").fingerprint == fp
+    inter = next(b.glob("*.inter.json"))
+    inter.write_text(inter.read_text() + " ")                              # any edit of the bytes
+    assert data.load_dataset(str(b), tmp_path / "cache2").fingerprint != fp

@@ -68,7 +68,8 @@ Public API
     kmeans(x, k, iters, seed, init) -> (centroids, assign); residual_kmeans(emb, levels, k, iters, seed)
     semantic_ids(codes3, codebook_size) -> (ids, vocab_sizes); collision_stats(codes3, codebook_size)
 
-Imports: the standard library, numpy, torch and tqdm only. CPU runs are deterministic for a seed.
+Imports: the standard library, numpy, torch and tqdm only. CPU runs are deterministic for a seed
+(also on several threads: see RQVAE.quantize).
 """
 from __future__ import annotations
 
@@ -339,7 +340,10 @@ class RQVAE(nn.Module):
         for level in range(self.cfg.levels):
             book = self.codebooks[level]                                   # (K, D)
             idx, _ = _nearest(r.detach(), book.detach())
-            e = book[idx]                                                  # (B, D), gradient to the codebook
+            # (B, D) chosen codes as one-hot @ codebook: the same values as book[idx], but its
+            # gradient to the codebook is a matmul, not an index_put accumulate, whose summation order
+            # varies between runs on a multi-threaded CPU (the codes then drifted run to run)
+            e = F.one_hot(idx, book.shape[0]).to(book.dtype) @ book
             losses.append(F.mse_loss(e, r.detach()) + self.cfg.beta * F.mse_loss(r, e.detach()))
             codes.append(idx)
             residuals.append(r.detach())

@@ -644,25 +644,35 @@ def fetch_named(name: str, data_dir: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- loading + cache
-def _content_digest(path: Path, memo: Path | None = None) -> str:
-    """sha256 of a file's bytes. With `memo` (a JSON file), the digest is remembered per (path,
-    size, mtime), so an unchanged multi-GB raw file is read once, not at every load."""
-    st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fingerprint(paths: Sequence[Path], options: dict, memo: Path | None = None) -> str:
+    """Identity of a dataset's inputs: the processing options and each file's name and CONTENT, so
+    a copied or re-provisioned folder (new paths, new mtimes, same bytes) keeps its fingerprint and
+    every stage keyed on it stays up to date, while any edit to the data changes it. With `memo` (a
+    JSON file) each file's sha256 is remembered per (path, size, mtime), so an unchanged multi-GB raw
+    file is read once, not at every load."""
     known: dict = {}
     if memo is not None and memo.is_file():
         try:
             known = json.loads(memo.read_text())
         except (OSError, ValueError):
             known = {}
-    if key in known:
-        return known[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    if memo is not None:
-        known[key] = h.hexdigest()
+    h = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "options": options}, sort_keys=True).encode())
+    new = False
+    for p in sorted(paths, key=lambda q: q.name):
+        st = p.stat()
+        key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        if key not in known:
+            known[key], new = _file_sha256(p), True
+        h.update(f"{p.name}|{known[key]}".encode())
+    if memo is not None and new:
         try:
             memo.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=memo.parent, prefix=f".{memo.name}.")
@@ -671,16 +681,6 @@ def _content_digest(path: Path, memo: Path | None = None) -> str:
             os.replace(tmp, memo)
         except OSError:
             pass  # a read-only data dir only costs a re-read next time
-    return h.hexdigest()
-
-
-def _fingerprint(paths: Sequence[Path], options: dict, memo: Path | None = None) -> str:
-    """Identity of a dataset's inputs: the processing options and each file's name and CONTENT, so
-    a copied or re-provisioned folder (new paths, new mtimes, same bytes) keeps its fingerprint and
-    every stage keyed on it stays up to date, while any edit to the data changes it."""
-    h = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "options": options}, sort_keys=True).encode())
-    for p in sorted(paths, key=lambda q: q.name):
-        h.update(f"{p.name}|{_content_digest(p, memo)}".encode())
     return h.hexdigest()[:16]
 
 

@@ -1015,9 +1015,9 @@ def fit(model: Tiger, ids: SemanticIDs, train_hist, train_target, eval_fn: Calla
     ends at max_steps / max_epochs. Writes to out_dir, atomically: best.pt (best validation so far),
     last.pt (at every validation: model, optimizer, scaler, RNG, step, position in the epoch order,
     best-so-far, patience count, history, configs, meta) and history.json. Stops after cfg.patience
-    validations without a strictly better metric, or at the first validation after cfg.max_minutes of
-    wall time in this call (summary["time_capped"]; --resume continues). resume=True continues from last.pt exactly (CPU,
-    same seed; max_steps / max_epochs may be raised). The best weights are
+    validations without a strictly better metric, or at the first validation after cfg.max_minutes
+    of wall time in this call (summary["time_capped"]). resume=True continues from last.pt exactly
+    (CPU, same seed; max_steps / max_epochs may be raised, max_minutes may change). The best weights are
     loaded back at the end. Returns {best_step, best_epoch, steps_run, epochs_run, best_valid,
     stopped_early, wall_time_s (summed over resumed runs), examples_per_s}. A non-finite training
     loss raises FloatingPointError before that step's update (with fp16 the GradScaler skips such

@@ -549,9 +549,10 @@ def fit(model: UniSRec, train_hist, train_target, eval_fn: Callable[[UniSRec], d
     out_dir: best.pt (best validation metric so far), last.pt (everything needed to resume:
     model, optimizer, scaler, epoch, RNG, best-so-far, bad-epoch count, history, configs, meta)
     and history.json, all atomically. Stops after cfg.patience epochs without a strictly better
-    validation metric, or after cfg.max_epochs, or after the first epoch that ends past cfg.max_minutes
-    of wall time in this call (summary["time_capped"]; --resume continues). resume=True continues from last.pt (same result as
-    an uninterrupted run on CPU for a seed; max_epochs may be raised). At the end the best weights
+    validation metric, or after cfg.max_epochs, or after the first epoch that ends past
+    cfg.max_minutes of wall time in this call (summary["time_capped"]). resume=True continues from
+    last.pt (same result as an uninterrupted run on CPU for a seed; max_epochs and max_minutes may
+    change). At the end the best weights
     are loaded back into the model. Returns {best_epoch, epochs_run, best_valid, stopped_early,
     wall_time_s (summed over resumed runs), max_epochs}."""
     cfg = cfg or TrainConfig()
@@ -584,12 +585,13 @@ def fit(model: UniSRec, train_hist, train_target, eval_fn: Callable[[UniSRec], d
             raise ValueError(f"{last_path} holds a model with another UniSRecConfig ({ck.get('model_config')}); "
                              "resume with the same model settings or use a fresh output folder.")
         old = ck["train_config"]
-        diff = {k: (old.get(k), v) for k, v in asdict(cfg).items() if k not in ("max_epochs", "max_minutes", "compile")
-                and old.get(k) != v}
+        free = ("max_epochs", "max_minutes", "compile")
+        diff = {k: (old.get(k), v) for k, v in asdict(cfg).items() if k not in free and old.get(k) != v}
         if diff:
             raise ValueError(f"{last_path} was written with another TrainConfig "
                              f"({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())}); resume with the "
-                             "same settings (only max_epochs, max_minutes and compile may change) or use a fresh folder.")
+                             "same settings (only max_epochs, max_minutes and compile may change) or use a fresh "
+                             "folder.")
         if model.cfg.mode != "id" and ck.get("item_emb_sha1") != model.table_fingerprint:
             raise ValueError(f"{last_path} was trained with another item-embedding table (SHA-1 mismatch).")
         model.load_state_dict(ck["model"])
@@ -608,9 +610,9 @@ def fit(model: UniSRec, train_hist, train_target, eval_fn: Callable[[UniSRec], d
         model.compile_core()
     t_start = time.perf_counter()
     wall0 = st["wall"]
-    time_up = False
+    capped = False
 
-    while not time_up and not st["stopped"] and (cfg.max_epochs is None or st["epoch"] < cfg.max_epochs):
+    while not st["stopped"] and (cfg.max_epochs is None or st["epoch"] < cfg.max_epochs):
         epoch = st["epoch"] + 1
         model.train()
         t0 = time.perf_counter()
@@ -666,11 +668,11 @@ def fit(model: UniSRec, train_hist, train_target, eval_fn: Callable[[UniSRec], d
                              rng=_rng_state(dev), state=st, train_config=asdict(cfg), meta=_plain(meta or {}))
         _atomic_save(ck, last_path)
         _atomic_write_text(hist_path, json.dumps(st["history"], indent=2))
-        time_up = cfg.max_minutes is not None and time.perf_counter() - t_start >= 60 * cfg.max_minutes
-        if time_up and not st["stopped"] and (cfg.max_epochs is None or epoch < cfg.max_epochs):
+        more = not st["stopped"] and (cfg.max_epochs is None or epoch < cfg.max_epochs)
+        if more and cfg.max_minutes is not None and time.perf_counter() - t_start >= 60 * cfg.max_minutes:
             print(f"time cap: stopping after epoch {epoch} ({cfg.max_minutes:g} min in this call; --resume continues)")
-        else:
-            time_up = False
+            capped = True
+            break
 
     if st["stopped"]:
         print(f"early stop: no better valid {cfg.metric} for {cfg.patience} epochs "
@@ -680,4 +682,4 @@ def fit(model: UniSRec, train_hist, train_target, eval_fn: Callable[[UniSRec], d
     model.eval()
     return {"best_epoch": st["best_epoch"], "epochs_run": st["epoch"], "best_valid": st["best_valid"],
             "stopped_early": st["stopped"], "wall_time_s": round(wall0 + time.perf_counter() - t_start, 3),
-            "max_epochs": cfg.max_epochs, "max_minutes": cfg.max_minutes, "time_capped": time_up}
+            "max_epochs": cfg.max_epochs, "max_minutes": cfg.max_minutes, "time_capped": capped}

@@ -76,12 +76,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn, device: torch.device) -> float:
+def timed(fn, device: torch.device):
+    """(fn(), seconds), the device synchronised on both sides."""
     sync(device)
     t0 = time.perf_counter()
-    fn()
+    out = fn()
     sync(device)
-    return time.perf_counter() - t0
+    return out, time.perf_counter() - t0
 
 
 def main(argv=None) -> int:
@@ -160,10 +161,10 @@ def main(argv=None) -> int:
         src, tgt = batch()
         widths.append(src.shape[1])
         real.append(float((src != tg.PAD).sum(1).float().mean()))
-        t["ours"].append(timed(lambda s=src, y=tgt: step_ours(s, y), device))
+        t["ours"].append(timed(lambda s=src, y=tgt: step_ours(s, y), device)[1])
         if not args.no_unbucketed:
-            t["ours_pad"].append(timed(lambda s=src, y=tgt: step_ours(s, y, buckets=False), device))
-        t["hf"].append(timed(lambda s=src, y=tgt: step_hf(s, y), device))
+            t["ours_pad"].append(timed(lambda s=src, y=tgt: step_ours(s, y, buckets=False), device)[1])
+        t["hf"].append(timed(lambda s=src, y=tgt: step_hf(s, y), device)[1])
         print(f"  train repeat {r + 1}: width {src.shape[1]} | " + " | ".join(
             f"{k} {v[-1]:.2f}s" for k, v in t.items() if v), flush=True)
     ours.length_buckets = "auto"
@@ -183,7 +184,7 @@ def main(argv=None) -> int:
             out = hf.generate(input_ids=src, attention_mask=(src != tg.PAD).long(), num_beams=args.beam,
                               num_return_sequences=args.beam, max_new_tokens=ids.n_levels, do_sample=False,
                               prefix_allowed_tokens_fn=fn)
-        codes = out[:, 1:1 + ids.n_levels] - torch.tensor(ids.offsets, device=out.device)   # (B*beam, 4) tokens -> codes
+        codes = out[:, 1:1 + ids.n_levels] - torch.tensor(ids.offsets, device=out.device)  # (B*beam, 4) -> codes
         return ids.lookup(ids.key_of(codes)).view(len(src), args.beam)
 
     users = rng.choice(len(vhist), args.decode_users * (args.repeats + 1), replace=False)
@@ -197,7 +198,8 @@ def main(argv=None) -> int:
         src = tg.tokenize_histories(vhist[groups[r + 1]], ids)
         res = {}
         for name, f in (("ours", dec_ours), ("hf", dec_hf)):
-            d[name].append(timed(lambda f=f, name=name: res.__setitem__(name, f(src)), device))
+            res[name], secs = timed(lambda f=f: f(src), device)
+            d[name].append(secs)
         same.append((res["ours"] == res["hf"]).all(1).float().mean().item())
         print(f"  decode repeat {r + 1}: width {src.shape[1]} | ours {d['ours'][-1]:.2f}s | hf {d['hf'][-1]:.2f}s",
               flush=True)

@@ -644,7 +644,8 @@ def fetch_named(name: str, data_dir: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- loading + cache
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 4 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -670,7 +671,7 @@ def _fingerprint(paths: Sequence[Path], options: dict, memo: Path | None = None)
         st = p.stat()
         key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
         if key not in known:
-            known[key], new = _file_sha256(p), True
+            known[key], new = file_sha256(p), True
         h.update(f"{p.name}|{known[key]}".encode())
     if memo is not None and new:
         try:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data import ITEM_TEXT_FIELDS, REGISTRY, DataError, load_dataset
+from data import ITEM_TEXT_FIELDS, REGISTRY, DataError, file_sha256, load_dataset
 
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}  # -> clear message
 STAGES = {
@@ -130,14 +130,6 @@ def semantic_ids_path(runs: Path, dataset: str, encoder: str, tokenizer: str, fi
     if tokenizer == "rqvae" and not dead_code_restart:
         tag += "-nodcr"
     return Path(runs) / dataset / encoder_key(encoder) / f"semantic_ids-{tag}-{'+'.join(fields)}.npy"
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def ensure_semantic_ids(args, ds) -> Path:

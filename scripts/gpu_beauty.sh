@@ -14,13 +14,6 @@ mkdir -p $R/Beauty && cp -r runs/Beauty/minilm $R/Beauty/
 B=$OUT/bench.txt
 { date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; nproc
   python3 -c "import torch;print('torch',torch.__version__)"; } > $B 2>&1
-python3 - <<'PY' >> $B 2>&1
-import json; from data import load_dataset
-ds = load_dataset(".devdata/Beauty", "/tmp/data")
-p = "/tmp/runs/Beauty/minilm/semantic_ids-rqvae-title+categories.json"   # the CPU run's IDs, this copy's data path
-d = json.load(open(p)); d["data_fingerprint"] = ds.fingerprint; open(p, "w").write(json.dumps(d))
-print("sidecar fingerprint ->", ds.fingerprint)
-PY
 if [ "${BENCH:-0}" = 1 ]; then
   echo "== bench/unisrec.py fp32" >> $B; timeout 60 python3 bench/unisrec.py --device $DEV --threads 8 --data $D --emb $E >> $B 2>&1
   echo "== bench/unisrec.py bf16" >> $B; timeout 40 python3 bench/unisrec.py --device $DEV --threads 8 --data $D --emb $E --amp bf16 >> $B 2>&1

@@ -6,12 +6,6 @@ set -u
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
 D=.devdata/Beauty; R=/tmp/rc; E=$R/Beauty/minilm/item_emb-title+categories.npy
 mkdir -p $R/Beauty && cp -r runs/Beauty/minilm $R/Beauty/
-python3 - <<'PY'
-import json; from data import load_dataset
-ds = load_dataset(".devdata/Beauty", "/tmp/data")
-p = "/tmp/rc/Beauty/minilm/semantic_ids-rqvae-title+categories.json"
-d = json.load(open(p)); d["data_fingerprint"] = ds.fingerprint; open(p, "w").write(json.dumps(d))
-PY
 C="--dataset $D --data-dir /tmp/data --runs $R --device cuda --seed 0 --amp bf16"
 for X in "" "--compile"; do
   n=u${X:+-compile}; timeout 80 python3 train.py --stage unisrec $C --encoder minilm --fields title,categories --emb $E --max-epochs ${UE:-6} $X --out $R/$n > $OUT/$n.log 2>&1

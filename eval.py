@@ -273,9 +273,9 @@ def run_collisions(args) -> dict:
     a missing file is a user error that names the command making it)."""
     from pathlib import Path
 
-    from data import ITEM_TEXT_FIELDS, DataError, load_dataset
-    from rqvae import collision_stats
-    from train import semantic_ids_path
+    from data import ITEM_TEXT_FIELDS, DataError, file_sha256, load_dataset
+    from rqvae import collision_stats, embedding_stats
+    from train import embedding_path, semantic_ids_path
     ds = load_dataset(args.dataset, args.data_dir)
     fields = parse_fields(args.fields) or ITEM_TEXT_FIELDS
     path = semantic_ids_path(Path(args.runs), ds.name, args.encoder, args.tokenizer, fields, args.rqvae_epochs,
@@ -297,10 +297,14 @@ def run_collisions(args) -> dict:
         print(f"warning: {path} was made from other data than {ds.name} now holds", file=sys.stderr)
     vocab = info.get("vocab_sizes") or [256] * 4
     stats = collision_stats(ids[:, :3], int(vocab[0]))                      # (N, 4) -> (N, 3) prefixes
+    emb_path = embedding_path(Path(args.runs), ds.name, args.encoder, fields)    # the tokenizer's input
+    geometry = None                                   # only for the very file the IDs were made from
+    if emb_path.is_file() and file_sha256(emb_path) == info.get("embedding_sha256"):
+        geometry = embedding_stats(np.load(emb_path))
     return {"task": "collisions", "dataset": ds.name, "encoder": str(args.encoder),
             "tokenizer": args.tokenizer, "fields": list(fields), "semantic_ids": str(path), **stats,
             "ids_unique": len(np.unique(ids, axis=0)) == len(ids), "vocab_sizes": vocab,
-            "max_dedup_code": int(ids[:, 3].max())}
+            "max_dedup_code": int(ids[:, 3].max()), "embeddings": geometry}
 
 
 def training_counts(ds) -> np.ndarray:

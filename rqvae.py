@@ -59,6 +59,7 @@ prefix with at least one other item.
     codes3 = residual_kmeans(emb, levels=3, k=256, seed=0)      # the baseline, (N, 3) int64
     ids, vocab_sizes = semantic_ids(codes3)                      # (N, 4) int64, 4 ints
     collision_stats(codes3)                                      # dict (JSON-ready)
+    embedding_stats(emb)                                         # the floor no tokenizer beats
 
 Public API
     RQVAEConfig, RQVAE(cfg): encode(x) -> z, quantize(z) -> (codes, z_q, losses), decode(z_q) -> x,
@@ -67,6 +68,7 @@ Public API
     save_rqvae(model, path, meta, history) / load_rqvae(path, device)
     kmeans(x, k, iters, seed, init) -> (centroids, assign); residual_kmeans(emb, levels, k, iters, seed)
     semantic_ids(codes3, codebook_size) -> (ids, vocab_sizes); collision_stats(codes3, codebook_size)
+    embedding_stats(emb) -> identical embeddings (the collision floor), mean cosine, effective rank
 
 Imports: the standard library, numpy, torch and tqdm only. CPU runs are deterministic for a seed
 (also on several threads: see RQVAE.quantize).
@@ -282,6 +284,26 @@ def collision_stats(codes3, codebook_size: int = 256) -> dict:
             "items_in_collisions": int(counts[counts > 1].sum()),
             "largest_group": int(counts.max()), "codebook_size": int(codebook_size),
             "usage": usage, "perplexity": ppl}
+
+
+def embedding_stats(emb) -> dict:
+    """What the embeddings themselves allow a tokenizer (JSON-ready).
+
+    collision_floor = share of items whose embedding is bit-identical to another item's (identical
+    texts): a deterministic tokenizer gives them one prefix, so no tokenizer's collision rate can be
+    lower; mean_cosine = mean cosine similarity over all pairs of distinct items (exact, from the
+    norm of the sum of the unit rows); effective_rank = exp(entropy of the normalised squared
+    singular values of the centred matrix), high when the variance is spread over many directions."""
+    e = _check_embeddings(emb).astype(np.float64)
+    n = len(e)
+    floor = n - len(np.unique(_check_embeddings(emb), axis=0))
+    u = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    mean_cos = (np.square(u.sum(0)).sum() - n) / max(n * (n - 1), 1)       # sum over i != j of u_i . u_j
+    sv2 = np.square(np.linalg.svd(e - e.mean(0), compute_uv=False))
+    p = sv2[sv2 > 0] / sv2.sum() if sv2.sum() > 0 else np.ones(1)
+    return {"items": int(n), "dim": int(e.shape[1]), "identical_to_another": int(floor),
+            "collision_floor": round(floor / n, 6), "mean_cosine": round(float(mean_cos), 4),
+            "effective_rank": round(float(np.exp(-(p * np.log(p)).sum())), 1)}
 
 
 # ----------------------------------------------------------------------------- model

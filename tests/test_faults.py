@@ -222,3 +222,40 @@ def test_full_disk_is_a_clear_error(tmp_path, monkeypatch, capsys):
                        "--data-dir", str(tmp_path / "cache"), "--runs", str(tmp_path / "runs"), "--device", "cpu"])
     err = capsys.readouterr().err
     assert code == 2 and "No space left on device" in err and "writable --runs" in err
+
+
+_WRITER = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import encoderec, tiger, train, unisrec
+from pathlib import Path
+which, path = sys.argv[2], Path(sys.argv[3])
+save = {"tiger": tiger._atomic_save, "unisrec": unisrec._atomic_save,
+        "encoderec": lambda obj, p: encoderec._atomic_write_bytes(p, lambda tmp: torch.save(obj, tmp)),
+        "train": lambda obj, p: train.atomic_write(p, lambda tmp: torch.save(obj, tmp))}[which]
+i = 0
+while True:  # complete checkpoints of 16 MB, each filled with its own number
+    save({"i": i, "x": torch.full((4_000_000,), float(i))}, path)
+    i += 1
+"""
+
+
+@pytest.mark.parametrize("which", ["tiger", "unisrec", "encoderec", "train"])
+def test_sigkill_in_the_middle_of_a_checkpoint_write_leaves_the_last_complete_one(tmp_path, which):
+    """A real kill while the writer is inside a write: the checkpoint is the previous complete one."""
+    target = tmp_path / "last.pt"
+    for attempt in range(5):  # the kill must land while a temp file exists; retry if a write ended first
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(ROOT), which, str(target)], env=ENV)
+        t0 = time.time()
+        while not (target.exists() and list(tmp_path.glob(".last.pt.*"))):
+            assert proc.poll() is None and time.time() - t0 < 120, "the writer never got going"
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        leftovers = list(tmp_path.glob(".last.pt.*"))
+        ck = torch.load(target, weights_only=True)
+        assert torch.equal(ck["x"], torch.full((4_000_000,), float(ck["i"])))  # complete, not mixed
+        if leftovers:
+            break
+        target.unlink()
+    assert leftovers, "no kill landed mid-write in 5 attempts"

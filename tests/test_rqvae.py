@@ -142,6 +142,20 @@ def test_semantic_ids_unique_on_random_codes():
         rq.semantic_ids(codes, codebook_size=2)
 
 
+def test_embedding_stats_hand_example():
+    e = np.eye(4, 8, dtype=np.float32)[[0, 1, 2, 3, 0, 0]]           # rows 4, 5 repeat row 0
+    s = rq.embedding_stats(e)
+    assert s["identical_to_another"] == 2 and s["collision_floor"] == pytest.approx(2 / 6, abs=1e-6)
+    # pairs of distinct items: (0,4), (0,5), (4,5) have cosine 1, the other 12 have 0
+    assert s["mean_cosine"] == pytest.approx(3 / 15, abs=1e-4)
+    rank1 = np.outer(np.arange(1, 7), np.ones(8)).astype(np.float32)   # one direction of variance
+    assert rq.embedding_stats(rank1)["effective_rank"] == pytest.approx(1.0, abs=0.05)
+    assert rq.embedding_stats(rank1)["identical_to_another"] == 0
+    iso = np.random.default_rng(0).standard_normal((4000, 8)).astype(np.float32)
+    assert rq.embedding_stats(iso)["effective_rank"] == pytest.approx(8, abs=0.2)   # all directions alike
+    assert abs(rq.embedding_stats(iso)["mean_cosine"]) < 0.01
+
+
 def test_collision_stats_hand_example():
     codes = np.array([[0, 0, 0], [0, 0, 0], [0, 0, 0], [0, 1, 0], [1, 1, 0], [1, 1, 1]])
     s = rq.collision_stats(codes, codebook_size=4)
@@ -219,6 +233,11 @@ def test_cli_stage_rqvae_then_collision_audit(tmp_path, tokenizer, capsys):
     audit = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert audit["items"] == 6 and audit["ids_unique"] is True and len(audit["usage"]) == 3
     assert audit["unique_prefixes"] == side["collisions"]["unique_prefixes"]
+    assert audit["embeddings"]["items"] == 6 and audit["embeddings"]["dim"] == 16   # the IDs' own input
+    np.save(emb_path, np.zeros((6, 16), np.float32))                                # another file now
+    assert ev.main(["--task", "collisions", "--dataset", str(folder), "--encoder", "minilm", "--fields",
+                    "title,categories", "--tokenizer", tokenizer, "--rqvae-epochs", "2", *_common(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["embeddings"] is None
 
 
 def test_cli_errors_exit_2(tmp_path, capsys):

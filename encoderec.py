@@ -729,9 +729,10 @@ def contrastive_step(encoder: Encoder, queries, documents, chunk_size: int | Non
     sees every rank's documents as negatives (the negatives grow with the world size); each rank
     backpropagates the rows of the gradient that belong to its own texts, and the parameter
     gradients are then summed over ranks. The result is exactly the single-process gradient of
-    the loss over the global batch (DistributedDataParallel's averaging would divide it by the
-    world size, and its per-backward hooks would fire once per chunk; one explicit all-reduce per
-    step does the same arithmetic). Returns the global loss, identical on every rank."""
+    the loss over the global batch when dropout is off (with dropout, each rank draws its own
+    masks). DistributedDataParallel's averaging would divide it by the world size, and its
+    per-backward hooks would fire once per chunk; one explicit all-reduce per step does the same
+    arithmetic. Returns the global loss, identical on every rank."""
     device = encoder.device
     B = len(queries)
     if len(documents) != B:
@@ -898,7 +899,7 @@ def finetune(encoder: Encoder, pairs, out_dir, cfg: FinetuneConfig | None = None
     ckpt_path, hist_path = out_dir / "checkpoint.pt", out_dir / "history.json"
     history, start_epoch = [], 1
     if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location=dev, weights_only=False)
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
         diff = {k: (ck["config"].get(k), v) for k, v in asdict(cfg).items() if ck["config"].get(k) != v}
         if diff:
             raise ValueError(
@@ -910,12 +911,15 @@ def finetune(encoder: Encoder, pairs, out_dir, cfg: FinetuneConfig | None = None
         sched.load_state_dict(ck["scheduler"])
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
-        _set_rng_state(dev, (ck["rng"]["cpu"], ck["rng"]["cuda"]))
         history, start_epoch = ck["history"], ck["epoch"] + 1
+        if rank == 0:
+            _set_rng_state(dev, (ck["rng"]["cpu"], ck["rng"]["cuda"]))
+        else:  # rank 0 wrote the checkpoint: the other ranks draw fresh, distinct dropout streams
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rank, start_epoch]).generate_state(1)[0]))
         if main_rank:
             print(f"resumed from {ckpt_path} at epoch {ck['epoch']}/{cfg.epochs}")
     else:
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed + rank)                     # rank r: its own dropout masks
         if eval_fn is not None:  # epoch 0: the encoder before fine-tuning
             encoder.eval()
             res = eval_fn(encoder, 0) or {}

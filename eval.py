@@ -37,10 +37,11 @@ def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor,
     scores (B, I), targets (B,) -> (B,) int64 = #{j != target : score_j >= score_target}.
     With `counts` (I,), column j stands for counts[j] identical entries (e.g. one document text
     shared by several items): it weighs counts[j] when it ranks ahead, and the target's own copies
-    never count against it. A NaN target score counts as a miss (rank = number of entries).
+    never count against it. A NaN target score counts as a miss (rank = number of entries); a NaN
+    score of another item ranks ahead of the target.
     """
     t = scores.gather(1, targets[:, None])                 # (B, 1)
-    ahead = scores >= t                                    # (B, I), includes the target itself
+    ahead = (scores >= t) | torch.isnan(scores)            # (B, I), includes the target; NaN = ahead
     if counts is None:
         ranks, total = ahead.sum(dim=1) - 1, scores.shape[1]
     else:

@@ -147,8 +147,9 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0,
 
     init 'k-means++' (Arthur & Vassilvitskii 2007) or 'random' (k distinct points). A cluster that
     empties is re-seeded to the point farthest from its centroid (distinct points for several
-    empty clusters), so every returned centroid owns >= 1 point whenever N >= k. With N <= k each
-    point is its own centroid and the spare centroids repeat random points."""
+    empty clusters), so every returned centroid owns >= 1 point whenever there are >= k distinct
+    points (with fewer, some centroids must repeat and own nothing). With N <= k each point is its
+    own centroid and the spare centroids repeat random points."""
     if init not in ("k-means++", "random"):
         raise ValueError(f"kmeans init {init!r}: choose 'k-means++' or 'random'")
     x = x.detach().float()
@@ -289,20 +290,21 @@ def collision_stats(codes3, codebook_size: int = 256) -> dict:
 def embedding_stats(emb) -> dict:
     """What the embeddings themselves allow a tokenizer (JSON-ready).
 
-    collision_floor = share of items whose embedding is bit-identical to another item's (identical
-    texts): a deterministic tokenizer gives them one prefix, so no tokenizer's collision rate can be
-    lower; mean_cosine = mean cosine similarity over all pairs of distinct items (exact, from the
+    repeated_embeddings = items minus distinct embedding rows (bit-identical rows, e.g. identical
+    texts, count once); collision_floor = repeated_embeddings / items: a deterministic tokenizer gives
+    identical rows one prefix, so no tokenizer's collision rate (1 - prefixes / items) can be lower;
+    mean_cosine = mean cosine similarity over all pairs of distinct items (exact, from the
     norm of the sum of the unit rows); effective_rank = exp(entropy of the normalised squared
     singular values of the centred matrix), high when the variance is spread over many directions."""
     e = _check_embeddings(emb).astype(np.float64)
     n = len(e)
-    floor = n - len(np.unique(_check_embeddings(emb), axis=0))
+    repeated = n - len(np.unique(_check_embeddings(emb), axis=0))
     u = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
     mean_cos = (np.square(u.sum(0)).sum() - n) / max(n * (n - 1), 1)       # sum over i != j of u_i . u_j
     sv2 = np.square(np.linalg.svd(e - e.mean(0), compute_uv=False))
     p = sv2[sv2 > 0] / sv2.sum() if sv2.sum() > 0 else np.ones(1)
-    return {"items": int(n), "dim": int(e.shape[1]), "identical_to_another": int(floor),
-            "collision_floor": round(floor / n, 6), "mean_cosine": round(float(mean_cos), 4),
+    return {"items": int(n), "dim": int(e.shape[1]), "repeated_embeddings": int(repeated),
+            "collision_floor": round(repeated / n, 6), "mean_cosine": round(float(mean_cos), 4),
             "effective_rank": round(float(np.exp(-(p * np.log(p)).sum())), 1)}
 
 

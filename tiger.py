@@ -865,6 +865,14 @@ def checkpoint_dict(model: Tiger, ids: SemanticIDs, **extra) -> dict:
             "sem_ids_sha1": ids.fingerprint, **extra}
 
 
+def _saved_at(path: Path, key: str):
+    """The `key` ('step') recorded in a checkpoint file, or None when there is none."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True).get(key)
+    except (OSError, RuntimeError, EOFError):
+        return None
+
+
 def save_checkpoint(model: Tiger, ids: SemanticIDs, path, meta: dict | None = None, **extra) -> None:
     """Atomically write weights, config, semantic IDs and meta (git commit, data fingerprint, ...)."""
     _atomic_save(checkpoint_dict(model, ids, meta=_plain(meta or {}), **extra), Path(path))
@@ -887,10 +895,12 @@ def load_checkpoint(path, device="cpu") -> tuple[Tiger, SemanticIDs]:
 # ----------------------------------------------------------------------------- training
 def lr_factor(step: int, warmup: int) -> float:
     """Multiplier of the peak lr at optimizer step `step` (0-based): linear warm-up to 1 over
-    `warmup` steps, then inverse-square-root decay sqrt(warmup / (step + 1))."""
+    `warmup` steps, then inverse-square-root decay sqrt(warmup / (step + 1)). The decay is scaled
+    by the warm-up, so warmup must be >= 1 (0 would mean a zero learning rate)."""
+    if warmup < 1:
+        raise ValueError(f"warmup_steps must be >= 1 (the decay is sqrt(warmup / step)), got {warmup}")
     s = step + 1
-    w = max(1, warmup)
-    return s / w if s < w else math.sqrt(w / s)
+    return s / warmup if s < warmup else math.sqrt(warmup / s)
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -1096,6 +1106,10 @@ def fit(model: Tiger, ids: SemanticIDs, train_hist, train_target, eval_fn: Calla
         if main:
             print(f"resumed from {last_path} at step {st['step']} (best {cfg.metric} {st['best']:.4f} at step "
                   f"{st['best_step']}, {st['bad']} validations without improvement)")
+            if st["best_step"] == st["step"] and _saved_at(best_path, "step") != st["step"]:
+                # killed between last.pt and best.pt: the weights just loaded ARE the best step's
+                save_checkpoint(model, ids, best_path, meta=meta, step=st["step"], valid=st["best_valid"],
+                                train_config=asdict(cfg))
     else:
         if resume and main:
             print(f"no {last_path} to resume from: starting fresh")
@@ -1190,8 +1204,6 @@ def fit(model: Tiger, ids: SemanticIDs, train_hist, train_target, eval_fn: Calla
             st["history"].append(rec)
             if improved:
                 st.update(best=value, best_step=st["step"], best_valid=_plain(res), bad=0)
-                save_checkpoint(model, ids, best_path, meta=meta, step=st["step"], valid=_plain(res),
-                                train_config=asdict(cfg))
             else:
                 st["bad"] += 1
             st["stopped"] = st["bad"] >= cfg.patience
@@ -1203,7 +1215,10 @@ def fit(model: Tiger, ids: SemanticIDs, train_hist, train_target, eval_fn: Calla
             ck = checkpoint_dict(model, ids, optimizer=opt.state_dict(), scaler=scaler.state_dict() if scaler else None,
                                  rng=_rng_state(dev), state=st, train_config=asdict(cfg), meta=_plain(meta or {}),
                                  **({"rng_ranks": rngs} if rngs else {}))
-            _atomic_save(ck, last_path)
+            _atomic_save(ck, last_path)  # first last.pt, then best.pt: a kill between them is repaired on resume
+            if improved:
+                save_checkpoint(model, ids, best_path, meta=meta, step=st["step"], valid=_plain(res),
+                                train_config=asdict(cfg))
             _atomic_write_text(hist_path, json.dumps(st["history"], indent=2))
             time_up = cfg.max_minutes is not None and time.perf_counter() - t_start >= 60 * cfg.max_minutes
         if world > 1:  # rank 0's verdict (best, patience, stop, time) for all; the others wait here for it

@@ -326,8 +326,9 @@ def stage_tiger(args) -> dict:
     ds = load_dataset(args.dataset, args.data_dir)
     warmup = getattr(args, "warmup_steps", None)
     warmup = TrainConfig.warmup_steps if warmup is None else warmup
-    if args.tiger_history < 1 or args.beam < 1 or args.eval_every < 1 or args.max_steps < 1 or warmup < 0:
-        raise DataError("--tiger-history, --beam, --eval-every and --max-steps must be >= 1, --warmup-steps >= 0")
+    if min(args.tiger_history, args.beam, args.eval_every, args.max_steps, warmup) < 1:
+        raise DataError("--tiger-history, --beam, --eval-every, --max-steps and --warmup-steps must be >= 1 "
+                        "(the learning rate decays as sqrt(warmup / step) after the warm-up)")
     sem_path = ensure_semantic_ids(args, ds)
     if rank == 0 and world > 1:
         torch.distributed.barrier()

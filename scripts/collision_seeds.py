@@ -60,7 +60,7 @@ def main(argv=None) -> None:
     for path, tok, rates, groups, geo, _ in rows:
         print(f"| `{path}` | {tok} | {' / '.join(f'{r:.4f}' for r in rates)} | {np.mean(rates):.4f} | "
               f"{max(rates) - min(rates):.4f} | {min(groups)}–{max(groups)} | {geo['collision_floor']:.4f} "
-              f"({geo['identical_to_another']}) | {geo['mean_cosine']:.3f} | {geo['effective_rank']:.1f} |")
+              f"({geo['repeated_embeddings']}) | {geo['mean_cosine']:.3f} | {geo['effective_rank']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -259,3 +259,30 @@ def test_sigkill_in_the_middle_of_a_checkpoint_write_leaves_the_last_complete_on
             break
         target.unlink()
     assert leftovers, "no kill landed mid-write in 5 attempts"
+
+
+def test_kill_between_last_and_best_checkpoint_is_repaired_on_resume(tmp_path, one_thread):
+    """last.pt is written before best.pt; a kill in between leaves best.pt one improvement behind.
+    On resume the loaded weights are the best ones, so best.pt is rewritten from them."""
+    rng = np.random.default_rng(0)
+    hist, target = rng.integers(-1, 20, (64, 6)), rng.integers(0, 20, 64)
+    # UniSRec: epoch 1 always improves (from -inf); drop its best.pt as the kill would
+    torch.manual_seed(0)
+    model = us.SASRecID(20, us.UniSRecConfig(hidden_size=8, inner_size=16, n_heads=2, n_layers=1))
+    us.fit(model, hist, target, lambda m: {"ndcg@10": 0.1}, tmp_path / "u", us.TrainConfig(batch_size=32, max_epochs=1))
+    (tmp_path / "u" / "best.pt").unlink()
+    us.fit(model, hist, target, lambda m: {"ndcg@10": 0.1}, tmp_path / "u", us.TrainConfig(batch_size=32, max_epochs=1),
+           resume=True)
+    best, last = (torch.load(tmp_path / "u" / f, weights_only=True) for f in ("best.pt", "last.pt"))
+    assert best["epoch"] == 1 and all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])
+    # TIGER: the first validation always improves
+    codes, vocab = tg.random_semantic_ids(20, (3, 3, 3), seed=0)
+    ids = tg.SemanticIDs(codes, vocab)
+    tmodel = tg.Tiger(tg.TigerConfig(vocab_sizes=ids.vocab_sizes, d_model=16, d_kv=8, n_heads=2, d_ff=32,
+                                     n_encoder_layers=1, n_decoder_layers=1))
+    cfg = tg.TrainConfig(batch_size=16, max_steps=4, eval_every=4, warmup_steps=2)
+    tg.fit(tmodel, ids, hist, target, lambda m: {"ndcg@10": 0.1}, tmp_path / "t", cfg)
+    (tmp_path / "t" / "best.pt").unlink()
+    tg.fit(tmodel, ids, hist, target, lambda m: {"ndcg@10": 0.1}, tmp_path / "t", cfg, resume=True)
+    best, last = (torch.load(tmp_path / "t" / f, weights_only=True) for f in ("best.pt", "last.pt"))
+    assert best["step"] == 4 and all(torch.equal(best["model"][k], last["model"][k]) for k in last["model"])

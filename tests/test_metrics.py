@@ -28,6 +28,12 @@ def test_nan_target_is_a_miss():
     assert ranks_from_scores(scores, torch.tensor([0])).tolist() == [3]
 
 
+def test_nan_on_another_item_ranks_ahead():  # pessimistic: a diverged score never helps the target
+    scores = torch.tensor([[0.9, float("nan"), 0.2]])
+    assert ranks_from_scores(scores, torch.tensor([0])).tolist() == [1]
+    assert ranks_from_scores(scores, torch.tensor([0]), counts=torch.tensor([1, 3, 1])).tolist() == [3]
+
+
 def test_metrics_by_hand():
     ranks = np.array([0, 1, 2, 9, 10, 50])
     m = metrics_from_ranks(ranks, ks=(1, 10))

@@ -145,12 +145,12 @@ def test_semantic_ids_unique_on_random_codes():
 def test_embedding_stats_hand_example():
     e = np.eye(4, 8, dtype=np.float32)[[0, 1, 2, 3, 0, 0]]           # rows 4, 5 repeat row 0
     s = rq.embedding_stats(e)
-    assert s["identical_to_another"] == 2 and s["collision_floor"] == pytest.approx(2 / 6, abs=1e-6)
+    assert s["repeated_embeddings"] == 2 and s["collision_floor"] == pytest.approx(2 / 6, abs=1e-6)
     # pairs of distinct items: (0,4), (0,5), (4,5) have cosine 1, the other 12 have 0
     assert s["mean_cosine"] == pytest.approx(3 / 15, abs=1e-4)
     rank1 = np.outer(np.arange(1, 7), np.ones(8)).astype(np.float32)   # one direction of variance
     assert rq.embedding_stats(rank1)["effective_rank"] == pytest.approx(1.0, abs=0.05)
-    assert rq.embedding_stats(rank1)["identical_to_another"] == 0
+    assert rq.embedding_stats(rank1)["repeated_embeddings"] == 0
     iso = np.random.default_rng(0).standard_normal((4000, 8)).astype(np.float32)
     assert rq.embedding_stats(iso)["effective_rank"] == pytest.approx(8, abs=0.2)   # all directions alike
     assert abs(rq.embedding_stats(iso)["mean_cosine"]) < 0.01

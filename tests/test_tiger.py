@@ -316,3 +316,10 @@ def test_popularity_baseline_by_hand(tmp_path):
     test = ds.splits.test
     assert test.target.tolist() == [4, 0, 1, 0, 0, 0]
     assert popularity_ranks(ds, test).tolist() == [3, 5, 5, 5, 5, 5]    # ties pessimistic
+
+
+def test_lr_schedule_warmup_then_inverse_sqrt():
+    assert [tg.lr_factor(s, 4) for s in range(3)] == [0.25, 0.5, 0.75]
+    assert tg.lr_factor(3, 4) == 1.0 and tg.lr_factor(15, 4) == pytest.approx(0.5)   # sqrt(4 / 16)
+    with pytest.raises(ValueError, match="warmup_steps must be >= 1"):
+        tg.lr_factor(0, 0)

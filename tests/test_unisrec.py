@@ -167,6 +167,19 @@ def test_loss_matches_hand_computed(mode):
     assert got == pytest.approx(want, rel=1e-5)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_scores_stay_float32_under_bf16_autocast(mode):
+    """The full-catalog logits (and so the training cross-entropy) are float32 under autocast."""
+    m = build(mode).eval()
+    h = torch.as_tensor(right_aligned(SEQS, 8))
+    with torch.no_grad():
+        seq, tab = m.encode(h), m.item_table()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = m.logits(seq, tab)
+        want = m.logits(seq, tab)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+
+
 def test_shape_errors():
     with pytest.raises(ValueError, match="rows"):
         us.UniSRec(replace(TINY, n_items=31), table())

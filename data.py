@@ -337,6 +337,9 @@ def read_lines(path: Path, parse: Callable[[str], object]) -> Iterator[tuple[int
 
 
 def _require(rec: dict, keys: Sequence[str], path: Path, lineno: int) -> None:
+    if not isinstance(rec, dict):
+        raise DataError(f"{path}:{lineno}: expected a JSON object (a record with keys), got a "
+                        f"{type(rec).__name__}")
     missing = [k for k in keys if rec.get(k) in (None, "")]
     if missing:
         raise DataError(f"{path}:{lineno}: record lacks {', '.join(missing)} "

@@ -1007,9 +1007,6 @@ def save_pretrained(encoder: Encoder, out_dir):
     js = lambda obj: json.dumps(obj, indent=2)  # noqa: E731
 
     _atomic_write_text(out / "config.json", js(encoder.bert.config.to_hf_dict()))
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in encoder.bert.state_dict().items()}
-    _atomic_write_bytes(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-
     def copy_or(name, make):
         if src is not None and (src / name).is_file() and (src / name).resolve() != (out / name).resolve():
             _atomic_write_bytes(out / name, lambda tmp: shutil.copyfile(src / name, tmp))
@@ -1046,4 +1043,7 @@ def save_pretrained(encoder: Encoder, out_dir):
         "__version__": {"pytorch": torch.__version__}, "prompts": {}, "default_prompt_name": None,
         "similarity_fn_name": "cosine",
     }))
+    # the weights last: a folder holding model.safetensors is complete (the pipeline's "done" marker)
+    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in encoder.bert.state_dict().items()}
+    _atomic_write_bytes(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     return out

@@ -379,6 +379,11 @@ def run_tiger(args) -> dict:
 #   encoder runs' history.json (train.py --stage encoder with --holdout): Table 1 rows before / after
 #   semantic_ids-*.json sidecars (train.py --stage rqvae)      -> the collision table
 
+def _live(paths):
+    """Sorted paths, without those inside run folders the pipeline moved aside (`*.replaced-<time>`)."""
+    return sorted(p for p in paths if ".replaced-" not in p.parent.name)
+
+
 def encoder_label(encoder: str) -> str:
     """Row name of an encoder: 'none' -> SASRec-ID, 'minilm' -> off-the-shelf, a folder -> its name."""
     from pathlib import Path
@@ -417,13 +422,15 @@ def collect_report(runs, names) -> list[dict]:
 
     for name in names:
         root = Path(runs) / name
-        for f in sorted(root.glob("*/results.json")):
+        for f in _live(root.glob("*/results.json")):
             try:
                 res = json.loads(f.read_text())
             except ValueError:
                 continue
             task = res.get("task")
             row = encoder_label(res.get("encoder", "?"))
+            if res.get("custom_emb"):                          # --emb FILE: not the encoder's own embeddings
+                row += f" ({Path(res['custom_emb']).name})"
             if task == "unisrec":
                 if res.get("mode") == "transductive":
                     row += " + item IDs"
@@ -435,11 +442,11 @@ def collect_report(runs, names) -> list[dict]:
                     ("recall@5", "ndcg@5", "recall@10", "ndcg@10"))
                 add("tiger", name, "popularity", f.parent, "", res.get("popularity", {}),
                     ("recall@5", "ndcg@5", "recall@10", "ndcg@10"))
-        for f in sorted(root.glob("*/retrieval-*.json")):
+        for f in _live(root.glob("*/retrieval-*.json")):
             res = json.loads(f.read_text())
             add("retrieval", name, f"{encoder_label(res.get('encoder', '?'))} (all items, {res.get('max_length')} "
                 f"tokens)", f, f"docs: {res.get('doc_fields')}", res, ("recall@10", "ndcg@10"))
-        for f in sorted(root.glob("*/history.json")):  # EncodeRec runs: held-out retrieval before / after
+        for f in _live(root.glob("*/history.json")):  # EncodeRec runs: held-out retrieval before / after
             try:
                 info, hist = json.loads((f.parent / "run.json").read_text()), json.loads(f.read_text())
             except (OSError, ValueError):
@@ -457,7 +464,7 @@ def collect_report(runs, names) -> list[dict]:
             if evals[-1].get("epoch", 0) > 0:
                 add("retrieval", name, f"{f.parent.name} ({note}, epoch {evals[-1]['epoch']})", f, docs,
                     evals[-1]["eval"], keys)
-        for f in sorted(root.glob("*/semantic_ids-*.json")):
+        for f in _live(root.glob("*/semantic_ids-*.json")):
             side = json.loads(f.read_text())
             col = side.get("collisions") or {}
             usage = col.get("usage") or []

@@ -428,7 +428,8 @@ def stage_unisrec(args) -> dict:
                "run": str(out), "max_epochs": args.max_epochs, **summary,
                "valid": evaluate_unisrec(model, ds, ds.splits.valid, args.max_history, args.mask_history),
                "test": evaluate_unisrec(model, ds, ds.splits.test, args.max_history, args.mask_history),
-               "mask_history": args.mask_history, "wall_time_this_call_s": round(time.time() - t0, 1)}
+               "mask_history": args.mask_history, "wall_time_this_call_s": round(time.time() - t0, 1),
+               "custom_emb": str(emb_path) if args.emb else None}
     write_json(out / "results.json", results)
     print(json.dumps(results, sort_keys=True))
     return results
@@ -458,7 +459,7 @@ def _pipeline_step(label: str, out: Path, key: dict, done: str, run) -> None:
     except ValueError:
         old = None
     key = json.loads(json.dumps(key, default=str))
-    if old == key and (out / done).exists():
+    if old == key and (out / done).exists() and not _time_capped(out / done):
         print(f"[all] {label}: up to date ({out})", file=sys.stderr)
         return
     if out.exists() and old != key and any(out.iterdir()):
@@ -468,6 +469,14 @@ def _pipeline_step(label: str, out: Path, key: dict, done: str, run) -> None:
     print(f"[all] {label} -> {out}", file=sys.stderr)
     write_json(kf, key)
     run(old == key)
+
+
+def _time_capped(done: Path) -> bool:
+    """A results.json written by a --max-minutes stop: the run is not finished (--resume continues it)."""
+    try:
+        return done.suffix == ".json" and bool(json.loads(done.read_text()).get("time_capped"))
+    except ValueError:
+        return True
 
 
 def _sidecar(path: Path) -> dict:
@@ -515,8 +524,9 @@ def stage_all(args) -> None:
               f"no fine-tuning, off-the-shelf encoder only", file=sys.stderr)
 
     # 2. retrieval (Table 1) and item embeddings of every encoder
+    own_weights = lambda e: args.weights if e == args.backbone else None  # noqa: E731  (--weights: the base only)
     for enc_name in encoders:
-        folder = resolve_backbone(enc_name, weights=args.weights if enc_name == args.backbone else None)
+        folder = resolve_backbone(enc_name, weights=own_weights(enc_name))
         if has_pairs:
             out = runs / ds.name / encoder_key(enc_name) / f"retrieval-{'+'.join(doc_fields)}-len{budget['max_length']}.json"
             key = {"data_fingerprint": ds.fingerprint, "weights_digest": weights_digest(folder),
@@ -528,35 +538,38 @@ def stage_all(args) -> None:
                 m = retrieval_eval(enc, ds, doc_fields=doc_fields)
                 write_json(out, {"task": "retrieval", "dataset": ds.name, "encoder": enc_name, **key, **m})
                 print(f"[all] retrieval {encoder_key(enc_name)}: {json.dumps(m)}", file=sys.stderr)
-        stage_embed(sub(stage="embed", encoder=enc_name, batch_size=64, max_length=256))
+        stage_embed(sub(stage="embed", encoder=enc_name, batch_size=64, max_length=256, weights=own_weights(enc_name)))
 
     # 3. UniSRec on each encoder's embeddings, and SASRec-ID
     for enc_name in ["none", *encoders]:
-        name = "sasrec-id" if enc_name == "none" else f"unisrec-inductive-{encoder_key(enc_name)}"
+        name = "sasrec-id" if enc_name == "none" else f"unisrec-{args.mode}-{encoder_key(enc_name)}"
         out = runs / ds.name / (name if name.endswith(f"-{tag}") else f"{name}-{tag}")
         emb = None if enc_name == "none" else embedding_path(runs, ds.name, enc_name, fields)
         key = {**base, "stage": "unisrec", "encoder": enc_name, "fields": fields,
-               **opts("patience", "max_history", "mask_history"),
+               "mode": "id" if enc_name == "none" else args.mode,
+               **opts("patience", "max_history", "mask_history", "amp"),
                "embedding": _sidecar(emb) if emb else None}
         _pipeline_step(f"UniSRec ({encoder_key(enc_name)})", out, key, "results.json",
                        lambda resume, e=enc_name, o=out: stage_unisrec(sub(
                            stage="unisrec", encoder=e, out=str(o), resume=resume, batch_size=2048,
-                           max_epochs=budget["max_epochs"], emb=None)))
+                           max_epochs=budget["max_epochs"], emb=None, weights=own_weights(e))))
 
     # 4. semantic IDs (+ collision audit in their sidecars) and TIGER on each encoder
     for enc_name in encoders:
-        sem = ensure_semantic_ids(sub(stage="rqvae", encoder=enc_name, rqvae_epochs=budget["rqvae_epochs"]), ds)
+        sem = ensure_semantic_ids(sub(stage="rqvae", encoder=enc_name, rqvae_epochs=budget["rqvae_epochs"],
+                                      weights=own_weights(enc_name)), ds)
         name = f"tiger-{args.tokenizer}-{encoder_key(enc_name)}"
         out = runs / ds.name / (name if name.endswith(f"-{tag}") else f"{name}-{tag}")
-        key = {**base, "stage": "tiger", **opts("patience", "tiger_history", "beam"), "semantic_ids": {k: v for k, v in _sidecar(sem).items()
-                                                          if k in ("embedding_sha256", "config", "tokenizer")}}
+        key = {**base, "stage": "tiger", **opts("patience", "tiger_history", "beam", "amp", "group_by_length"),
+               "semantic_ids_sha256": file_sha256(sem),                 # the very IDs, not just their recipe
+               "semantic_ids": {k: v for k, v in _sidecar(sem).items() if k in ("embedding_sha256", "config", "tokenizer")}}
         tiger_kw = {"max_steps": budget["max_steps"], "eval_every": budget["eval_every"]}
         if hasattr(args, "warmup_steps"):
             tiger_kw["warmup_steps"] = budget["warmup_steps"]
         _pipeline_step(f"TIGER ({encoder_key(enc_name)})", out, key, "results.json",
                        lambda resume, e=enc_name, o=out: stage_tiger(sub(
                            stage="tiger", encoder=e, out=str(o), resume=resume, batch_size=256,
-                           rqvae_epochs=budget["rqvae_epochs"], max_epochs=None, **tiger_kw)))
+                           rqvae_epochs=budget["rqvae_epochs"], max_epochs=None, weights=own_weights(e), **tiger_kw)))
 
     # 5. the report of everything under runs/<dataset>
     print(report_markdown(collect_report(runs, [ds.name])))

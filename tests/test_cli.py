@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,10 +139,15 @@ def test_unisrec_stage_and_eval(tmp_path, fixture_ds, encoder, capsys):
 
 def test_stage_all_smoke_then_everything_is_up_to_date(tmp_path, fixture_ds, minilm, capsys):
     """The whole pipeline on the fixture catalog (real MiniLM), then a second call that only reads."""
-    argv = ["--stage", "all", "--dataset", str(fixture_ds), "--budget", "smoke", *_common(tmp_path)]
+    base = encoderec.resolve_backbone("minilm")       # --weights names the BASE model's files only
+    argv = ["--stage", "all", "--dataset", str(fixture_ds), "--budget", "smoke", "--weights", str(base),
+            *_common(tmp_path)]
     assert train.main(argv) == 0
     out = capsys.readouterr()
     runs = tmp_path / "runs" / "Fix"
+    for enc, weights in (("minilm", base), ("encoderec-minilm-smoke", runs / "encoderec-minilm-smoke")):
+        side = json.loads((runs / enc / "item_emb-title+categories+brand.json").read_text())
+        assert Path(side["weights"]).resolve() == Path(weights).resolve(), enc  # fine-tuned embeds with its own
     for run in ("encoderec-minilm-smoke", "sasrec-id-smoke", "unisrec-inductive-minilm-smoke",
                 "unisrec-inductive-encoderec-minilm-smoke", "tiger-rqvae-minilm-smoke",
                 "tiger-rqvae-encoderec-minilm-smoke"):

@@ -179,6 +179,16 @@ def test_malformed_json_line_names_file_and_line(tmp_path):
         _load(folder, tmp_path)
 
 
+def test_a_record_that_is_not_an_object_names_file_and_line(tmp_path):
+    folder = fx.write_2018(tmp_path / "r18")
+    path = folder / "Fix_5.json.gz"
+    lines = gzip.decompress(path.read_bytes()).decode().splitlines()
+    lines[2] = "[1, 2]"
+    path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    with pytest.raises(DataError, match=r"Fix_5\.json\.gz:3: expected a JSON object"):
+        _load(folder, tmp_path)
+
+
 def test_malformed_2014_meta_literal(tmp_path):
     folder = fx.write_2014(tmp_path / "r14")
     path = folder / "meta_Fix.json.gz"

@@ -51,3 +51,25 @@ def test_report_collects_every_table(tmp_path, capsys):
         assert title in md
     assert "| all-MiniLM-L6-v2 (capped at 1 epochs) | 0.6100 |" in md
     assert "runs/Fix/tiger-rqvae-minilm" in md                             # each cell names its run
+
+
+def test_report_skips_moved_aside_runs_and_names_custom_embeddings(tmp_path):
+    root = tmp_path / "runs" / "Fix"
+    m = {"recall@10": 0.5, "ndcg@10": 0.25, "recall@50": 0.75, "ndcg@50": 0.3}
+    _write(root / "unisrec-inductive-minilm" / "results.json", {"task": "unisrec", "encoder": "minilm", "test": m})
+    _write(root / "unisrec-inductive-minilm.replaced-20260101-000000" / "results.json",
+           {"task": "unisrec", "encoder": "minilm", "test": {**m, "recall@10": 0.9}})
+    _write(root / "unisrec-custom" / "results.json",
+           {"task": "unisrec", "encoder": "minilm", "custom_emb": "/x/bge.npy", "test": {**m, "recall@10": 0.7}})
+    got = {(r["row"], r["metric"]): r["value"] for r in ev.collect_report(tmp_path / "runs", ["Fix"])}
+    assert got[("all-MiniLM-L6-v2", "recall@10")] == 0.5                  # not the moved-aside 0.9
+    assert got[("all-MiniLM-L6-v2 (bge.npy)", "recall@10")] == 0.7         # not mixed into MiniLM's row
+
+
+def test_time_capped_results_are_not_done(tmp_path):
+    import train
+    f = tmp_path / "results.json"
+    f.write_text(json.dumps({"time_capped": True}))
+    assert train._time_capped(f)
+    f.write_text(json.dumps({"time_capped": False}))
+    assert not train._time_capped(f)

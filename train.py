@@ -149,10 +149,7 @@ def ensure_semantic_ids(args, ds) -> Path:
         raise DataError("semantic IDs are made from item text embeddings: pass --encoder minilm or a "
                         "fine-tuned run folder, not 'none'")
     fields = parse_fields(getattr(args, "fields", None), ITEM_TEXT_FIELDS)
-    emb_path = embedding_path(Path(args.runs), ds.name, args.encoder, fields)
-    if not emb_path.exists():
-        print(f"{emb_path} is missing: embedding the items first", file=sys.stderr)
-        stage_embed(argparse.Namespace(**{**vars(args), "out": str(emb_path), "batch_size": 64}))
+    emb_path = ensure_embeddings(args, ds, fields)
     emb = np.load(emb_path)
     if emb.ndim != 2 or emb.shape[0] != ds.n_items:
         raise DataError(f"{emb_path} has shape {emb.shape} but {ds.name} has {ds.n_items} items: delete "
@@ -259,6 +256,19 @@ def stage_encoder(args) -> None:
              meta={"git_commit": git_commit(), "data_fingerprint": ds.fingerprint, "dataset": ds.name})
     if rank == 0:
         print(f"fine-tuned encoder written to {out}", file=sys.stderr)
+
+
+def ensure_embeddings(args, ds, fields) -> Path:
+    """The item-embedding file of args.encoder for `fields`, made (or re-made) by stage_embed when it
+    is missing or its sidecar names other inputs (weights, data, fields, max length). A file without
+    a sidecar was placed by hand and is used as it is."""
+    path = embedding_path(Path(args.runs), ds.name, args.encoder, fields)
+    if path.exists() and not path.with_suffix(".json").exists():
+        print(f"{path} has no sidecar: used as it is", file=sys.stderr)
+        return path
+    if not path.exists():
+        print(f"{path} is missing: embedding the items first", file=sys.stderr)
+    return stage_embed(argparse.Namespace(**{**vars(args), "out": str(path), "batch_size": 64}))
 
 
 def stage_embed(args) -> Path:
@@ -395,10 +405,9 @@ def stage_unisrec(args) -> dict:
     emb_path = None
     if text:
         fields = parse_fields(args.fields, ITEM_TEXT_FIELDS)
-        emb_path = Path(args.emb) if args.emb else embedding_path(Path(args.runs), ds.name, args.encoder, fields)
-        if not emb_path.exists():
-            print(f"{emb_path} is missing: embedding the items first", file=sys.stderr)
-            stage_embed(argparse.Namespace(**{**vars(args), "out": str(emb_path), "batch_size": 64}))
+        if args.emb and not Path(args.emb).is_file():
+            raise DataError(f"--emb {args.emb}: no such file")
+        emb_path = Path(args.emb) if args.emb else ensure_embeddings(args, ds, fields)
         item_emb = np.load(emb_path)
         if item_emb.shape[0] != ds.n_items:
             raise DataError(f"{emb_path} has {item_emb.shape[0]} rows but {ds.name} has {ds.n_items} items")
@@ -499,7 +508,9 @@ def stage_all(args) -> None:
     base = {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "budget": budget, "seed": args.seed}
     opts = lambda *names: {k: getattr(args, k, None) for k in names}  # noqa: E731  (options a stage reads)
     # each stage keeps its own default learning rate (5e-5 encoder, 1e-3 UniSRec / TIGER): --lr is not passed
-    sub = lambda **kw: argparse.Namespace(**{**vars(args), "resume": False, "out": None, "lr": None, **kw})  # noqa: E731
+    # item embeddings are always made at 256 tokens (the encoder stage sets its own max_length)
+    sub = lambda **kw: argparse.Namespace(**{**vars(args), "resume": False, "out": None, "lr": None,  # noqa: E731
+                                             "max_length": 256, **kw})
 
     titles, docs, texts = ds.title_texts(), ds.document_texts(doc_fields), ds.item_texts(fields)
     has_pairs = sum(bool(t and d) for t, d in zip(titles, docs)) >= 2

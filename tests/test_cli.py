@@ -165,3 +165,21 @@ def test_stage_all_smoke_then_everything_is_up_to_date(tmp_path, fixture_ds, min
     assert train.main(argv + ["--tiger-history", "10"]) == 0
     err = capsys.readouterr().err
     assert err.count("previous run moved to") == 2 and len(list(runs.glob("tiger-*.replaced-*"))) == 2
+
+
+def test_stale_embeddings_are_remade_by_the_stages_that_read_them(tmp_path, fixture_ds, minilm, capsys):
+    """An embedding file whose sidecar names other inputs (here another --max-length) is re-made before
+    UniSRec reads it; a file placed by hand (no sidecar) is used as it is."""
+    common = ["--dataset", str(fixture_ds), "--encoder", "minilm", "--fields", "title,categories", *_common(tmp_path)]
+    assert train.main(["--stage", "embed", *common]) == 0
+    emb = tmp_path / "runs" / "Fix" / "minilm" / "item_emb-title+categories.npy"
+    assert json.loads(emb.with_suffix(".json").read_text())["max_length"] == 256
+    capsys.readouterr()
+    assert train.main(["--stage", "unisrec", *common, "--max-length", "8", "--max-epochs", "1", "--batch-size", "8"]) == 0
+    assert "embedding the items first" not in capsys.readouterr().err              # it existed, but was stale:
+    assert json.loads(emb.with_suffix(".json").read_text())["max_length"] == 8      # re-made at 8 tokens
+    emb.with_suffix(".json").unlink()
+    np.save(emb, np.zeros((load_dataset(str(fixture_ds), tmp_path / "cache").n_items, 5), np.float32))
+    assert train.main(["--stage", "unisrec", *common, "--max-epochs", "1", "--batch-size", "8",
+                       "--out", str(tmp_path / "hand")]) == 0
+    assert "has no sidecar: used as it is" in capsys.readouterr().err and np.load(emb).shape[1] == 5

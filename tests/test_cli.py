@@ -183,3 +183,11 @@ def test_stale_embeddings_are_remade_by_the_stages_that_read_them(tmp_path, fixt
     assert train.main(["--stage", "unisrec", *common, "--max-epochs", "1", "--batch-size", "8",
                        "--out", str(tmp_path / "hand")]) == 0
     assert "has no sidecar: used as it is" in capsys.readouterr().err and np.load(emb).shape[1] == 5
+
+
+def test_time_capped_results_are_not_done(tmp_path):
+    f = tmp_path / "results.json"
+    f.write_text(json.dumps({"time_capped": True}))
+    assert train._time_capped(f)
+    f.write_text(json.dumps({"time_capped": False}))
+    assert not train._time_capped(f)

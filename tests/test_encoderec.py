@@ -304,6 +304,7 @@ def test_resolution_order(tiny, tmp_path, monkeypatch):
     assert er.resolve_backbone("minilm") == cache / "all-MiniLM-L6-v2"  # the cache
     other = make_tiny(tmp_path / "other", seed=1)
     assert er.resolve_backbone("minilm", weights=other) == other  # --weights beats the cache
+    assert er.resolve_backbone(str(tiny), weights=other) == tiny  # a folder (fine-tuned run) names its own
     (other / "tokenizer.json").unlink()
     with pytest.raises(er.BackboneError, match=r"missing tokenizer\.json"):
         er.resolve_backbone("minilm", weights=other)

@@ -64,12 +64,3 @@ def test_report_skips_moved_aside_runs_and_names_custom_embeddings(tmp_path):
     got = {(r["row"], r["metric"]): r["value"] for r in ev.collect_report(tmp_path / "runs", ["Fix"])}
     assert got[("all-MiniLM-L6-v2", "recall@10")] == 0.5                  # not the moved-aside 0.9
     assert got[("all-MiniLM-L6-v2 (bge.npy)", "recall@10")] == 0.7         # not mixed into MiniLM's row
-
-
-def test_time_capped_results_are_not_done(tmp_path):
-    import train
-    f = tmp_path / "results.json"
-    f.write_text(json.dumps({"time_capped": True}))
-    assert train._time_capped(f)
-    f.write_text(json.dumps({"time_capped": False}))
-    assert not train._time_capped(f)

@@ -609,22 +609,41 @@ REGISTRY: dict[str, dict] = {
 }
 
 
-def download(url: str, dest: Path, timeout: float = 30.0) -> None:
-    """urllib download with a tqdm bar, to a temp file renamed into place on success."""
-    from tqdm import tqdm
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+# Copied from trainer.atomic_write (keeps this file copyable alone)
+def atomic_write(path, write) -> Path:
+    """write(tmp) into a temp file beside `path`, then rename it onto `path`: a crash or a kill never
+    leaves half a file under the real name (at worst a stray `.name.*.part` that nothing reads)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
-            total = int(resp.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name) as bar:
-                while chunk := resp.read(1 << 20):
-                    out.write(chunk)
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 30.0) -> None:
+    """Stream `url` into `dest` with a progress bar, atomically; a sha256 other than the given one is a
+    ValueError (and leaves no file)."""
+    from tqdm import tqdm
+
+    def fetch(tmp):
+        h = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
+            total = int(r.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=Path(dest).name, leave=False) as bar:
+                while chunk := r.read(1 << 20):
+                    f.write(chunk)
+                    h.update(chunk)
                     bar.update(len(chunk))
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        if sha256 is not None and h.hexdigest() != sha256:
+            raise ValueError(f"{url}: sha256 {h.hexdigest()} != expected {sha256}; the download is corrupt or "
+                             f"the upstream file changed")
+    atomic_write(dest, fetch)
 
 
 def fetch_named(name: str, data_dir: Path) -> Path:
@@ -632,6 +651,8 @@ def fetch_named(name: str, data_dir: Path) -> Path:
     entry = REGISTRY[name]
     folder = data_dir / "raw" / name
     todo = [(u, folder / u.rsplit("/", 1)[1]) for u in entry["urls"]]
+    if find_lcrec(folder):  # an LC-Rec copy of the dataset placed there by hand
+        return folder
     todo = [(u, p) for u, p in todo if not p.exists()]
     offline = os.environ.get("ENCODEREC_OFFLINE", "") not in ("", "0")
     for url, path in todo:
@@ -639,7 +660,7 @@ def fetch_named(name: str, data_dir: Path) -> Path:
             if offline:
                 raise OSError("ENCODEREC_OFFLINE is set")
             download(url, path)
-        except (OSError, urllib.error.URLError) as e:
+        except (OSError, ValueError) as e:  # URLError is an OSError; ValueError: a bad sha256
             lines = "\n".join(f"  {p}   <- {u}" for u, p in todo)
             raise DataError(f"could not download {url} ({e}).\nPlace these files by hand:\n{lines}\n"
                             f"or pass a folder that holds them: --dataset PATH") from None
@@ -647,6 +668,17 @@ def fetch_named(name: str, data_dir: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- loading + cache
+def parse_fields(text: str | None, default: Sequence[str]) -> tuple[str, ...]:
+    """A comma-separated list of text fields (a CLI flag) -> a tuple; None -> `default`."""
+    if text is None:
+        return tuple(default)
+    fields = tuple(f.strip() for f in text.split(",") if f.strip())
+    bad = [f for f in fields if f not in TEXT_FIELDS]
+    if bad or not fields:
+        raise DataError(f"unknown field(s) {', '.join(bad) or text!r}; choose from {', '.join(TEXT_FIELDS)}")
+    return fields
+
+
 def file_sha256(path: Path) -> str:
     """Hex sha256 of a file's bytes, read in 4 MiB blocks."""
     h = hashlib.sha256()
@@ -678,11 +710,7 @@ def _fingerprint(paths: Sequence[Path], options: dict, memo: Path | None = None)
         h.update(f"{p.name}|{known[key]}".encode())
     if memo is not None and new:
         try:
-            memo.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=memo.parent, prefix=f".{memo.name}.")
-            with os.fdopen(fd, "w") as f:
-                json.dump(known, f)
-            os.replace(tmp, memo)
+            atomic_write(memo, lambda tmp: Path(tmp).write_text(json.dumps(known)))
         except OSError:
             pass  # a read-only data dir only costs a re-read next time
     return h.hexdigest()[:16]
@@ -697,14 +725,11 @@ def _save_cache(ds: Dataset, path: Path) -> None:
               "header": np.frombuffer(json.dumps(header).encode(), dtype=np.uint8)}
     if ds.seq_times is not None:
         arrays["seq_times"] = ds.seq_times
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.part")
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def save(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, save)
 
 
 def _load_cache(path: Path) -> Dataset:

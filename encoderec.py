@@ -1,42 +1,33 @@
-"""EncodeRec text encoder: a BERT-family sentence encoder and its InfoNCE fine-tuning.
+"""EncodeRec's text encoder (arXiv 2601.10837, Sec. 3): a BERT-family sentence encoder and its InfoNCE loss.
 
-Implements the encoder side of EncodeRec (arXiv 2601.10837, Sec. 3 "Method": the pretrained
-text encoder, mean pooling + L2 normalisation, and the in-batch InfoNCE objective that aligns an
-item's title (query) with its document = description + features + attributes; Sec. 4 setup:
-all-MiniLM-L6-v2 backbone, batch size 512). The fine-tuned encoder is then frozen and used to
-embed every catalog item for UniSRec and TIGER (see DESIGN.md).
+EncodeRec fine-tunes a pretrained sentence encoder (all-MiniLM-L6-v2; Sec. 4: batch 512) so that an item's
+title (the query) lands next to its document (description + features + attributes): mean pooling, L2
+normalisation, in-batch InfoNCE. The frozen encoder then embeds every catalog item for the recommenders.
 
-Everything here runs on torch + tokenizers + safetensors + numpy (+ tqdm); transformers and
-sentence-transformers are NOT needed at run time. The BERT module's parameter names equal the
-Hugging Face tensor names, so `model.safetensors` loads strictly and `save_pretrained` writes a
-folder that `sentence_transformers.SentenceTransformer(folder)` loads unchanged.
+The file reads top to bottom: the BERT modules (parameter names = Hugging Face's, so `model.safetensors`
+loads strictly), `TextEncoder` (tokenize, pool, normalise), the loss (`info_nce_loss`; `cached_info_nce`,
+the same loss with GradCache so a batch of 512 needs the memory of one chunk), then loading, backbone
+resolution and saving in the sentence-transformers layout (`SentenceTransformer(folder)` loads it).
 
-Public API
-    BertConfig, BertModel, WeightsError, BackboneError
-    resolve_backbone(name_or_path, weights=None, cache_dir=None) -> Path
-    load_bert(folder) -> BertModel
-    Encoder(bert, tokenizer, pooling="mean", max_length=256, source_dir=None)
-        .tokenize(texts) / .forward(texts | batch) -> (B, d) / .encode(texts) -> np.ndarray (N, d)
-    load_encoder(name_or_path="minilm", weights=None, device="cpu", max_length=None, pooling=None)
-    info_nce_loss(q, d, temperature=0.05, symmetric=False, q_ids=None, d_ids=None)
-    contrastive_step(encoder, queries, documents, chunk_size=64, ...)   # GradCache
-    FinetuneConfig, finetune(encoder, pairs, out_dir, cfg, resume=False, eval_fn=None, device=None)
-    save_pretrained(encoder, out_dir)
+    enc = load_encoder("minilm")                          # or any BERT folder / fine-tuned run
+    emb = enc.encode(texts)                               # float32 (N, d), unit rows, input order
+    loss = cached_info_nce(enc, titles, documents, chunk_size=64)   # then loss.backward()
+    save_pretrained(enc, "runs/my-encoder")
+
+Imports: torch, numpy, tqdm, tokenizers and safetensors (no transformers, no sentence-transformers) and no
+other file of this project, so it can be copied alone.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
 import tempfile
-import time
 import urllib.error
 import urllib.request
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -44,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 # -----------------------------------------------------------------------------------------------
 # errors
@@ -215,7 +206,10 @@ class BertOutput(nn.Module):
         return self.LayerNorm(self.dropout(self.dense(h)) + x)
 
 
-FFN_TILE_ELEMS = 6 << 20  # inference FFN tile: 6M floats = 24 MB of (tokens, 4H) activation
+# CPU speed path of inference (bench/encode.py): the feed-forward runs over token tiles of FFN_TILE_ELEMS
+# floats (24 MB), so its activation memory is reused instead of page-faulted afresh each call.
+FFN_TILING = True
+FFN_TILE_ELEMS = 6 << 20
 
 
 class BertLayer(nn.Module):
@@ -227,8 +221,8 @@ class BertLayer(nn.Module):
 
     def forward(self, x, attn_mask):
         x = self.attention(x, attn_mask)
-        if self.training or torch.is_grad_enabled():
-            return self.output(self.intermediate(x), x)
+        if not FFN_TILING or self.training or torch.is_grad_enabled():
+            return self.output(self.intermediate(x), x)  # the plain path
         return self._ffn_inference(x)
 
     def _ffn_inference(self, x):
@@ -298,6 +292,241 @@ class BertModel(nn.Module):
             x = layer(x, attn_mask)
         return x
 
+
+
+
+# -----------------------------------------------------------------------------------------------
+# encoder = tokenizer + BERT + pooling + L2 norm
+
+
+class TextEncoder(nn.Module):
+    """Text -> unit-norm embedding (mean or CLS pooling over the last hidden states)."""
+
+    def __init__(self, bert: BertModel, tokenizer, pooling: str = "mean", max_length: int = 256, source_dir=None):
+        super().__init__()
+        if pooling not in ("mean", "cls"):
+            raise ValueError(f"pooling={pooling!r}: use 'mean' or 'cls'.")
+        self.bert = bert
+        self.pooling = pooling
+        self.max_length = min(int(max_length), bert.config.max_position_embeddings)
+        self.source_dir = Path(source_dir) if source_dir is not None else None
+        self.tokenizer = tokenizer
+        self.tokenizer.no_padding()  # we pad per batch ourselves
+        self.tokenizer.enable_truncation(self.max_length)
+        self.pad_id = bert.config.pad_token_id
+
+    @property
+    def dim(self) -> int:
+        return self.bert.config.hidden_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.bert.embeddings.word_embeddings.weight.device
+
+    def compile_bert(self, **kwargs):
+        """torch.compile the BertModel for forward passes. The compiled module is kept in __dict__, not as
+        a submodule, so state_dict names stay the Hugging Face ones."""
+        self.__dict__["_compiled_bert"] = torch.compile(self.bert, **kwargs)
+        return self
+
+    # --- tokenisation ---
+    @staticmethod
+    def _check_texts(texts) -> list[str]:
+        if isinstance(texts, str):
+            texts = [texts]
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"texts[{i}] is {type(t).__name__}, not str; clean missing fields before encoding.")
+        return texts
+
+    def _collate(self, encodings, device=None) -> dict[str, torch.Tensor]:
+        L = max(len(e.ids) for e in encodings)
+        ids = np.full((len(encodings), L), self.pad_id, dtype=np.int64)  # (B, L)
+        mask = np.zeros((len(encodings), L), dtype=np.int64)
+        for i, e in enumerate(encodings):
+            ids[i, : len(e.ids)] = e.ids
+            mask[i, : len(e.ids)] = 1
+        device = device or self.device
+        return {"input_ids": torch.from_numpy(ids).to(device), "attention_mask": torch.from_numpy(mask).to(device)}
+
+    def tokenize(self, texts, device=None) -> dict[str, torch.Tensor]:
+        """Tokenise (truncate to max_length) and pad to the longest text: input_ids, attention_mask (B, L)."""
+        return self._collate(self.tokenizer.encode_batch(self._check_texts(texts)), device)
+
+    # --- embedding ---
+    def _pool(self, h, mask):
+        if self.pooling == "cls":
+            e = h[:, 0]  # (B, L, H) -> (B, H)
+        else:
+            m = mask.unsqueeze(-1).to(h.dtype)  # (B, L) -> (B, L, 1)
+            e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (B, H)
+        return F.normalize(e, p=2, dim=-1)
+
+    def forward(self, batch) -> torch.Tensor:
+        """Differentiable (B, d) unit-norm embeddings of a list of texts or a `tokenize` batch."""
+        if not isinstance(batch, dict):
+            batch = self.tokenize(batch)
+        bert = self.__dict__.get("_compiled_bert")
+        bert = self.bert if bert is None else bert
+        h = bert(batch["input_ids"], batch["attention_mask"])  # (B, L, H)
+        return self._pool(h.float(), batch["attention_mask"])
+
+    def encode(self, texts, batch_size: int = 64, show_progress: bool = True, device=None) -> np.ndarray:
+        """Embed texts for retrieval/recommendation: float32 (N, d), rows in input order.
+
+        Tokenises everything once, sorts by token count (longest first) so each batch of
+        `batch_size` is padded only to its own longest text, and runs under inference_mode."""
+        texts = self._check_texts(texts)
+        if device is not None:
+            self.to(device)
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not texts:
+            return out
+        encodings = self.tokenizer.encode_batch(texts)
+        lengths = np.array([len(e.ids) for e in encodings])
+        order = np.argsort(-lengths, kind="stable")
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.inference_mode():
+                starts = range(0, len(texts), batch_size)
+                for s in tqdm(starts, desc="encode", unit="batch", disable=not show_progress):
+                    idx = order[s : s + batch_size]
+                    emb = self.forward(self._collate([encodings[i] for i in idx]))
+                    out[idx] = emb.cpu().numpy()
+        finally:
+            self.train(was_training)
+        return out
+
+
+
+# -----------------------------------------------------------------------------------------------
+# InfoNCE with in-batch negatives (+ false-negative masking) and GradCache chunking
+
+
+def info_nce_loss(q, d, temperature: float = 0.05, symmetric: bool = False, q_ids=None, d_ids=None):
+    """In-batch InfoNCE: logits = q @ d.T / tau over unit-norm rows, target = diagonal.
+
+    q_ids / d_ids (B,) integer ids of the query / document *texts*: an off-diagonal pair whose
+    query texts or document texts are identical is a false negative and is masked out (-inf).
+    symmetric=True averages the query->document and document->query losses."""
+    if q.shape != d.shape or q.dim() != 2:
+        raise ValueError(f"q {tuple(q.shape)} and d {tuple(d.shape)} must both be (B, d) with the same B.")
+    B = q.shape[0]
+    logits = q.float() @ d.float().T / temperature  # (B, B)
+    same = torch.zeros(B, B, dtype=torch.bool, device=q.device)
+    for ids in (q_ids, d_ids):
+        if ids is not None:
+            ids = torch.as_tensor(ids, device=q.device)
+            same |= ids[:, None] == ids[None, :]
+    same.fill_diagonal_(False)  # the positive is never masked
+    logits = logits.masked_fill(same, float("-inf"))
+    target = torch.arange(B, device=q.device)
+    loss = F.cross_entropy(logits, target)
+    if symmetric:
+        loss = 0.5 * (loss + F.cross_entropy(logits.T, target))
+    return loss
+
+
+
+# Copied from trainer._rng_state (keeps this file copyable alone)
+def _rng_state(dev: torch.device) -> dict:
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None}
+
+
+# Copied from trainer._set_rng_state
+def _set_rng_state(dev: torch.device, state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"] is not None and dev.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], dev)
+
+
+def _world() -> int:
+    d = torch.distributed
+    return d.get_world_size() if d.is_available() and d.is_initialized() else 1
+
+
+def _gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's rows x (n_r, ...) concatenated in rank order (n_r may differ), and the offset of this
+    rank's block. Values only: no gradient flows through the gather."""
+    dist = torch.distributed
+    n = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes = [int(s) for s in sizes]
+    full = x.new_zeros((max(sizes), *x.shape[1:]))  # all_gather needs equal shapes: pad
+    full[: x.shape[0]] = x
+    parts = [torch.empty_like(full) for _ in sizes]
+    dist.all_gather(parts, full)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes)]), sum(sizes[: dist.get_rank()])
+
+
+def cached_info_nce(encoder: TextEncoder, queries, documents, chunk_size: int | None = 64,
+                    temperature: float = 0.05, symmetric: bool = False, q_ids=None, d_ids=None,
+                    progress: bool = False) -> torch.Tensor:
+    """In-batch InfoNCE of (query, document) texts with GradCache (Gao et al., 2021), as an ordinary loss:
+    `cached_info_nce(...).backward()` leaves exactly the gradient of `info_nce_loss` on the whole batch.
+
+    (a) every chunk of `chunk_size` texts is embedded without a graph, remembering its RNG state; (b) the
+    loss of the full batch is computed on those embeddings with its gradient w.r.t. them (cached). The
+    returned loss is a leaf whose backward hook (c) re-embeds each chunk with a graph, replaying its RNG
+    state (the same dropout masks as (a)) and autocast, and back-propagates the cached gradient times the
+    incoming one (a GradScaler's scale, say). Memory: one chunk's activations, whatever the batch size.
+    chunk_size None (or >= the batch) in one process: plain autograd.
+
+    Under torchrun each rank passes its share of the global batch: (b) runs on the all-gathered
+    embeddings, so every query sees every rank's documents as negatives, and each rank back-propagates
+    the rows of its own texts. The returned value is the global loss times this rank's share of the rows,
+    so values and gradients summed over the ranks are those of the global batch (trainer.fit sums them)."""
+    B = len(queries)
+    if len(documents) != B:
+        raise ValueError(f"{B} queries but {len(documents)} documents; pairs must align.")
+    distributed = _world() > 1
+    if not distributed and (not chunk_size or chunk_size >= B):
+        return info_nce_loss(encoder(queries), encoder(documents), temperature, symmetric, q_ids, d_ids)
+    chunk_size = chunk_size or max(B, 1)
+    dev = encoder.device
+    amp = torch.is_autocast_enabled(dev.type), torch.get_autocast_dtype(dev.type)
+    chunks = [encoder.tokenize(texts[i: i + chunk_size]) for texts in (queries, documents)
+              for i in range(0, B, chunk_size)]
+    states, embs = [], []
+    with torch.no_grad():                                                           # (a)
+        for batch in tqdm(chunks, desc="embed chunks", unit="chunk", leave=False, disable=not progress):
+            states.append(_rng_state(dev))
+            embs.append(encoder(batch).float())
+    after = _rng_state(dev)
+    half = len(chunks) // 2
+    empty = torch.zeros(0, encoder.dim, device=dev)                              # a rank may hold no pair
+    q, d = (torch.cat(embs[:half]) if half else empty), (torch.cat(embs[half:]) if half else empty)  # (B, d)
+    off, n_all = 0, B
+    if distributed:  # (B, d) -> (B_global, d); ids too, so false negatives span ranks
+        q, off = _gather_rows(q)
+        d, _ = _gather_rows(d)
+        q_ids = None if q_ids is None else _gather_rows(torch.as_tensor(q_ids, device=dev))[0]
+        d_ids = None if d_ids is None else _gather_rows(torch.as_tensor(d_ids, device=dev))[0]
+        n_all = len(q)
+    q, d = q.requires_grad_(), d.requires_grad_()
+    with torch.enable_grad():                                                       # (b)
+        full = info_nce_loss(q, d, temperature, symmetric, q_ids, d_ids)
+        gq, gd = torch.autograd.grad(full, [q, d])
+    grads = [*gq[off: off + B].split(chunk_size), *gd[off: off + B].split(chunk_size)]  # this rank's rows
+
+    def replay(grad_out):                                                           # (c)
+        with torch.enable_grad(), torch.autocast(dev.type, dtype=amp[1], enabled=amp[0]):
+            for batch, state, g in zip(tqdm(chunks, desc="re-embed chunks", unit="chunk", leave=False,
+                                            disable=not progress), states, grads):
+                _set_rng_state(dev, state)
+                encoder(batch).float().backward(g * grad_out)
+        _set_rng_state(dev, after)
+
+    loss = (full.detach() * (B / max(n_all, 1))).requires_grad_()
+    loss.register_hook(replay)
+    return loss
+
+
+# -----------------------------------------------------------------------------------------------
+# loading, backbone resolution, saving
 
 # -----------------------------------------------------------------------------------------------
 # strict safetensors loading
@@ -410,28 +639,42 @@ def _missing_files(folder: Path) -> list[str]:
     return [f for f in REQUIRED_FILES if not (folder / f).is_file()]
 
 
-def _download(url: str, dest: Path, timeout: float = 10.0, sha256: str | None = None):
-    """Stream `url` into `dest` (temp file + atomic rename), checking sha256 when given."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".part-")
-    h = hashlib.sha256()
+# Copied from trainer.atomic_write (keeps this file copyable alone)
+def atomic_write(path, write) -> Path:
+    """write(tmp) into a temp file beside `path`, then rename it onto `path`: a crash or a kill never
+    leaves half a file under the real name (at worst a stray `.name.*.part` that nothing reads)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r, os.fdopen(fd, "wb") as f:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+# Copied from data.download
+def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 30.0) -> None:
+    """Stream `url` into `dest` with a progress bar, atomically; a sha256 other than the given one is a
+    ValueError (and leaves no file)."""
+    from tqdm import tqdm
+
+    def fetch(tmp):
+        h = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
             total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name, leave=False) as bar:
+            with tqdm(total=total, unit="B", unit_scale=True, desc=Path(dest).name, leave=False) as bar:
                 while chunk := r.read(1 << 20):
                     f.write(chunk)
                     h.update(chunk)
                     bar.update(len(chunk))
         if sha256 is not None and h.hexdigest() != sha256:
-            raise WeightsError(
-                f"{url}: sha256 {h.hexdigest()} != expected {sha256}; the download is corrupt or the "
-                "upstream file changed. Retry, or place verified files in the cache folder."
-            )
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+            raise ValueError(f"{url}: sha256 {h.hexdigest()} != expected {sha256}; the download is corrupt or "
+                             f"the upstream file changed")
+    atomic_write(dest, fetch)
 
 
 def _download_minilm(folder: Path):
@@ -439,7 +682,10 @@ def _download_minilm(folder: Path):
         if (folder / name).is_file():
             continue
         sha = MINILM_SHA256 if name == "model.safetensors" else None
-        _download(HF_URL.format(repo=MINILM, file=name), folder / name, sha256=sha)
+        try:
+            download(HF_URL.format(repo=MINILM, file=name), folder / name, sha256=sha)
+        except ValueError as e:
+            raise WeightsError(f"{e}. Retry, or place verified files in {folder}.") from None
 
 
 def resolve_backbone(name_or_path: str | os.PathLike = "minilm", weights=None, cache_dir=None) -> Path:
@@ -495,110 +741,6 @@ def resolve_backbone(name_or_path: str | os.PathLike = "minilm", weights=None, c
     )
 
 
-# -----------------------------------------------------------------------------------------------
-# encoder = tokenizer + BERT + pooling + L2 norm
-
-
-class Encoder(nn.Module):
-    """Text -> unit-norm embedding (mean or CLS pooling over the last hidden states)."""
-
-    def __init__(self, bert: BertModel, tokenizer, pooling: str = "mean", max_length: int = 256, source_dir=None):
-        super().__init__()
-        if pooling not in ("mean", "cls"):
-            raise ValueError(f"pooling={pooling!r}: use 'mean' or 'cls'.")
-        self.bert = bert
-        self.pooling = pooling
-        self.max_length = min(int(max_length), bert.config.max_position_embeddings)
-        self.source_dir = Path(source_dir) if source_dir is not None else None
-        self.tokenizer = tokenizer
-        self.tokenizer.no_padding()  # we pad per batch ourselves
-        self.tokenizer.enable_truncation(self.max_length)
-        self.pad_id = bert.config.pad_token_id
-
-    @property
-    def dim(self) -> int:
-        return self.bert.config.hidden_size
-
-    @property
-    def device(self) -> torch.device:
-        return self.bert.embeddings.word_embeddings.weight.device
-
-    def compile_bert(self, **kwargs):
-        """torch.compile the BertModel for forward passes; state_dict names are unchanged."""
-        self.__dict__["_compiled_bert"] = torch.compile(self.bert, **kwargs)
-        return self
-
-    # --- tokenisation ---
-    @staticmethod
-    def _check_texts(texts) -> list[str]:
-        if isinstance(texts, str):
-            texts = [texts]
-        texts = list(texts)
-        for i, t in enumerate(texts):
-            if not isinstance(t, str):
-                raise TypeError(f"texts[{i}] is {type(t).__name__}, not str; clean missing fields before encoding.")
-        return texts
-
-    def _collate(self, encodings, device=None) -> dict[str, torch.Tensor]:
-        L = max(len(e.ids) for e in encodings)
-        ids = np.full((len(encodings), L), self.pad_id, dtype=np.int64)  # (B, L)
-        mask = np.zeros((len(encodings), L), dtype=np.int64)
-        for i, e in enumerate(encodings):
-            ids[i, : len(e.ids)] = e.ids
-            mask[i, : len(e.ids)] = 1
-        device = device or self.device
-        return {"input_ids": torch.from_numpy(ids).to(device), "attention_mask": torch.from_numpy(mask).to(device)}
-
-    def tokenize(self, texts, device=None) -> dict[str, torch.Tensor]:
-        """Tokenise (truncate to max_length) and pad to the longest text: input_ids, attention_mask (B, L)."""
-        return self._collate(self.tokenizer.encode_batch(self._check_texts(texts)), device)
-
-    # --- embedding ---
-    def _pool(self, h, mask):
-        if self.pooling == "cls":
-            e = h[:, 0]  # (B, L, H) -> (B, H)
-        else:
-            m = mask.unsqueeze(-1).to(h.dtype)  # (B, L) -> (B, L, 1)
-            e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (B, H)
-        return F.normalize(e, p=2, dim=-1)
-
-    def forward(self, batch) -> torch.Tensor:
-        """Differentiable (B, d) unit-norm embeddings of a list of texts or a `tokenize` batch."""
-        if not isinstance(batch, dict):
-            batch = self.tokenize(batch)
-        bert = self.__dict__.get("_compiled_bert")
-        bert = self.bert if bert is None else bert
-        h = bert(batch["input_ids"], batch["attention_mask"])  # (B, L, H)
-        return self._pool(h.float(), batch["attention_mask"])
-
-    def encode(self, texts, batch_size: int = 64, show_progress: bool = True, device=None) -> np.ndarray:
-        """Embed texts for retrieval/recommendation: float32 (N, d), rows in input order.
-
-        Tokenises everything once, sorts by token count (longest first) so each batch of
-        `batch_size` is padded only to its own longest text, and runs under inference_mode."""
-        texts = self._check_texts(texts)
-        if device is not None:
-            self.to(device)
-        out = np.zeros((len(texts), self.dim), dtype=np.float32)
-        if not texts:
-            return out
-        encodings = self.tokenizer.encode_batch(texts)
-        lengths = np.array([len(e.ids) for e in encodings])
-        order = np.argsort(-lengths, kind="stable")
-        was_training = self.training
-        self.eval()
-        try:
-            with torch.inference_mode():
-                starts = range(0, len(texts), batch_size)
-                for s in tqdm(starts, desc="encode", unit="batch", disable=not show_progress):
-                    idx = order[s : s + batch_size]
-                    emb = self.forward(self._collate([encodings[i] for i in idx]))
-                    out[idx] = emb.cpu().numpy()
-        finally:
-            self.train(was_training)
-        return out
-
-
 def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
@@ -623,7 +765,7 @@ def _pooling_from_folder(folder: Path) -> str:
     )
 
 
-def load_encoder(name_or_path="minilm", weights=None, device="cpu", max_length=None, pooling=None, cache_dir=None) -> Encoder:
+def load_encoder(name_or_path="minilm", weights=None, device="cpu", max_length=None, pooling=None, cache_dir=None) -> TextEncoder:
     """Resolve a backbone, load BERT + tokenizer + pooling; max_length defaults to
     sentence_bert_config.json's max_seq_length, else 256 (all-MiniLM-L6-v2's card)."""
     from tokenizers import Tokenizer
@@ -640,363 +782,13 @@ def load_encoder(name_or_path="minilm", weights=None, device="cpu", max_length=N
     pooling = pooling or _pooling_from_folder(folder)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return Encoder(bert, tok, pooling=pooling, max_length=max_length, source_dir=folder).to(device)
-
-
-# -----------------------------------------------------------------------------------------------
-# InfoNCE with in-batch negatives (+ false-negative masking) and GradCache chunking
-
-
-def info_nce_loss(q, d, temperature: float = 0.05, symmetric: bool = False, q_ids=None, d_ids=None):
-    """In-batch InfoNCE: logits = q @ d.T / tau over unit-norm rows, target = diagonal.
-
-    q_ids / d_ids (B,) integer ids of the query / document *texts*: an off-diagonal pair whose
-    query texts or document texts are identical is a false negative and is masked out (-inf).
-    symmetric=True averages the query->document and document->query losses."""
-    if q.shape != d.shape or q.dim() != 2:
-        raise ValueError(f"q {tuple(q.shape)} and d {tuple(d.shape)} must both be (B, d) with the same B.")
-    B = q.shape[0]
-    logits = q.float() @ d.float().T / temperature  # (B, B)
-    same = torch.zeros(B, B, dtype=torch.bool, device=q.device)
-    for ids in (q_ids, d_ids):
-        if ids is not None:
-            ids = torch.as_tensor(ids, device=q.device)
-            same |= ids[:, None] == ids[None, :]
-    same.fill_diagonal_(False)  # the positive is never masked
-    logits = logits.masked_fill(same, float("-inf"))
-    target = torch.arange(B, device=q.device)
-    loss = F.cross_entropy(logits, target)
-    if symmetric:
-        loss = 0.5 * (loss + F.cross_entropy(logits.T, target))
-    return loss
-
-
-def _rng_state(device: torch.device):
-    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda
-
-
-def _set_rng_state(device: torch.device, state):
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        torch.cuda.set_rng_state(state[1], device)
-
-
-def _autocast(device: torch.device, amp_dtype):
-    if amp_dtype is None:
-        return nullcontext()
-    return torch.autocast(device_type=device.type, dtype=amp_dtype)
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() \
-        and torch.distributed.get_world_size() > 1
-
-
-def _gather_rows(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Concatenate every rank's x (n_r, ...) in rank order (n_r may differ); also return the row
-    offset of this rank's block. Values only: no gradient flows through the gather."""
-    dist = torch.distributed
-    world = dist.get_world_size()
-    n = torch.tensor([x.shape[0]], device=x.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes = [int(s) for s in sizes]
-    full = x.new_zeros((max(sizes), *x.shape[1:]))  # all_gather needs equal shapes: pad
-    full[: x.shape[0]] = x
-    parts = [torch.empty_like(full) for _ in range(world)]
-    dist.all_gather(parts, full)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)]), sum(sizes[: dist.get_rank()])
-
-
-def _all_reduce_grads(params) -> None:
-    """Sum the gradients over ranks (what DDP's hooks do, once per step instead of per backward)."""
-    for p in params:
-        if p.grad is not None:
-            torch.distributed.all_reduce(p.grad)
-
-
-def contrastive_step(encoder: Encoder, queries, documents, chunk_size: int | None = 64, temperature: float = 0.05,
-                     symmetric: bool = False, q_ids=None, d_ids=None, amp_dtype=None, scaler=None) -> float:
-    """One InfoNCE forward/backward over a full batch; gradients accumulate in encoder's params.
-
-    chunk_size=None (or >= batch): plain autograd. Otherwise GradCache (Gao et al. 2021):
-    (a) embed every chunk without grad, (b) loss on the full (B, d) batch and its gradient w.r.t.
-    the embeddings, (c) re-embed each chunk with grad and backprop the cached gradient. Memory is
-    that of one chunk; each chunk's RNG state is replayed so dropout masks match pass (a).
-
-    Distributed (torch.distributed initialised, world > 1): each rank passes ITS share of the
-    global batch (ids included). Step (b) runs on the all-gathered embeddings, so every query
-    sees every rank's documents as negatives (the negatives grow with the world size); each rank
-    backpropagates the rows of the gradient that belong to its own texts, and the parameter
-    gradients are then summed over ranks. The result is exactly the single-process gradient of
-    the loss over the global batch when dropout is off (with dropout, each rank draws its own
-    masks). DistributedDataParallel's averaging would divide it by the world size, and its
-    per-backward hooks would fire once per chunk; one explicit all-reduce per step does the same
-    arithmetic. Returns the global loss, identical on every rank."""
-    device = encoder.device
-    B = len(queries)
-    if len(documents) != B:
-        raise ValueError(f"{B} queries but {len(documents)} documents; pairs must align.")
-    distributed = _distributed()
-    if distributed:
-        chunk_size = chunk_size or max(B, 1)  # the gather needs the cached-gradient path
-    elif not chunk_size or chunk_size >= B:
-        with _autocast(device, amp_dtype):
-            q, d = encoder(queries), encoder(documents)
-        loss = info_nce_loss(q.float(), d.float(), temperature, symmetric, q_ids, d_ids)
-        (scaler.scale(loss) if scaler is not None else loss).backward()
-        return loss.item()
-
-    chunks = [encoder.tokenize(queries[i : i + chunk_size]) for i in range(0, B, chunk_size)]
-    n_q = len(chunks)
-    chunks += [encoder.tokenize(documents[i : i + chunk_size]) for i in range(0, B, chunk_size)]
-
-    states, embs = [], []  # (a) no-grad pass, remembering each chunk's RNG state
-    with torch.no_grad():
-        for batch in chunks:
-            states.append(_rng_state(device))
-            with _autocast(device, amp_dtype):
-                embs.append(encoder(batch).float())
-    after = _rng_state(device)
-    empty = torch.empty(0, encoder.dim, device=device)  # a rank may hold no pair of a tiny batch
-    q = torch.cat(embs[:n_q]) if n_q else empty  # (B, d)
-    d = torch.cat(embs[n_q:]) if n_q else empty  # (B, d)
-    off = 0
-    if distributed:  # (B, d) -> (B_global, d); ids likewise, so false negatives span ranks
-        q, off = _gather_rows(q)
-        d, _ = _gather_rows(d)
-        q_ids = None if q_ids is None else _gather_rows(torch.as_tensor(q_ids, device=device))[0]
-        d_ids = None if d_ids is None else _gather_rows(torch.as_tensor(d_ids, device=device))[0]
-    q, d = q.requires_grad_(), d.requires_grad_()
-
-    loss = info_nce_loss(q, d, temperature, symmetric, q_ids, d_ids)  # (b) full-batch loss
-    gq, gd = torch.autograd.grad(scaler.scale(loss) if scaler is not None else loss, [q, d])
-    gq, gd = gq[off : off + B], gd[off : off + B]  # this rank's rows
-    grads = list(gq.split(chunk_size)) + list(gd.split(chunk_size))
-
-    for batch, state, g in zip(chunks, states, grads):  # (c) replay with grad
-        _set_rng_state(device, state)
-        with _autocast(device, amp_dtype):
-            e = encoder(batch).float()
-        e.backward(g)
-    _set_rng_state(device, after)
-    if distributed:
-        _all_reduce_grads(encoder.bert.parameters())
-    return loss.item()
-
-
-# -----------------------------------------------------------------------------------------------
-# fine-tuning
-
-
-@dataclass
-class FinetuneConfig:
-    batch_size: int = 512  # paper Sec. 4: 512 (title, document) pairs per batch
-    chunk_size: int = 64  # GradCache chunk: memory of 64 texts whatever batch_size is
-    lr: float = 5e-5  # AdamW; sentence-transformers' fine-tuning default
-    weight_decay: float = 0.01  # not on biases / LayerNorm (BERT convention)
-    warmup_ratio: float = 0.1  # linear warm-up over 10% of steps, then linear decay to 0
-    epochs: int = 3  # paper does not state it; sentence-transformers-style small number
-    temperature: float = 0.05  # paper does not state tau; 0.05 = SimCSE / common InfoNCE choice
-    symmetric: bool = False  # query->document only, as the paper's title->document objective
-    max_grad_norm: float = 1.0  # sentence-transformers' fit default
-    amp: str = "off"  # "off" | "bf16" | "fp16" (fp16 needs CUDA; uses a GradScaler)
-    compile: bool = False  # torch.compile the BertModel
-    seed: int = 0
-    max_length: int = 256  # all-MiniLM-L6-v2 card's max_seq_length
-
-
-def _atomic_write_bytes(path: Path, write):
-    """Call write(tmp_path) then os.replace it onto `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _atomic_write_text(path: Path, text: str):
-    _atomic_write_bytes(Path(path), lambda tmp: Path(tmp).write_text(text))
-
-
-def _peak_mem_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def _lr_lambda(total: int, warmup: int):
-    def f(step):
-        if step < warmup:
-            return step / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return f
-
-
-def finetune(encoder: Encoder, pairs, out_dir, cfg: FinetuneConfig | None = None, resume: bool = False,
-             eval_fn=None, device=None, meta: dict | None = None) -> list[dict]:
-    """Fine-tune `encoder` on (title, document) pairs with in-batch InfoNCE (paper Sec. 3).
-
-    Writes out_dir/checkpoint.pt (every epoch, atomic), out_dir/history.json (per-epoch loss,
-    time, peak memory, eval_fn results; epoch 0 = before training) and, at the end, the model in
-    the sentence-transformers layout (save_pretrained). eval_fn(encoder, epoch) -> dict runs
-    before training (epoch 0) and after every epoch; `meta` (e.g. git commit, data fingerprint)
-    is stored in the checkpoint. Returns the history."""
-    cfg = cfg or FinetuneConfig()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device is not None:
-        encoder.to(device)
-    dev = encoder.device
-    if cfg.amp not in ("off", "bf16", "fp16"):
-        raise ValueError(f"FinetuneConfig.amp={cfg.amp!r}: use 'off', 'bf16' or 'fp16'.")
-    if cfg.amp == "fp16" and dev.type != "cuda":
-        raise ValueError("FinetuneConfig.amp='fp16' needs a CUDA device; use amp='bf16' or 'off' on CPU.")
-    amp_dtype = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
-    scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
-
-    pairs = [(str(t), str(d)) for t, d in pairs]
-    if len(pairs) < 2:
-        raise ValueError(f"finetune needs at least 2 (title, document) pairs, got {len(pairs)}.")
-    if cfg.max_length != encoder.max_length:
-        encoder.max_length = min(cfg.max_length, encoder.bert.config.max_position_embeddings)
-        encoder.tokenizer.enable_truncation(encoder.max_length)
-    # integer ids of identical texts, for false-negative masking
-    q_vocab, d_vocab = {}, {}
-    q_ids = torch.tensor([q_vocab.setdefault(t, len(q_vocab)) for t, _ in pairs])
-    d_ids = torch.tensor([d_vocab.setdefault(d, len(d_vocab)) for _, d in pairs])
-
-    n = len(pairs)
-    bs = min(cfg.batch_size, n)
-    batches_per_epoch = sum(1 for s in range(0, n, bs) if n - s >= 2)  # a 1-pair batch has no negatives
-    total = batches_per_epoch * cfg.epochs
-    warmup = math.ceil(cfg.warmup_ratio * total)
-
-    decay = [p for k, p in encoder.bert.named_parameters() if not (k.endswith("bias") or "LayerNorm" in k)]
-    no_decay = [p for k, p in encoder.bert.named_parameters() if k.endswith("bias") or "LayerNorm" in k]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(total, warmup))
-
-    # torchrun: every rank draws the same permutation, embeds its share of each global batch
-    # (contrastive_step gathers the embeddings and sums the gradients), and rank 0 alone
-    # evaluates and writes files. The batch size stays the global (paper) batch.
-    distributed = _distributed()
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if distributed else (0, 1)
-    main_rank = rank == 0
-    if not main_rank:
-        eval_fn = None
-
-    ckpt_path, hist_path = out_dir / "checkpoint.pt", out_dir / "history.json"
-    history, start_epoch = [], 1
-    if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # RNG states must stay on the CPU
-        diff = {k: (ck["config"].get(k), v) for k, v in asdict(cfg).items() if ck["config"].get(k) != v}
-        if diff:
-            raise ValueError(
-                f"{ckpt_path} was written with a different FinetuneConfig ({', '.join(f'{k}: {a} -> {b}' for k, (a, b) in diff.items())}); "
-                "resume with the same settings or use a fresh output folder."
-            )
-        encoder.bert.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        if scaler is not None and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        history, start_epoch = ck["history"], ck["epoch"] + 1
-        if rank == 0:
-            _set_rng_state(dev, (ck["rng"]["cpu"], ck["rng"]["cuda"]))
-        else:  # rank 0 wrote the checkpoint: the other ranks draw fresh, distinct dropout streams
-            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rank, start_epoch]).generate_state(1)[0]))
-        if main_rank:
-            print(f"resumed from {ckpt_path} at epoch {ck['epoch']}/{cfg.epochs}")
-    else:
-        torch.manual_seed(cfg.seed + rank)                     # rank r: its own dropout masks
-        if eval_fn is not None:  # epoch 0: the encoder before fine-tuning
-            encoder.eval()
-            res = eval_fn(encoder, 0) or {}
-            history.append({"epoch": 0, "eval": res})
-            print(f"epoch 0 | eval {json.dumps(res)}")
-            _atomic_write_text(hist_path, json.dumps(history, indent=2))
-    if cfg.compile:
-        encoder.compile_bert(dynamic=True)
-
-    for epoch in range(start_epoch, cfg.epochs + 1):
-        encoder.train()
-        if dev.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(dev)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        t0, losses = time.time(), []
-        bar = tqdm(range(batches_per_epoch), desc=f"epoch {epoch}/{cfg.epochs}", unit="step",
-                   disable=not main_rank)
-        for b in bar:
-            idx = perm[b * bs : (b + 1) * bs].tensor_split(world)[rank]  # this rank's share
-            opt.zero_grad(set_to_none=True)
-            loss = contrastive_step(
-                encoder, [pairs[i][0] for i in idx], [pairs[i][1] for i in idx], cfg.chunk_size, cfg.temperature,
-                cfg.symmetric, q_ids[idx], d_ids[idx], amp_dtype, scaler,
-            )
-            if not math.isfinite(loss) and scaler is None:  # fp16's GradScaler skips such steps itself
-                raise FloatingPointError(
-                    f"InfoNCE loss became {loss} at epoch {epoch}, step {b + 1}; stopped before the update. "
-                    f"{ckpt_path} still holds the last good epoch: lower --lr or use --amp off, then --resume.")
-            if scaler is not None:
-                scaler.unscale_(opt)
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(encoder.bert.parameters(), cfg.max_grad_norm)
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            sched.step()
-            losses.append(loss)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-        rec = {"epoch": epoch, "loss": float(np.mean(losses)), "time_s": round(time.time() - t0, 2),
-               "peak_mem_mb": round(_peak_mem_mb(dev), 1), "lr": sched.get_last_lr()[0]}
-        if eval_fn is not None:
-            encoder.eval()
-            rec["eval"] = eval_fn(encoder, epoch) or {}
-        history.append(rec)
-        if not main_rank:
-            torch.distributed.barrier()  # wait for rank 0's checkpoint before the next epoch
-            continue
-        print(f"epoch {epoch}/{cfg.epochs} | loss {rec['loss']:.4f} | {rec['time_s']:.1f}s | "
-              f"peak mem {rec['peak_mem_mb']:.0f} MB" + (f" | eval {json.dumps(rec['eval'])}" if "eval" in rec else ""))
-        ck = {
-            "model": encoder.bert.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None, "epoch": epoch,
-            "rng": dict(zip(("cpu", "cuda"), _rng_state(dev))), "config": asdict(cfg),
-            "bert_config": asdict(encoder.bert.config), "pooling": encoder.pooling, "history": history,
-            "meta": meta or {},
-        }
-        _atomic_write_bytes(ckpt_path, lambda tmp: torch.save(ck, tmp))
-        _atomic_write_text(hist_path, json.dumps(history, indent=2))
-        if distributed:
-            torch.distributed.barrier()
-
-    encoder.eval()
-    if main_rank:
-        save_pretrained(encoder, out_dir)
-    if distributed:
-        torch.distributed.barrier()
-    return history
-
+    return TextEncoder(bert, tok, pooling=pooling, max_length=max_length, source_dir=folder).to(device)
 
 # -----------------------------------------------------------------------------------------------
 # saving in the sentence-transformers layout
 
 
-def save_pretrained(encoder: Encoder, out_dir):
+def save_pretrained(encoder: TextEncoder, out_dir):
     """Write a folder that both `load_encoder(out_dir)` and `SentenceTransformer(out_dir)` load:
     config.json, model.safetensors (HF tensor names), tokenizer files, modules.json,
     1_Pooling/config.json, sentence_bert_config.json, config_sentence_transformers.json."""
@@ -1007,10 +799,13 @@ def save_pretrained(encoder: Encoder, out_dir):
     src = encoder.source_dir
     js = lambda obj: json.dumps(obj, indent=2)  # noqa: E731
 
+    def _atomic_write_text(path, text):
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
     _atomic_write_text(out / "config.json", js(encoder.bert.config.to_hf_dict()))
     def copy_or(name, make):
         if src is not None and (src / name).is_file() and (src / name).resolve() != (out / name).resolve():
-            _atomic_write_bytes(out / name, lambda tmp: shutil.copyfile(src / name, tmp))
+            atomic_write(out / name, lambda tmp: shutil.copyfile(src / name, tmp))
         elif not (out / name).is_file():
             text = make()
             if text is not None:
@@ -1046,5 +841,5 @@ def save_pretrained(encoder: Encoder, out_dir):
     }))
     # the weights last: a folder holding model.safetensors is complete (the pipeline's "done" marker)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in encoder.bert.state_dict().items()}
-    _atomic_write_bytes(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     return out

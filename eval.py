@@ -20,10 +20,18 @@ import argparse
 import json
 import math
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+
+from data import BLAIR_T1, DOCUMENT_FIELDS, DataError, file_sha256, load_dataset, parse_fields
+from encoderec import BackboneError, WeightsError, load_encoder
+from rqvae import collision_stats, embedding_stats
+from tiger import SemanticIDs, Tiger, TigerConfig, recommend
+from trainer import json_safe, load_checkpoint
+from unisrec import UniSRec, UniSRecConfig, score_fn
 
 KS = (10,)
 MISS = np.iinfo(np.int64).max // 2  # rank of a target absent from a top-K list
@@ -119,14 +127,13 @@ def summarize(ranks: np.ndarray, ks: Sequence[int] = KS, cold: np.ndarray | None
 
 def print_json(metrics: dict) -> None:
     """The contract of every task: metrics as one JSON object on the last line of stdout."""
-    print(json.dumps(metrics, sort_keys=True), flush=True)
+    print(json.dumps(json_safe(metrics), sort_keys=True), flush=True)  # NaN (no case) -> null: valid JSON
 
 
 # ----------------------------------------------------------------------------- retrieval
 def holdout_items(ds, fraction: float, seed: int = 0, doc_fields=None) -> np.ndarray:
     """A seeded share of the items that have both a title and a document, kept out of EncodeRec
     fine-tuning so retrieval can be checked on unseen items. Sorted item indices."""
-    from data import DOCUMENT_FIELDS
     if not 0 <= fraction < 1:
         raise ValueError(f"--holdout must be in [0, 1), got {fraction}")
     titles, docs = ds.title_texts(), ds.document_texts(doc_fields or DOCUMENT_FIELDS)
@@ -146,7 +153,6 @@ def retrieval_eval(encoder, ds, doc_fields=None, query_items=None, ks: Sequence[
     `query_items` restricts the queries (e.g. held-out items), never the corpus. Each distinct
     text is encoded once.
     """
-    from data import DOCUMENT_FIELDS
     titles, docs = ds.title_texts(), ds.document_texts(doc_fields or DOCUMENT_FIELDS)
     doc_id: dict[str, int] = {}
     item_doc = {i: doc_id.setdefault(d, len(doc_id)) for i, d in enumerate(docs) if d is not None}
@@ -167,79 +173,89 @@ def retrieval_eval(encoder, ds, doc_fields=None, query_items=None, ks: Sequence[
 
 # ----------------------------------------------------------------------------- CLI
 TASKS = {
-    "retrieval": "title -> document retrieval with an encoder (issue 3)",
-    "unisrec": "UniSRec / SASRec full-ranking evaluation of a run (issue 4)",
-    "tiger": "TIGER generative retrieval evaluation of a run (issue 5)",
-    "collisions": "semantic-ID collision audit (issue 5)",
+    "retrieval": "title -> document retrieval of an encoder (--encoder)",
+    "unisrec": "valid / test metrics of a UniSRec or SASRec-ID run (--run; default: the newest)",
+    "tiger": "test metrics of a TIGER run beside popularity (--run; default: the newest)",
+    "collisions": "collision audit of semantic IDs (--run: an ids-* folder; default: the newest)",
+    "report": "the paper-shaped tables of every finished run of the datasets (one or more --dataset)",
 }
+TRAIN_STAGE = {"unisrec": "unisrec", "tiger": "tiger", "collisions": "ids"}  # task -> run folder prefix
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description="Evaluate a task; the last stdout line is JSON metrics.")
-    ap.add_argument("--task", choices=list(TASKS))
-    ap.add_argument("--report", action="store_true",
-                    help="instead of a task: the paper-shaped tables of every run of the datasets "
-                         "(Markdown on stdout, CSV + optional PNG next to --runs)")
-    ap.add_argument("--dataset", required=True, nargs="+",
-                    help="registered name or folder (--report: one or more)")
-    ap.add_argument("--csv", default=None, help="--report: CSV path (default runs/report-<datasets>.csv)")
-    ap.add_argument("--data-dir", default="data", help="download and cache folder (default ./data)")
+    ap = argparse.ArgumentParser(description="Evaluate; the last stdout line is the metrics as JSON.")
+    ap.add_argument("--task", choices=list(TASKS), help="; ".join(f"{k}: {v}" for k, v in TASKS.items()))
+    ap.add_argument("--report", action="store_true", help="the same as --task report")
+    ap.add_argument("--dataset", required=True, nargs="+", help="a registered name or a folder (report: several)")
+    ap.add_argument("--data-dir", default="data", help="download and processed-cache folder (default ./data)")
+    ap.add_argument("--runs", default="runs", help="where train.py wrote its run folders (default ./runs)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     ap.add_argument("--seed", type=int, default=0, help="also selects the --holdout items")
-    ap.add_argument("--mask-history", action="store_true", help="mask history items when ranking")
     r = ap.add_argument_group("retrieval")
     r.add_argument("--encoder", default="minilm", help="minilm | a fine-tuned run folder | a BERT folder")
-    r.add_argument("--weights", default=None, help="folder with the backbone files (skips lookup)")
-    r.add_argument("--doc-fields", default=None,
-                   help="comma-separated fields forming the document (default: features,description,"
-                        "brand,categories = the EncodeRec document)")
+    r.add_argument("--weights", default=None, help="folder with the files of a named backbone (offline)")
+    r.add_argument("--doc-fields", default=None, help="the document's fields (default: the EncodeRec document)")
     r.add_argument("--holdout", type=float, default=0.0,
                    help="evaluate only the titles of this seeded share of items (as in training)")
     r.add_argument("--max-length", type=int, default=None, help="token limit (default: the model's, 256)")
-    r.add_argument("--batch-size", type=int, default=64)
-    u = ap.add_argument_group("unisrec / tiger")
-    u.add_argument("--run", default=None, help="run folder written by train.py")
+    r.add_argument("--batch-size", type=int, default=64, help="texts per encoder batch")
+    u = ap.add_argument_group("unisrec / tiger / collisions")
+    u.add_argument("--run", default=None, help="a run folder of train.py (default: the newest finished one)")
+    u.add_argument("--mask-history", action="store_true", help="unisrec: mask history items when ranking")
     u.add_argument("--beam", type=int, default=10, help="tiger: beam width = returned IDs (TIGER: 10)")
     u.add_argument("--no-constrain", action="store_true",
                    help="tiger: free decoding (IDs may name no item; their share is reported)")
-    c = ap.add_argument_group("collisions (semantic IDs written by train.py --stage rqvae; --encoder as above)")
-    c.add_argument("--tokenizer", choices=["rqvae", "rkmeans"], default="rqvae")
-    c.add_argument("--fields", default=None, help="item text fields (default: title,categories,brand)")
-    c.add_argument("--runs", default="runs", help="run folders of train.py (default ./runs)")
-    c.add_argument("--rqvae-epochs", type=int, default=None,
-                   help="the IDs of a non-default RQ-VAE run (as given to train.py; e.g. 20 for --budget smoke)")
-    c.add_argument("--no-dead-code-restart", action="store_true", help="the IDs of a run made with this flag")
+    p = ap.add_argument_group("report")
+    p.add_argument("--csv", default=None, help="CSV path (default runs/report-<datasets>.csv)")
     return ap
 
 
-def parse_fields(text: str | None):
-    from data import TEXT_FIELDS, DataError
-    if text is None:
-        return None
-    fields = tuple(f.strip() for f in text.split(",") if f.strip())
-    bad = [f for f in fields if f not in TEXT_FIELDS]
-    if bad or not fields:
-        raise DataError(f"unknown field(s) {', '.join(bad) or text!r}; choose from {', '.join(TEXT_FIELDS)}")
-    return fields
+def _device(device: str) -> str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+
+
+def find_run(args, task: str) -> Path:
+    """--run, or the newest finished run of `task` for --dataset under --runs; when there is none, an error
+    that names the command making it."""
+    if args.run:
+        run = Path(args.run)
+        if not (run / "results.json").is_file():
+            raise DataError(f"{run} is not a finished run of train.py (no results.json)")
+        return run
+    name = Path(args.dataset).name if Path(args.dataset).is_dir() else str(args.dataset).lower()
+    roots = [p for p in Path(args.runs).glob("*") if p.name.lower() == name.lower()]
+    runs = [p.parent for r in roots for p in r.glob(f"{TRAIN_STAGE[task]}-*/results.json")]
+    if not runs:
+        stage = "rqvae" if task == "collisions" else task
+        raise DataError(f"no finished {task} run for {args.dataset} under {args.runs}/: train one with\n"
+                        f"  python train.py --stage {stage} --dataset {args.dataset}")
+    run = max(runs, key=lambda p: (p / "results.json").stat().st_mtime)
+    print(f"evaluating {run} (the newest of {len(runs)}; --run picks another)", file=sys.stderr)
+    return run
+
+
+def _load(run: Path, ds):
+    """(model built from run/best.pt, the run's checkpoint meta); the data must be the run's."""
+    ck = load_checkpoint(run / "best.pt")
+    meta = ck.get("meta", {})
+    if meta.get("data_fingerprint") != ds.fingerprint:
+        raise DataError(f"{run} was trained on other data than {ds.name} holds now (data fingerprint differs)")
+    return ck, meta
 
 
 def run_retrieval(args) -> dict:
-    from data import load_dataset
-    from encoderec import load_encoder
     ds = load_dataset(args.dataset, args.data_dir)
-    fields = parse_fields(args.doc_fields)
+    fields = parse_fields(args.doc_fields, DOCUMENT_FIELDS)
     enc = load_encoder(args.encoder, weights=args.weights, device=args.device, max_length=args.max_length)
-    queries = holdout_items(ds, args.holdout, args.seed) if args.holdout > 0 else None
+    queries = holdout_items(ds, args.holdout, args.seed, fields) if args.holdout > 0 else None
     out = retrieval_eval(enc, ds, doc_fields=fields, query_items=queries, batch_size=args.batch_size)
-    return {"task": "retrieval", "dataset": ds.name, "encoder": str(args.encoder),
-            "doc_fields": list(fields) if fields else "document", "holdout": args.holdout,
-            "max_length": enc.max_length, **out}
+    return {"task": "retrieval", "dataset": ds.name, "encoder": str(args.encoder), "doc_fields": list(fields),
+            "holdout": args.holdout, "max_length": enc.max_length, **out}
 
 
 def evaluate_unisrec(model, ds, cases, max_len: int, mask_history: bool = False,
                      ks=(10, 50)) -> dict:
     """Full-ranking Recall/NDCG@K of a UniSRec/SASRec model on some cases (valid or test)."""
-    from unisrec import score_fn
     hist, _ = ds.histories(cases, max_len)                                  # (C, L), -1 = padding
     masked = ds.histories(cases, int(ds.seq_lengths.max()))[0] if mask_history else None
     ranks = full_ranking_ranks(score_fn(model, hist), len(cases), cases.target, histories=masked)
@@ -248,70 +264,39 @@ def evaluate_unisrec(model, ds, cases, max_len: int, mask_history: bool = False,
 
 def run_unisrec(args) -> dict:
     """Full-ranking valid/test metrics (Recall/NDCG @10, @50) of a UniSRec/SASRec run's best model."""
-    from pathlib import Path
-    from data import DataError, load_dataset
-    from unisrec import load_checkpoint
-    if not args.run:
-        raise DataError("--task unisrec needs --run RUN_DIR (a folder written by train.py --stage unisrec)")
-    run = Path(args.run)
-    if not (run / "run.json").exists() or not (run / "best.pt").exists():
-        raise DataError(f"{run} is not a finished UniSRec run (run.json and best.pt expected)")
-    info = json.loads((run / "run.json").read_text())
+    run = find_run(args, "unisrec")
     ds = load_dataset(args.dataset, args.data_dir)
-    if ds.fingerprint != info["data_fingerprint"]:
-        print(f"warning: {ds.name} differs from the data {run} was trained on", file=sys.stderr)
-    emb = np.load(info["item_emb"]) if info.get("item_emb") else None
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model = load_checkpoint(run / "best.pt", item_emb=emb, device=device)
-    max_len = info["model_config"]["max_seq_len"]
+    ck, meta = _load(run, ds)
+    cfg = UniSRecConfig(**meta["model_config"])
+    emb = np.load(meta["item_emb"], allow_pickle=False) if cfg.mode != "id" else None
+    model = UniSRec(cfg, emb)
+    model.load_state_dict(ck["model"])
+    model.to(_device(args.device)).eval()
     return {"task": "unisrec", "dataset": ds.name, "run": str(run), "mask_history": args.mask_history,
-            "valid": evaluate_unisrec(model, ds, ds.splits.valid, max_len, args.mask_history),
-            "test": evaluate_unisrec(model, ds, ds.splits.test, max_len, args.mask_history)}
+            **{split: evaluate_unisrec(model, ds, getattr(ds.splits, split), cfg.max_seq_len, args.mask_history)
+               for split in ("valid", "test")}}
 
 
 def run_collisions(args) -> dict:
-    """Collision audit of the semantic IDs that `train.py --stage rqvae` wrote (read, never re-made:
-    a missing file is a user error that names the command making it)."""
-    from pathlib import Path
-
-    from data import ITEM_TEXT_FIELDS, DataError, file_sha256, load_dataset
-    from rqvae import collision_stats, embedding_stats
-    from train import embedding_path, semantic_ids_path
+    """Collision audit of the semantic IDs in an ids-* run folder of train.py (read, never re-made), with the
+    geometry of the very embeddings they were made from when that file is still there unchanged."""
+    run = find_run(args, "collisions")
     ds = load_dataset(args.dataset, args.data_dir)
-    fields = parse_fields(args.fields) or ITEM_TEXT_FIELDS
-    path = semantic_ids_path(Path(args.runs), ds.name, args.encoder, args.tokenizer, fields, args.rqvae_epochs,
-                             not args.no_dead_code_restart)
-    side = path.with_suffix(".json")
-    if not path.exists() or not side.exists():
-        extra = "".join(f" --{k.replace('_', '-')} {getattr(args, k)}" for k, d in
-                        (("data_dir", "data"), ("runs", "runs")) if getattr(args, k) != d)
-        extra += f" --rqvae-epochs {args.rqvae_epochs}" if args.rqvae_epochs is not None else ""
-        extra += " --no-dead-code-restart" if args.no_dead_code_restart else ""
-        raise DataError(f"{path} is missing: make the semantic IDs first with\n  python train.py --stage "
-                        f"rqvae --dataset {args.dataset} --encoder {args.encoder} --fields "
-                        f"{','.join(fields)} --tokenizer {args.tokenizer}{extra}")
-    ids, info = np.load(path), json.loads(side.read_text())
+    ids, info = np.load(run / "semantic_ids.npy", allow_pickle=False), json.loads((run / "results.json").read_text())
     if ids.ndim != 2 or ids.shape != (ds.n_items, 4) or not np.issubdtype(ids.dtype, np.integer):
-        raise DataError(f"{path} holds {ids.dtype} {ids.shape}, expected int64 ({ds.n_items}, 4): delete it "
-                        f"and re-run train.py --stage rqvae")
-    if info.get("data_fingerprint") != ds.fingerprint:
-        print(f"warning: {path} was made from other data than {ds.name} now holds", file=sys.stderr)
-    vocab = info.get("vocab_sizes") or [256] * 4
-    stats = collision_stats(ids[:, :3], int(vocab[0]))                      # (N, 4) -> (N, 3) prefixes
-    emb_path = embedding_path(Path(args.runs), ds.name, args.encoder, fields)    # the tokenizer's input
-    geometry = None                                   # only for the very file the IDs were made from
-    if emb_path.is_file() and file_sha256(emb_path) == info.get("embedding_sha256"):
-        geometry = embedding_stats(np.load(emb_path))
-    return {"task": "collisions", "dataset": ds.name, "encoder": str(args.encoder),
-            "tokenizer": args.tokenizer, "fields": list(fields), "semantic_ids": str(path), **stats,
-            "ids_unique": len(np.unique(ids, axis=0)) == len(ids), "vocab_sizes": vocab,
-            "max_dedup_code": int(ids[:, 3].max()), "embeddings": geometry}
+        raise DataError(f"{run}/semantic_ids.npy holds {ids.dtype} {ids.shape}, expected int64 ({ds.n_items}, 4)")
+    key = json.loads((run / "run.json").read_text())["key"]
+    emb = Path(info["embeddings"])
+    same = emb.is_file() and file_sha256(emb) == key["embeddings"]
+    return {"task": "collisions", "dataset": ds.name, "encoder": info["encoder"], "tokenizer": info["tokenizer"],
+            "semantic_ids": str(run / "semantic_ids.npy"), **collision_stats(ids[:, :3], info["vocab_sizes"][0]),
+            "ids_unique": len(np.unique(ids, axis=0)) == len(ids), "vocab_sizes": info["vocab_sizes"],
+            "max_dedup_code": int(ids[:, 3].max()), "embeddings": embedding_stats(np.load(emb)) if same else None}
 
 
 def training_counts(ds) -> np.ndarray:
     """Training-interaction count of every item (I,): all interactions except the validation and test
     targets (leave-one-out), or those before the first split time (BLaIR time split)."""
-    from data import BLAIR_T1
     train = np.ones(ds.n_interactions, dtype=bool)
     for cases in (ds.splits.valid, ds.splits.test):
         train[ds.seq_offsets[cases.user] + cases.pos] = False
@@ -333,7 +318,6 @@ def evaluate_tiger(model, ds, cases, ids, beam: int = 10, constrain: bool = True
     """Recall/NDCG@K of TIGER's beam search (top-`beam` generated IDs) on some cases, overall and
     for in-set / cold-start targets; with constrain=False also the share of generated IDs (of all
     returned top-`beam` slots) that name no item."""
-    from tiger import recommend
     hist, _ = ds.histories(cases, model.cfg.max_items)                      # (C, L), -1 = padding
     items, _ = recommend(model, hist, ids, beam=beam, constrain=constrain, batch_size=batch_size,
                          progress=progress)                                # (C, beam), -1 = invalid
@@ -346,142 +330,89 @@ def evaluate_tiger(model, ds, cases, ids, beam: int = 10, constrain: bool = True
 def run_tiger(args) -> dict:
     """Test metrics (Recall/NDCG @5, @10, all / in-set / cold-start) of a TIGER run's best model, the
     invalid-ID share with --no-constrain, and the popularity baseline on the same test cases."""
-    from pathlib import Path
-    from data import DataError, load_dataset
-    from tiger import load_checkpoint
-    if not args.run:
-        raise DataError("--task tiger needs --run RUN_DIR (a folder written by train.py --stage tiger)")
-    run = Path(args.run)
-    if not (run / "run.json").exists() or not (run / "best.pt").exists():
-        raise DataError(f"{run} is not a finished TIGER run (run.json and best.pt expected)")
     if args.beam < 1:
         raise DataError(f"--beam must be >= 1, got {args.beam}")
-    info = json.loads((run / "run.json").read_text())
+    run = find_run(args, "tiger")
     ds = load_dataset(args.dataset, args.data_dir)
-    if ds.fingerprint != info.get("data_fingerprint"):
-        print(f"warning: {ds.name} differs from the data {run} was trained on", file=sys.stderr)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model, ids = load_checkpoint(run / "best.pt", device=device)
-    if ids.n_items != ds.n_items:
-        raise DataError(f"{run} has semantic IDs for {ids.n_items} items but {ds.name} has {ds.n_items}")
+    ck, meta = _load(run, ds)
+    device = _device(args.device)
+    model = Tiger(TigerConfig(**meta["model_config"]))
+    model.load_state_dict(ck["model"])
+    model.to(device).eval()
+    ids = SemanticIDs(meta["semantic_ids"].numpy(), model.cfg.vocab_sizes, device)
     test = ds.splits.test
     return {"task": "tiger", "dataset": ds.name, "run": str(run), "beam": args.beam,
-            "constrained": not args.no_constrain, "semantic_ids": info.get("semantic_ids"),
+            "constrained": not args.no_constrain, "semantic_ids": meta.get("semantic_ids_path"),
             "test": evaluate_tiger(model, ds, test, ids, args.beam, not args.no_constrain),
             "popularity": summarize(popularity_ranks(ds, test), (5, 10), cold=test.cold)}
 
 
 # ----------------------------------------------------------------------------- the results report
-# `python eval.py --report --dataset A [B ...]` reads what train.py wrote under --runs and lays it out
-# as the paper's tables. Only files are read (nothing is recomputed); each cell names its run folder.
-#   results.json   (train.py --stage unisrec | tiger)          -> Table 2 (UniSRec), Table 3 (TIGER)
-#   retrieval-*.json (train.py --stage all)                    -> Table 1 (title -> document retrieval)
-#   encoder runs' history.json (train.py --stage encoder with --holdout): Table 1 rows before / after
-#   semantic_ids-*.json sidecars (train.py --stage rqvae)      -> the collision table
-
-def _live(paths):
-    """Sorted paths, without those inside run folders the pipeline moved aside (`*.replaced-<time>`)."""
-    return sorted(p for p in paths if ".replaced-" not in p.parent.name)
-
+# `python eval.py --task report --dataset A [B ...]` reads the results.json of every finished run folder under
+# runs/<dataset>/ and lays them out as the paper's tables; nothing is recomputed, each cell names its folder.
+#   retrieval-*, encoder-* (held-out retrieval before / after) -> Table 1;  unisrec-* -> Table 2;
+#   tiger-* -> Table 3;  ids-* -> the collision table
 
 def encoder_label(encoder: str) -> str:
     """Row name of an encoder: 'none' -> SASRec-ID, 'minilm' -> off-the-shelf, a folder -> its name."""
-    from pathlib import Path
     e = str(encoder)
-    if e.lower() == "none":
-        return "no text (SASRec-ID)"
-    if e.lower() == "minilm":
-        return "all-MiniLM-L6-v2"
-    return Path(e).name
+    return {"none": "no text (SASRec-ID)", "minilm": "all-MiniLM-L6-v2"}.get(e.lower(), Path(e).name)
 
 
 def _schedule(res: dict) -> str:
     """How long a run trained, for the row label: '' when it ran to early stopping."""
-    cap = f"{res['max_minutes']:g}-min cap" if res.get("time_capped") else ""
     if res.get("task") == "tiger":
-        stopped = ", early stop" if res.get("stopped_early") else f", {cap}" if cap else ""
-        return f"{res.get('steps_run')} steps{stopped}"
-    if cap:
-        return f"{cap}, {res.get('epochs_run')} epochs"
+        return f"{res.get('steps')} steps" + (", early stop" if res.get("stopped_early") else "")
     if res.get("max_epochs") and not res.get("stopped_early"):
         return f"capped at {res['max_epochs']} epochs"
     return ""
 
 
+def _records(name: str, run: Path, res: dict) -> list[tuple]:
+    """(table, row, schedule, metrics, keys) of one finished run's results.json."""
+    task, row = res.get("task"), encoder_label(res.get("encoder", "?"))
+    if task == "unisrec":
+        row += (" + item IDs" if res.get("mode") == "transductive" else "") + (
+            f" ({Path(res['custom_emb']).name})" if res.get("custom_emb") else "")
+        return [("unisrec", row, _schedule(res), res["test"], ("recall@10", "ndcg@10", "recall@50", "ndcg@50"))]
+    if task == "tiger":
+        keys = ("recall@5", "ndcg@5", "recall@10", "ndcg@10")
+        return [("tiger", f"{row} / {res.get('tokenizer')}", _schedule(res), res["test"], keys),
+                ("tiger", "popularity", "", res["popularity"], keys)]
+    if task == "retrieval":
+        return [("retrieval", f"{row} (all items, {res.get('max_length')} tokens)", "", res, ("recall@10", "ndcg@10"))]
+    if task == "rqvae":
+        col = res["collisions"]
+        usage = {f"usage_l{i + 1}": u for i, u in enumerate(col.get("usage", []))}
+        return [("collisions", f"{row} / {res['tokenizer']}", "", {**col, **usage},
+                 ("items", "unique_prefixes", "collision_rate", "largest_group", *usage))]
+    evals = [h for h in res.get("history", []) if h.get("valid")] if task == "encoder" else []
+    if not evals:
+        return []
+    return [("retrieval", f"{run.name} (held-out items, epoch {evals[-1]['epoch']:g})", "", evals[-1]["valid"],
+             ("recall@10", "ndcg@10"))]
+
+
 def collect_report(runs, names) -> list[dict]:
-    """Every metric found for the datasets `names` (folder names under runs/) as flat records
-    {table, dataset, row, run, schedule, metric, value} (the CSV rows)."""
-    from pathlib import Path
-    recs = []
-
-    def add(table, ds, row, run, schedule, metrics: dict, keys):
-        for k in keys:
-            if isinstance(metrics.get(k), (int, float)):
-                recs.append({"table": table, "dataset": ds, "row": row, "run": str(run),
-                             "schedule": schedule, "metric": k, "value": float(metrics[k])})
-
+    """Every metric of the datasets `names` (folder names under runs/) as flat records
+    {table, dataset, row, run, schedule, metric, value} (the CSV rows); of several runs with the same
+    (table, row, schedule) the newest is kept."""
+    newest = {}
     for name in names:
-        root = Path(runs) / name
-        for f in _live(root.glob("*/results.json")):
+        for f in sorted((Path(runs) / name).glob("*/results.json")):
             try:
                 res = json.loads(f.read_text())
             except ValueError:
                 continue
-            task = res.get("task")
-            row = encoder_label(res.get("encoder", "?"))
-            if res.get("custom_emb"):                          # --emb FILE: not the encoder's own embeddings
-                row += f" ({Path(res['custom_emb']).name})"
-            if task == "unisrec":
-                if res.get("mode") == "transductive":
-                    row += " + item IDs"
-                add("unisrec", name, row, f.parent, _schedule(res), res.get("test", {}),
-                    ("recall@10", "ndcg@10", "recall@50", "ndcg@50"))
-            elif task == "tiger":
-                row += f" / {res.get('tokenizer', 'rqvae')}"
-                add("tiger", name, row, f.parent, _schedule(res), res.get("test", {}),
-                    ("recall@5", "ndcg@5", "recall@10", "ndcg@10"))
-                add("tiger", name, "popularity", f.parent, "", res.get("popularity", {}),
-                    ("recall@5", "ndcg@5", "recall@10", "ndcg@10"))
-        for f in _live(root.glob("*/retrieval-*.json")):
-            res = json.loads(f.read_text())
-            add("retrieval", name, f"{encoder_label(res.get('encoder', '?'))} (all items, {res.get('max_length')} "
-                f"tokens)", f, f"docs: {res.get('doc_fields')}", res, ("recall@10", "ndcg@10"))
-        for f in _live(root.glob("*/history.json")):  # EncodeRec runs: held-out retrieval before / after
-            try:
-                info, hist = json.loads((f.parent / "run.json").read_text()), json.loads(f.read_text())
-            except (OSError, ValueError):
-                continue
-            evals = [h for h in hist if isinstance(h, dict) and "eval" in h] if isinstance(hist, list) else []
-            if info.get("stage") != "encoder" or not evals:
-                continue
-            a = info.get("args", {})
-            note = f"held-out {a.get('holdout', 0):.0%} of items, {a.get('max_length')} tokens"
-            docs = f"docs: {info.get('doc_fields')}"
-            keys = ("recall@10", "ndcg@10")
-            if evals[0].get("epoch") == 0:
-                add("retrieval", name, f"{encoder_label(a.get('backbone', '?'))} ({note})", f, docs,
-                    evals[0]["eval"], keys)
-            if evals[-1].get("epoch", 0) > 0:
-                add("retrieval", name, f"{f.parent.name} ({note}, epoch {evals[-1]['epoch']})", f, docs,
-                    evals[-1]["eval"], keys)
-        for f in _live(root.glob("*/semantic_ids-*.json")):
-            side = json.loads(f.read_text())
-            col = side.get("collisions") or {}
-            usage = col.get("usage") or []
-            tok, fields = side.get("tokenizer", "?"), "+".join(side.get("fields") or [])
-            variant = f.stem[len(f"semantic_ids-{tok}"):-len(fields) - 1].strip("-")  # e.g. "e20", see train.py
-            add("collisions", name, f"{encoder_label(side.get('encoder', '?'))} / {tok}", f,
-                variant, {**col, **{f"usage_l{i + 1}": u for i, u in enumerate(usage)}},
-                ("items", "unique_prefixes", "collision_rate", "largest_group",
-                 *(f"usage_l{i + 1}" for i in range(len(usage)))))
-    # one run per (table, dataset, row, schedule): the newest file wins (older duplicates dropped)
-    newest: dict[tuple, str] = {}
-    for r in recs:
-        key = (r["table"], r["dataset"], r["row"], r["schedule"])
-        t = Path(r["run"]).stat().st_mtime
-        if key not in newest or t > Path(newest[key]).stat().st_mtime:
-            newest[key] = r["run"]
-    return [r for r in recs if newest[(r["table"], r["dataset"], r["row"], r["schedule"])] == r["run"]]
+            if res.get("task") == "encoder":
+                res["history"] = json.loads((f.parent / "history.json").read_text())
+            for table, row, sched, metrics, keys in _records(name, f.parent, res):
+                key, t = (table, name, row, sched), f.stat().st_mtime
+                if key not in newest or t > newest[key][0]:
+                    newest[key] = (t, f.parent, metrics, keys)
+    return [{"table": k[0], "dataset": k[1], "row": k[2], "run": str(run), "schedule": k[3], "metric": m,
+             "value": float(metrics[m])}
+            for k, (_, run, metrics, keys) in newest.items() for m in keys if isinstance(metrics.get(m), (int, float))]
 
 
 TABLES = {  # table -> (title, metrics shown per dataset)
@@ -532,7 +463,6 @@ def write_report_files(recs: list[dict], csv_path, png_path=None) -> list[str]:
     """The long-format CSV (always) and, when matplotlib is installed, a PNG of Recall@10 per
     encoder and recommender. Returns the paths written."""
     import csv
-    from pathlib import Path
     csv_path = Path(csv_path)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with open(csv_path, "w", newline="") as f:
@@ -560,48 +490,34 @@ def write_report_files(recs: list[dict], csv_path, png_path=None) -> list[str]:
     return written
 
 
-def run_report(args) -> str:
-    from pathlib import Path
-
-    from data import load_dataset
-    names = [load_dataset(d, args.data_dir).name if not (Path(args.runs) / d).is_dir() else d
-             for d in args.dataset]
+def run_report(args) -> dict:
+    names = [Path(d).name if Path(d).is_dir() else d.lower() for d in args.dataset]
+    names = [next((p.name for p in Path(args.runs).glob("*") if p.name.lower() == n.lower()), n) for n in names]
     recs = collect_report(args.runs, names)
-    text = report_markdown(recs)
     csv_path = Path(args.csv) if args.csv else Path(args.runs) / f"report-{'+'.join(names)}.csv"
     files = write_report_files(recs, csv_path, csv_path.with_suffix(".png"))
-    print(text)
+    print(report_markdown(recs))
     print(f"wrote {', '.join(files)}", file=sys.stderr)
-    return text
+    return {"task": "report", "datasets": names, "cells": len(recs), "files": files}
 
 
 def main(argv=None) -> int:
-    from data import DataError
-    from encoderec import BackboneError, WeightsError
     args = build_parser().parse_args(argv)
-    if args.report:
-        try:
-            run_report(args)
-        except (DataError, ValueError, OSError) as e:
-            print(f"error: {e}", file=sys.stderr)
+    task = "report" if args.report else args.task
+    if task is None:
+        print("error: pass --task TASK (or --report)", file=sys.stderr)
+        return 2
+    if task != "report":
+        if len(args.dataset) != 1:
+            print("error: --task takes one --dataset (several are for the report)", file=sys.stderr)
             return 2
-        return 0
-    if not args.task:
-        print("error: pass --task TASK or --report", file=sys.stderr)
-        return 2
-    if len(args.dataset) != 1:
-        print("error: --task takes one --dataset (several are for --report)", file=sys.stderr)
-        return 2
-    args.dataset = args.dataset[0]
-    runners = {"retrieval": run_retrieval, "unisrec": run_unisrec, "collisions": run_collisions,
-               "tiger": run_tiger}
-    if args.task not in runners:
-        print(f"error: --task {args.task} ({TASKS[args.task]}) is not implemented yet", file=sys.stderr)
-        return 2
+        args.dataset = args.dataset[0]
     torch.manual_seed(args.seed)
+    runners = {"retrieval": run_retrieval, "unisrec": run_unisrec, "collisions": run_collisions,
+               "tiger": run_tiger, "report": run_report}
     try:
-        print_json(runners[args.task](args))
-    except (DataError, BackboneError, WeightsError, ValueError, FileNotFoundError) as e:
+        print_json(runners[task](args))
+    except (DataError, BackboneError, WeightsError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,87 +1,39 @@
-"""Semantic IDs for TIGER: an RQ-VAE, a residual k-means baseline, the 4th dedup code, collision audit.
+"""Semantic IDs for TIGER: an RQ-VAE, a residual k-means baseline, the dedup code, collision audits.
 
-EncodeRec (arXiv 2601.10837, Sec. 4, Table 3) feeds its frozen item embeddings to TIGER (Rajput et
-al., "Recommender Systems with Generative Retrieval", NeurIPS 2023), whose items are named by
-*semantic IDs*: tuples of codewords from a residual-quantised autoencoder. This file re-implements
-TIGER Sec. 3.1 / Sec. 4 "RQ-VAE implementation details":
+EncodeRec (arXiv 2601.10837, Sec. 4, Table 3) feeds its frozen item embeddings to TIGER (Rajput et al.,
+NeurIPS 2023), whose items are named by semantic IDs. This file re-implements TIGER Sec. 3.1 and Sec. 4
+"RQ-VAE implementation details": an MLP encoder d -> 512 -> 256 -> 128 -> 32 and its mirror, 3 residual
+levels of 256 codes (c_l = argmin_k ||r_l - e_{l,k}||, r_{l+1} = r_l - e_{l,c_l}), a straight-through
+decoder input, loss = reconstruction + sum_l (||sg(r_l) - e_l||^2 + beta ||r_l - sg(e_l)||^2) with the
+chosen codes detached inside the residual chain (RQ-VAE, Lee et al., CVPR 2022, Eq. 6), codebooks
+initialised by k-means on the first batch, and a 4th code = the item's rank among the items sharing its
+first three codes (TIGER Sec. 3.1), so every ID names one item.
 
-* Encoder: MLP d -> 512 -> 256 -> 128 -> 32 with ReLU between layers; decoder mirrored
-  (32 -> 128 -> 256 -> 512 -> d). 3 residual levels, 256 codes of dimension 32 each.
-* Residual quantisation: r_0 = z, c_l = argmin_k ||r_l - e_{l,k}||, r_{l+1} = r_l - e_{l,c_l};
-  z_q = sum_l e_{l,c_l}; the decoder sees z + sg(z_q - z) (straight-through estimator).
-* Loss = reconstruction + sum_l ( ||sg(r_l) - e_l||^2 + beta ||r_l - sg(e_l)||^2 ), beta = 0.25.
-  Inside the residual chain the chosen codes are detached (r_{l+1} = r_l - sg(e_l)), so each
-  level's commitment term pulls the encoder towards sg(partial sum), as in RQ-VAE (Lee et al.,
-  CVPR 2022, Eq. 6), and each codebook is moved only by its own level's codebook term.
-* Codebooks initialised by k-means on the first batch's residuals, level by level (TIGER).
-* Semantic IDs: the 3 codes plus a 4th code = the item's rank among the items sharing its first
-  three codes (TIGER Sec. 3.1 "to avoid collisions ... we append an extra token").
+Two decisions of ours, both against codebook collapse:
+* Loss scales: every term is a mean over elements (summing one and averaging another tilts the balance
+  by d / 32), and the inputs are standardised per dimension (`standardize`; `decode` returns the original
+  units): the coordinates of unit-norm text embeddings are tiny, so without it the reconstruction loss is
+  tiny too and the encoder shrinks the latents until the quantisation terms vanish.
+* Dead-code restart (`dead_code_restart`): the k-means init fits the untrained encoder's latents, which
+  training then stretches, stranding inner codes; after each epoch every code no item chose is moved to
+  a random residual of the epoch's last batch. TIGER trains 20k epochs instead; set it False for that.
 
-Loss scales (a known cause of codebook collapse, handled here)
---------------------------------------------------------------
-Both terms are *means over elements*: reconstruction = mean over the d input dims (and the batch),
-each quantisation term = mean over the 32 latent dims (and the batch). Summing over dims in one
-term and averaging in the other would tilt the balance by d / 32 = 12x for MiniLM. And the inputs
-are standardised per dimension (on by default, `standardize`): MiniLM vectors are L2-normalised,
-so a raw coordinate is ~1/sqrt(384) ~ 0.05 and the raw reconstruction MSE is ~2e-3 from the
-start, while the quantisation terms scale with the latents, which the encoder is free to shrink:
-unstandardised (Beauty, 20 epochs) the latents shrink until the quantisation terms are < 1e-4,
-and the codes are worse (level-3 usage 79%, collision rate 4.6%) than standardised (reconstruction
-~1 per element at the start, quantisation terms 1e-3..1e-1; usage 100% at every level, collision
-rate 2.7% at the same epoch). The mean/std are buffers of the model, so `decode` returns the
-original units.
+Residual k-means (`residual_kmeans`) is the same quantiser without a network, the simple baseline.
+Collision rate = 1 - unique 3-code prefixes / items. Training runs through trainer.fit
+(train.train_rqvae: the loss is `model(x).loss`; after each epoch, `restart_dead_codes`).
 
-Codebook usage (why dead-code restart is on by default)
--------------------------------------------------------
-The k-means init fits the codebooks to the latents of the *untrained* encoder. Reconstruction then
-stretches those latents (MiniLM on Beauty: mean latent norm 0.32 at init -> 0.88 after 10 epochs),
-so the first level's points land on the few codes at the hull of the initial codebook and the
-inner codes never win again: measured with AdamW 1e-3, batch 1024, no restart, level-1 usage was
-13% after 5 epochs, 36% after 50 and 45% after 150 (levels 2-3: 100%; collision rate 4.7%); a 10x
-codebook learning rate reached only 66% after 60 epochs, and Kaiming-initialised layers (latents
-starting large and shrinking) were worse (2%). TIGER reaches >= 80% usage with 20k epochs; within a
-CPU budget we restart, after each epoch, every code that no item chose in that epoch to a random
-residual of the epoch's last batch at that level (`dead_code_restart`, on by default): 100% at
-every level from epoch 20 on, collision rate 3.0% after 150 epochs (Beauty, MiniLM title +
-categories). Set it False for the plain TIGER recipe.
-
-Residual k-means (`residual_kmeans`) is the same quantiser without a network: k-means on the
-(standardised) embeddings, then on the residuals, level by level. It is the simple strong
-baseline for the RQ-VAE, and uses the same deterministic torch k-means (k-means++ seeding, empty
-clusters re-seeded to the points farthest from their centroids).
-
-Collision rate, defined once: 1 - unique 3-code prefixes / items (TIGER-style audits). It is 0
-when every item has its own prefix; `items_in_collisions` also reports how many items share a
-prefix with at least one other item.
-
-    model, history = train_rqvae(emb, RQVAEConfig(), seed=0)    # emb (N, d) float32 numpy
-    codes3 = tokenize(model, emb)                                # (N, 3) int64
+    model = RQVAE(RQVAEConfig(input_dim=d)); model.set_standardization(emb)   # emb (N, d) float32 numpy
+    codes3 = tokenize(model, emb)                                # (N, 3) int64, after training
     codes3 = residual_kmeans(emb, levels=3, k=256, seed=0)      # the baseline, (N, 3) int64
     ids, vocab_sizes = semantic_ids(codes3)                      # (N, 4) int64, 4 ints
-    collision_stats(codes3)                                      # dict (JSON-ready)
-    embedding_stats(emb)                                         # the floor no tokenizer beats
+    collision_stats(codes3), embedding_stats(emb)                # audits (JSON-ready)
 
-Public API
-    RQVAEConfig, RQVAE(cfg): encode(x) -> z, quantize(z) -> (codes, z_q, losses), decode(z_q) -> x,
-        codes_to_latent(codes) -> z_q, forward(x) -> RQVAEOutput, init_codebooks(x, seed)
-    train_rqvae(emb, cfg, seed, device, log) -> (model, history); tokenize(model, emb) -> (N, L)
-    save_rqvae(model, path, meta, history) / load_rqvae(path, device)
-    kmeans(x, k, iters, seed, init) -> (centroids, assign); residual_kmeans(emb, levels, k, iters, seed)
-    semantic_ids(codes3, codebook_size) -> (ids, vocab_sizes); collision_stats(codes3, codebook_size)
-    embedding_stats(emb) -> identical embeddings (the collision floor), mean cosine, effective rank
-
-Imports: the standard library, numpy, torch and tqdm only. CPU runs are deterministic for a seed
-(also on several threads: see RQVAE.quantize).
+Imports: the standard library, numpy, torch and tqdm only. CPU runs are deterministic for a seed.
 """
 from __future__ import annotations
 
 import math
-import os
-import sys
-import tempfile
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
@@ -90,14 +42,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-CHECKPOINT_FORMAT = "encoderec-rqvae/1"
-
-
 # ----------------------------------------------------------------------------- config
 @dataclass
 class RQVAEConfig:
     """RQ-VAE settings. Defaults = TIGER Sec. 4 "RQ-VAE implementation details" unless noted."""
-    input_dim: int | None = None              # d; inferred from the embeddings (MiniLM: 384; TIGER's Sentence-T5: 768)
+    input_dim: int | None = None              # d; inferred (MiniLM: 384; TIGER's Sentence-T5: 768)
     hidden_dims: tuple[int, ...] = (512, 256, 128)  # TIGER: intermediate layers 512, 256, 128, ReLU
     latent_dim: int = 32                      # TIGER: latent (and code) dimension 32
     levels: int = 3                           # TIGER: 3 levels of residual quantisation
@@ -105,14 +54,13 @@ class RQVAEConfig:
     beta: float = 0.25                        # TIGER: beta = 0.25 (commitment weight)
     standardize: bool = True                  # ours: per-dim z-scoring of the inputs (module docstring)
     kmeans_init: bool = True                  # TIGER: k-means init of each codebook on the first batch
-    kmeans_iters: int = 50                    # ours: Lloyd iterations of that init (stops earlier on convergence)
+    kmeans_iters: int = 50                    # ours: Lloyd iterations of that init (fewer on convergence)
     dead_code_restart: bool = True            # ours (TIGER: none, 20k epochs instead): codes unused in an
                                               # epoch -> random residuals of its last batch (docstring)
-    lr: float = 1e-3                          # the issue / LC-Rec's RQ-VAE: AdamW 1e-3 (TIGER: Adagrad 0.4)
+    lr: float = 1e-3                          # LC-Rec's RQ-VAE: AdamW 1e-3 (TIGER: Adagrad 0.4)
     weight_decay: float = 1e-4                # ours (LC-Rec: 1e-4); never applied to the codebooks
     batch_size: int = 1024                    # TIGER: batch size 1024
-    epochs: int = 150                         # ours, a CPU budget: ~2k steps on 12k items (TIGER: 20k epochs)
-    log_every: int = 25                       # ours: a summary line (exact catalog stats) every N epochs
+    epochs: int = 150                         # ours, a CPU budget: ~2k steps on 12k items (TIGER: 20k)
 
     def __post_init__(self):
         self.hidden_dims = tuple(int(h) for h in self.hidden_dims)  # JSON round trips give lists
@@ -120,7 +68,7 @@ class RQVAEConfig:
     def validate(self) -> None:
         if self.input_dim is None or self.input_dim < 1:
             raise ValueError(f"RQVAEConfig.input_dim must be a positive int, got {self.input_dim}")
-        for name in ("latent_dim", "levels", "codebook_size", "batch_size", "kmeans_iters", "log_every"):
+        for name in ("latent_dim", "levels", "codebook_size", "batch_size", "kmeans_iters"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RQVAEConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.epochs < 0 or any(h < 1 for h in self.hidden_dims):
@@ -141,17 +89,14 @@ def _nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 65536) -> tuple[torc
     return idx, d2
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0,
-           init: str = "k-means++") -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means, deterministic for a seed on CPU. x (N, D) -> (centroids (k, D), assign (N,)).
+def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means with k-means++ seeding (Arthur & Vassilvitskii 2007), deterministic for a seed
+    on CPU. x (N, D) -> (centroids (k, D), assign (N,)).
 
-    init 'k-means++' (Arthur & Vassilvitskii 2007) or 'random' (k distinct points). A cluster that
-    empties is re-seeded to the point farthest from its centroid (distinct points for several
-    empty clusters), so every returned centroid owns >= 1 point whenever there are >= k distinct
-    points (with fewer, some centroids must repeat and own nothing). With N <= k each point is its
-    own centroid and the spare centroids repeat random points."""
-    if init not in ("k-means++", "random"):
-        raise ValueError(f"kmeans init {init!r}: choose 'k-means++' or 'random'")
+    A cluster that empties is re-seeded to the point farthest from its centroid (distinct points for
+    several empty clusters), so every returned centroid owns >= 1 point whenever there are >= k
+    distinct points (with fewer, some centroids must repeat and own nothing). With N <= k each point
+    is its own centroid and the spare centroids repeat random points."""
     x = x.detach().float()
     n = len(x)
     if n == 0 or k < 1:
@@ -160,19 +105,16 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0,
     if n <= k:
         extra = torch.randint(n, (k - n,), generator=g).to(x.device)
         return torch.cat([x, x[extra]]), torch.arange(n, device=x.device)
-    if init == "random":
-        c = x[torch.randperm(n, generator=g)[:k].to(x.device)].clone()
-    else:
-        first = int(torch.randint(n, (1,), generator=g))
-        c = x.new_empty(k, x.shape[1])
-        c[0] = x[first]
-        d2 = ((x - c[0]) ** 2).sum(1)                                     # (N,) distance to nearest chosen
-        for j in range(1, k):
-            p = d2.double().cpu()
-            pick = int(torch.multinomial(p / p.sum(), 1, generator=g)) if p.sum() > 0 \
-                else int(torch.randint(n, (1,), generator=g))
-            c[j] = x[pick]
-            d2 = torch.minimum(d2, ((x - c[j]) ** 2).sum(1))
+    first = int(torch.randint(n, (1,), generator=g))
+    c = x.new_empty(k, x.shape[1])
+    c[0] = x[first]
+    d2 = ((x - c[0]) ** 2).sum(1)                                         # (N,) distance to nearest chosen
+    for j in range(1, k):
+        p = d2.double().cpu()
+        pick = int(torch.multinomial(p / p.sum(), 1, generator=g)) if p.sum() > 0 \
+            else int(torch.randint(n, (1,), generator=g))
+        c[j] = x[pick]
+        d2 = torch.minimum(d2, ((x - c[j]) ** 2).sum(1))
     assign = None
     for _ in range(iters):
         new, d2 = _nearest(x, c)
@@ -202,7 +144,7 @@ def _standardization(emb: np.ndarray, on: bool) -> tuple[np.ndarray, np.ndarray]
     return e.mean(0).astype(np.float32), np.maximum(e.std(0), 1e-6).astype(np.float32)
 
 
-def _check_embeddings(emb) -> np.ndarray:
+def check_embeddings(emb) -> np.ndarray:
     emb = np.asarray(emb)
     if emb.ndim != 2 or emb.shape[0] < 1 or emb.shape[1] < 1:
         raise ValueError(f"item embeddings must be a non-empty (N, d) matrix, got shape {emb.shape}")
@@ -218,7 +160,7 @@ def residual_kmeans(emb, levels: int = 3, k: int = 256, iters: int = 50, seed: i
     the residuals, level by level. emb (N, d) -> codes (N, levels) int64, and with
     `return_codebooks` also the centroids (levels, k, d) float32 in the standardised space.
     Level l uses the seed `seed + l`; deterministic for a seed on CPU."""
-    emb = _check_embeddings(emb)
+    emb = check_embeddings(emb)
     mean, std = _standardization(emb, standardize)
     r = torch.from_numpy((emb - mean) / std)                              # (N, d)
     codes, books = [], []
@@ -296,9 +238,9 @@ def embedding_stats(emb) -> dict:
     mean_cosine = mean cosine similarity over all pairs of distinct items (exact, from the
     norm of the sum of the unit rows); effective_rank = exp(entropy of the normalised squared
     singular values of the centred matrix), high when the variance is spread over many directions."""
-    e = _check_embeddings(emb).astype(np.float64)
+    e = check_embeddings(emb).astype(np.float64)
     n = len(e)
-    repeated = n - len(np.unique(_check_embeddings(emb), axis=0))
+    repeated = n - len(np.unique(check_embeddings(emb), axis=0))
     u = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
     mean_cos = (np.square(u.sum(0)).sum() - n) / max(n * (n - 1), 1)       # sum over i != j of u_i . u_j
     sv2 = np.square(np.linalg.svd(e - e.mean(0), compute_uv=False))
@@ -343,8 +285,8 @@ class RQVAE(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))      # codebooks k-means-initialised
 
     def set_standardization(self, emb: np.ndarray) -> None:
-        """Store the per-dimension mean/std of the training embeddings ((0, 1) when cfg.standardize is off)."""
-        mean, std = _standardization(_check_embeddings(emb), self.cfg.standardize)
+        """Store the per-dimension mean/std of the training embeddings ((0, 1) with standardize off)."""
+        mean, std = _standardization(check_embeddings(emb), self.cfg.standardize)
         self.mean.copy_(torch.from_numpy(mean))
         self.std.copy_(torch.from_numpy(std))
 
@@ -413,7 +355,7 @@ def tokenize(model: RQVAE, emb, batch_size: int = 4096) -> np.ndarray:
     """Codes of every row of emb (N, d) -> (N, levels) int64, in eval mode."""
     was = model.training
     model.eval()
-    x = torch.as_tensor(_check_embeddings(emb))
+    x = torch.as_tensor(check_embeddings(emb))
     dev = model.codebooks.device
     out = [model.quantize(model.encode(x[s:s + batch_size].to(dev)))[0].cpu()
            for s in range(0, len(x), batch_size)]
@@ -421,109 +363,16 @@ def tokenize(model: RQVAE, emb, batch_size: int = 4096) -> np.ndarray:
     return torch.cat(out).numpy().astype(np.int64)
 
 
-# ----------------------------------------------------------------------------- training
-def _restart_dead_codes(model: RQVAE, counts: torch.Tensor, residuals: torch.Tensor,
-                        g: torch.Generator) -> list[int]:
-    """Codes unused during the epoch (counts (L, K) == 0) -> random residuals (L, B, D) of the last batch."""
+# ----------------------------------------------------------------------------- dead codes
+@torch.no_grad()
+def restart_dead_codes(model: RQVAE, counts: torch.Tensor, residuals: torch.Tensor) -> list[int]:
+    """Move every code no item chose during an epoch (counts (L, K) == 0) onto a random residual (L, B, D)
+    of that epoch's last batch, at its level (drawn from torch's global RNG). Returns the count per level."""
     restarted = []
-    with torch.no_grad():
-        for level in range(model.cfg.levels):
-            dead = (counts[level] == 0).nonzero().flatten()
-            if len(dead):
-                pick = torch.randint(residuals.shape[1], (len(dead),), generator=g).to(residuals.device)
-                model.codebooks[level, dead] = residuals[level, pick]
-            restarted.append(len(dead))
+    for level in range(model.cfg.levels):
+        dead = (counts[level] == 0).nonzero().flatten()
+        if len(dead):
+            pick = torch.randint(residuals.shape[1], (len(dead),)).to(residuals.device)
+            model.codebooks[level, dead] = residuals[level, pick]
+        restarted.append(len(dead))
     return restarted
-
-
-def _short(stats: dict) -> str:
-    use = "/".join(f"{u:.0%}" for u in stats["usage"])
-    ppl = "/".join(f"{p:.0f}" for p in stats["perplexity"])
-    return (f"usage {use} ppl {ppl} collisions {stats['collision_rate']:.2%} "
-            f"(largest group {stats['largest_group']})")
-
-
-def train_rqvae(emb, cfg: RQVAEConfig | None = None, seed: int = 0, device="cpu",
-                log: Callable[[str], None] | None = None, progress: bool = True) -> tuple[RQVAE, list[dict]]:
-    """Train an RQ-VAE on item embeddings (N, d). Returns the model (eval mode) and a history:
-    one dict per epoch with the mean losses and per-level usage / perplexity / collisions of the
-    codes assigned during that epoch; every cfg.log_every epochs (and the last) also the exact
-    catalog audit (`catalog`) and a summary line through `log` (default: stderr)."""
-    emb = _check_embeddings(emb)
-    cfg = replace(cfg or RQVAEConfig(), input_dim=emb.shape[1])
-    log = log or (lambda s: tqdm.write(s, file=sys.stderr))
-    torch.manual_seed(seed)
-    device = torch.device(device)
-    model = RQVAE(cfg).to(device)
-    model.set_standardization(emb)
-    X = torch.from_numpy(emb).to(device)
-    n, B, L, K = len(X), cfg.batch_size, cfg.levels, cfg.codebook_size
-    decay = [p for name, p in model.named_parameters() if name != "codebooks"]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": [model.codebooks], "weight_decay": 0.0}], lr=cfg.lr)
-    g = torch.Generator().manual_seed(seed)
-    history: list[dict] = []
-    bar = tqdm(range(cfg.epochs), desc="rq-vae", unit="epoch", disable=not progress)
-    model.train()
-    for epoch in bar:
-        perm = torch.randperm(n, generator=g).to(device)
-        if cfg.kmeans_init and not bool(model.initialized):
-            model.init_codebooks(X[perm[:B]], seed=seed)
-        codes = torch.empty(n, L, dtype=torch.long, device=device)
-        sums = torch.zeros(2 + L, dtype=torch.float64)
-        for s in range(0, n, B):
-            idx = perm[s:s + B]
-            out, residuals = model(X[idx], return_residuals=True)
-            opt.zero_grad(set_to_none=True)
-            out.loss.backward()
-            opt.step()
-            codes[idx] = out.codes
-            sums += torch.cat([out.loss.detach()[None], out.recon.detach()[None],
-                               out.quant.detach()]).double().cpu() * len(idx)
-        sums /= n
-        stats = collision_stats(codes.cpu().numpy(), K)
-        entry = {"epoch": epoch + 1, "loss": round(float(sums[0]), 6), "recon": round(float(sums[1]), 6),
-                 "quant": [round(float(q), 6) for q in sums[2:]],
-                 **{k: stats[k] for k in ("usage", "perplexity", "collision_rate", "largest_group")}}
-        if cfg.dead_code_restart:
-            counts = torch.stack([torch.bincount(codes[:, lv], minlength=K) for lv in range(L)])  # (L, K)
-            entry["restarted"] = _restart_dead_codes(model, counts, residuals, g)
-        bar.set_postfix(loss=f"{entry['loss']:.4f}", recon=f"{entry['recon']:.4f}",
-                        use="/".join(f"{u:.0%}" for u in stats["usage"]), coll=f"{stats['collision_rate']:.1%}")
-        if (epoch + 1) % cfg.log_every == 0 or epoch + 1 == cfg.epochs:
-            entry["catalog"] = collision_stats(tokenize(model, emb), K)
-            model.train()
-            log(f"epoch {epoch + 1}/{cfg.epochs}: loss {entry['loss']:.4f} recon {entry['recon']:.4f} "
-                f"quant {'/'.join(f'{q:.4f}' for q in entry['quant'])} | {_short(entry['catalog'])}")
-        history.append(entry)
-    if cfg.epochs == 0 and cfg.kmeans_init:
-        model.init_codebooks(X[torch.randperm(n, generator=g).to(device)[:B]], seed=seed)
-    return model.eval(), history
-
-
-# ----------------------------------------------------------------------------- checkpoints
-def save_rqvae(model: RQVAE, path, meta: dict | None = None, history: list | None = None) -> None:
-    """Atomic torch.save of {format, config, model, meta, history} (the checkpoint carries its config)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    obj = {"format": CHECKPOINT_FORMAT, "config": asdict(model.cfg),
-           "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-           "meta": meta or {}, "history": history or []}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def load_rqvae(path, device="cpu") -> RQVAE:
-    """Rebuild an RQ-VAE from save_rqvae's file (eval mode). A file of another kind is a ValueError."""
-    ck = torch.load(path, map_location=device, weights_only=True)
-    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not an RQ-VAE checkpoint ({CHECKPOINT_FORMAT}); re-run train.py --stage rqvae")
-    model = RQVAE(RQVAEConfig(**ck["config"])).to(device)
-    model.load_state_dict(ck["model"])
-    return model.eval()

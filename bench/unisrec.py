@@ -23,9 +23,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import unisrec as us  # noqa: E402
-from data import load_dataset  # noqa: E402
-from eval import full_ranking_ranks, metrics_from_ranks  # noqa: E402
+import unisrec as us
+from data import load_dataset
+from eval import full_ranking_ranks, metrics_from_ranks
 
 DATA = ROOT.parent / "shared" / "data" / "lcrec" / "Beauty"
 
@@ -91,7 +91,8 @@ def main():
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if not Path(args.data).is_dir():
-        sys.exit(f"{args.data} not found: the benchmark needs the shared Beauty data (see DESIGN.md).")
+        sys.exit(f"{args.data} not found: the benchmark needs the shared Beauty data "
+                 "(../shared/data beside the checkout).")
 
     ds = load_dataset(args.data)
     train_hist, _ = ds.histories(ds.splits.train, 50)

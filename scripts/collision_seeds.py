@@ -6,8 +6,8 @@ For each item-embedding file given, trains the default RQ-VAE (`rqvae.RQVAEConfi
 embeddings' own statistics (`rqvae.embedding_stats`: the collision floor set by identical embeddings,
 mean pairwise cosine, effective rank). Nothing is written; the semantic IDs in runs/ are untouched.
 
-    python scripts/collision_seeds.py runs/Scientific/minilm/item_emb-title+categories+brand.npy \\
-        runs/Scientific/encoderec-minilm/item_emb-title+categories+brand.npy --seeds 0 1 2
+    python scripts/collision_seeds.py runs/Scientific/embed-minilm-*/item_emb.npy \\
+        runs/Scientific/embed-encoder-minilm-*/item_emb.npy --seeds 0 1 2
 
 Seed 0 repeats what `train.py --stage rqvae` (default --seed 0) wrote; on CPU the run is deterministic.
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import rqvae as rq  # noqa: E402
+import train  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -42,9 +44,9 @@ def main(argv=None) -> None:
             rates, groups, t0 = [], [], time.time()
             for seed in args.seeds:
                 if tok == "rqvae":
-                    model, _ = rq.train_rqvae(emb, rq.RQVAEConfig(), seed=seed, progress=False,
-                                              log=lambda s: None)
-                    codes = rq.tokenize(model, emb)
+                    with tempfile.TemporaryDirectory() as tmp:  # the checkpoints of train_rqvae
+                        cfg = rq.RQVAEConfig(input_dim=emb.shape[1])
+                        codes = rq.tokenize(train.train_rqvae(emb, cfg, Path(tmp), seed, "cpu", {}), emb)
                 else:
                     codes = rq.residual_kmeans(emb, seed=seed)
                 s = rq.collision_stats(codes)

@@ -35,41 +35,49 @@ def _common(tmp_path):
     return ["--data-dir", str(tmp_path / "cache"), "--runs", str(tmp_path / "runs"), "--device", "cpu"]
 
 
+def _one(folder, pattern):
+    found = sorted(Path(folder).glob(pattern))
+    assert len(found) == 1, (pattern, found)
+    return found[0]
+
+
 def test_embed_rows_follow_the_catalog(tmp_path, fixture_ds, minilm, capsys):
     argv = ["--stage", "embed", "--dataset", str(fixture_ds), "--encoder", "minilm",
             "--fields", "title,categories", *_common(tmp_path)]
     assert train.main(argv) == 0
-    path = tmp_path / "runs" / "Fix" / "minilm" / "item_emb-title+categories.npy"
-    emb = np.load(path)
+    run = _one(tmp_path / "runs" / "Fix", "embed-minilm-*")
+    emb = np.load(run / "item_emb.npy")
     ds = load_dataset(str(fixture_ds), tmp_path / "cache")
     texts = ds.item_texts(("title", "categories"))
     assert emb.shape == (6, 384) and emb.dtype == np.float32
     np.testing.assert_allclose(emb, minilm.encode(texts, show_progress=False), atol=1e-5)
-    side = json.loads(path.with_suffix(".json").read_text())
-    assert side["fields"] == ["title", "categories"] and side["shape"] == [6, 384]
+    assert json.loads((run / "run.json").read_text())["key"]["fields"] == ["title", "categories"]
+    assert json.loads((run / "results.json").read_text())["shape"] == [6, 384]
     assert train.main(argv) == 0                       # second run: nothing to do
     assert "up to date" in capsys.readouterr().err
-    # other fields never overwrite the first file
+    # other fields: another folder; the first is untouched
     assert train.main(argv[:-6] + ["--fields", "title", *_common(tmp_path)]) == 0
-    assert path.exists() and (path.parent / "item_emb-title.npy").exists()
+    assert len(list((tmp_path / "runs" / "Fix").glob("embed-minilm-*"))) == 2 and (run / "item_emb.npy").exists()
 
 
 def test_encoder_stage_then_retrieval_eval(tmp_path, fixture_ds, capsys):
-    out = tmp_path / "runs" / "Fix" / "encoderec-minilm"
     argv = ["--stage", "encoder", "--backbone", "minilm", "--dataset", str(fixture_ds),
             "--epochs", "1", "--batch-size", "4", "--chunk-size", "2", "--holdout", "0.2",
             "--doc-fields", "description,brand", *_common(tmp_path)]
     assert train.main(argv) == 0
+    out = _one(tmp_path / "runs" / "Fix", "encoder-minilm-*")
     for f in ("config.json", "model.safetensors", "tokenizer.json", "modules.json",
-              "1_Pooling/config.json", "sentence_bert_config.json", "checkpoint.pt", "history.json"):
+              "1_Pooling/config.json", "sentence_bert_config.json", "last.pt", "history.json", "results.json"):
         assert (out / f).exists(), f
-    run = json.loads((out / "run.json").read_text())
-    assert run["n_pairs"] == 4 and len(run["holdout_items"]) == 1  # 5 items have title + document
+    res = json.loads((out / "results.json").read_text())
+    assert res["n_pairs"] == 4 and len(res["holdout_items"]) == 1  # 5 items have title + document
+    err = capsys.readouterr().err
+    assert "before training" in err                                 # the held-out check, labelled
     history = json.loads((out / "history.json").read_text())
-    assert [h["epoch"] for h in history] == [0, 1] and "recall@10" in history[-1]["eval"]
-    assert train.main(argv) == 2                       # an existing run is never overwritten
-    assert "--resume" in capsys.readouterr().err
-    capsys.readouterr()
+    assert len(history) == 1 and "recall@10" in history[-1]["valid"]
+    assert train.main(argv) == 0 and "up to date" in capsys.readouterr().err   # finished: nothing to do
+    (out / "results.json").unlink()                                # an unfinished run needs --resume
+    assert train.main(argv) == 2 and "--resume" in capsys.readouterr().err
     assert ev.main(["--task", "retrieval", "--dataset", str(fixture_ds), "--encoder", str(out),
                     "--doc-fields", "description,brand", "--data-dir", str(tmp_path / "cache"),
                     "--device", "cpu"]) == 0
@@ -120,74 +128,63 @@ def test_real_scientific_titles_find_their_descriptions(tmp_path, minilm):
 
 @pytest.mark.parametrize("encoder", ["none", "minilm"])
 def test_unisrec_stage_and_eval(tmp_path, fixture_ds, encoder, capsys):
-    pytest.importorskip("unisrec")
     argv = ["--stage", "unisrec", "--dataset", str(fixture_ds), "--encoder", encoder,
             "--fields", "title,categories", "--max-epochs", "2", "--batch-size", "8", *_common(tmp_path)]
     assert train.main(argv) == 0
     results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    run = tmp_path / "runs" / "Fix" / ("sasrec-id" if encoder == "none" else "unisrec-inductive-minilm")
-    assert results["run"] == str(run) and results["epochs_run"] == 2 and results["max_epochs"] == 2
+    run = _one(tmp_path / "runs" / "Fix", "unisrec-id-*" if encoder == "none" else "unisrec-inductive-minilm-*")
+    assert results["run"] == str(run) and results["epochs"] == 2 and results["max_epochs"] == 2
     assert results["test"]["n"] == 6 and set(results["test"]) >= {"recall@10", "ndcg@50", "cold_start"}
     assert results["test"]["recall@10"] == 1.0  # 6 items: every target is in the top 10
     if encoder == "minilm":  # the embeddings were produced on the way
-        assert (tmp_path / "runs" / "Fix" / "minilm" / "item_emb-title+categories.npy").exists()
-    assert ev.main(["--task", "unisrec", "--dataset", str(fixture_ds), "--run", str(run),
-                    "--data-dir", str(tmp_path / "cache"), "--device", "cpu"]) == 0
-    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert again["test"] == results["test"] and again["valid"] == results["valid"]
+        assert (_one(tmp_path / "runs" / "Fix", "embed-minilm-*") / "item_emb.npy").exists()
+    common = ["--dataset", str(fixture_ds), "--data-dir", str(tmp_path / "cache"), "--runs", str(tmp_path / "runs"),
+              "--device", "cpu"]
+    for extra in (["--run", str(run)], []):                      # named, and the newest run by default
+        assert ev.main(["--task", "unisrec", *common, *extra]) == 0
+        again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert again["test"] == results["test"] and again["valid"] == results["valid"]
 
 
 def test_stage_all_smoke_then_everything_is_up_to_date(tmp_path, fixture_ds, minilm, capsys):
     """The whole pipeline on the fixture catalog (real MiniLM), then a second call that only reads."""
-    base = encoderec.resolve_backbone("minilm")       # --weights names the BASE model's files only
-    argv = ["--stage", "all", "--dataset", str(fixture_ds), "--budget", "smoke", "--weights", str(base),
-            *_common(tmp_path)]
+    argv = ["--stage", "all", "--dataset", str(fixture_ds), "--budget", "smoke", *_common(tmp_path)]
     assert train.main(argv) == 0
     out = capsys.readouterr()
     runs = tmp_path / "runs" / "Fix"
-    for enc, weights in (("minilm", base), ("encoderec-minilm-smoke", runs / "encoderec-minilm-smoke")):
-        side = json.loads((runs / enc / "item_emb-title+categories+brand.json").read_text())
-        assert Path(side["weights"]).resolve() == Path(weights).resolve(), enc  # fine-tuned embeds with its own
-    for run in ("encoderec-minilm-smoke", "sasrec-id-smoke", "unisrec-inductive-minilm-smoke",
-                "unisrec-inductive-encoderec-minilm-smoke", "tiger-rqvae-minilm-smoke",
-                "tiger-rqvae-encoderec-minilm-smoke"):
-        assert (runs / run / "pipeline-key.json").exists(), run
+    for pattern in ("encoder-minilm-*", "retrieval-minilm-*", "retrieval-encoder-minilm-*", "embed-minilm-*",
+                    "embed-encoder-minilm-*", "unisrec-id-*", "unisrec-inductive-minilm-*",
+                    "unisrec-inductive-encoder-minilm-*", "ids-rqvae-minilm-*", "ids-rqvae-encoder-minilm-*",
+                    "tiger-rqvae-minilm-*", "tiger-rqvae-encoder-minilm-*"):
+        assert (_one(runs, pattern) / "results.json").exists(), pattern
     for table in ("Table 1 shape", "Table 2 shape", "Table 3 shape", "collisions"):
         assert table in out.out
     first = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()}
 
     assert train.main(argv) == 0                                  # nothing left to do
-    err = capsys.readouterr().err
-    assert "->" not in err.replace("up to date", "") and err.count("up to date") >= 11
+    assert capsys.readouterr().err.count("up to date") >= 12
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} == first
 
-    # a longer TIGER history: only the two TIGER runs are redone, the old ones are kept aside
+    # a longer TIGER history: two new TIGER folders, nothing else redone, nothing moved or deleted
     assert train.main(argv + ["--tiger-history", "10"]) == 0
-    err = capsys.readouterr().err
-    assert err.count("previous run moved to") == 2 and len(list(runs.glob("tiger-*.replaced-*"))) == 2
+    assert len(list(runs.glob("tiger-*"))) == 4
+    assert all(p.stat().st_mtime_ns == t for p, t in first.items())
 
 
-def test_stale_embeddings_are_remade_by_the_stages_that_read_them(tmp_path, fixture_ds, minilm, capsys):
-    """An embedding file whose sidecar names other inputs (here another --max-length) is re-made before
-    UniSRec reads it; a file placed by hand (no sidecar) is used as it is."""
-    common = ["--dataset", str(fixture_ds), "--encoder", "minilm", "--fields", "title,categories", *_common(tmp_path)]
-    assert train.main(["--stage", "embed", *common]) == 0
-    emb = tmp_path / "runs" / "Fix" / "minilm" / "item_emb-title+categories.npy"
-    assert json.loads(emb.with_suffix(".json").read_text())["max_length"] == 256
+def test_weights_are_known_by_content_not_path(tmp_path, fixture_ds, minilm, capsys):
+    """Moving the weights (another --weights folder, same bytes) retrains nothing; other bytes do."""
+    import shutil
+    common = ["--dataset", str(fixture_ds), "--encoder", "minilm", "--fields", "title", *_common(tmp_path)]
+    base = encoderec.resolve_backbone("minilm")
+    assert train.main(["--stage", "embed", *common, "--weights", str(base)]) == 0
+    copy = shutil.copytree(base, tmp_path / "moved")
     capsys.readouterr()
-    assert train.main(["--stage", "unisrec", *common, "--max-length", "8", "--max-epochs", "1", "--batch-size", "8"]) == 0
-    assert "embedding the items first" not in capsys.readouterr().err              # it existed, but was stale:
-    assert json.loads(emb.with_suffix(".json").read_text())["max_length"] == 8      # re-made at 8 tokens
-    emb.with_suffix(".json").unlink()
-    np.save(emb, np.zeros((load_dataset(str(fixture_ds), tmp_path / "cache").n_items, 5), np.float32))
-    assert train.main(["--stage", "unisrec", *common, "--max-epochs", "1", "--batch-size", "8",
-                       "--out", str(tmp_path / "hand")]) == 0
-    assert "has no sidecar: used as it is" in capsys.readouterr().err and np.load(emb).shape[1] == 5
+    assert train.main(["--stage", "embed", *common, "--weights", str(copy)]) == 0
+    assert "up to date" in capsys.readouterr().err
 
 
-def test_time_capped_results_are_not_done(tmp_path):
-    f = tmp_path / "results.json"
-    f.write_text(json.dumps({"time_capped": True}))
-    assert train._time_capped(f)
-    f.write_text(json.dumps({"time_capped": False}))
-    assert not train._time_capped(f)
+def test_eval_without_a_run_names_the_command_that_makes_it(tmp_path):
+    r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--task", "tiger", "--dataset", "beauty",
+                        "--runs", str(tmp_path / "runs")], capture_output=True, text=True, cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "python train.py --stage tiger --dataset beauty" in r.stderr

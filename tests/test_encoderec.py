@@ -199,6 +199,13 @@ def _grads(enc):
     return {k: p.grad.clone() for k, p in enc.bert.named_parameters() if p.grad is not None}
 
 
+def _step(enc, qs, ds, chunk, symmetric, **ids):
+    """cached_info_nce + backward, as trainer.fit runs it; the loss value."""
+    loss = er.cached_info_nce(enc, qs, ds, chunk, 0.05, symmetric, **ids)
+    loss.backward()
+    return loss.item()
+
+
 @pytest.mark.parametrize("symmetric", [False, True])
 def test_gradcache_equals_unchunked(tiny, symmetric):
     qs, ds = TEXTS[:7], TEXTS[5:12]
@@ -208,10 +215,10 @@ def test_gradcache_equals_unchunked(tiny, symmetric):
     # dropout off: chunked == one plain autograd pass
     enc.eval()
     enc.zero_grad()
-    full = er.contrastive_step(enc, qs, ds, None, 0.05, symmetric, **ids)
+    full = _step(enc, qs, ds, None, symmetric, **ids)
     g_full = _grads(enc)
     enc.zero_grad()
-    chunked = er.contrastive_step(enc, qs, ds, 3, 0.05, symmetric, **ids)
+    chunked = _step(enc, qs, ds, 3, symmetric, **ids)
     assert chunked == pytest.approx(full, abs=1e-6)
     for k, g in _grads(enc).items():
         torch.testing.assert_close(g, g_full[k], atol=1e-6, rtol=1e-5)
@@ -226,14 +233,14 @@ def test_gradcache_equals_unchunked(tiny, symmetric):
     g_ref, rng_ref = _grads(enc), torch.get_rng_state()
     enc.zero_grad()
     torch.manual_seed(1)
-    got = er.contrastive_step(enc, qs, ds, 3, 0.05, symmetric, **ids)
+    got = _step(enc, qs, ds, 3, symmetric, **ids)
     assert got == pytest.approx(loss.item(), abs=1e-6)
     assert torch.equal(torch.get_rng_state(), rng_ref)  # leaves the RNG where plain autograd would
     for k, g in _grads(enc).items():
         torch.testing.assert_close(g, g_ref[k], atol=1e-6, rtol=1e-5)
     enc.zero_grad()
     torch.manual_seed(2)  # another dropout draw really changes the loss: dropout is on
-    assert er.contrastive_step(enc, qs, ds, 3, 0.05, symmetric, **ids) != pytest.approx(got, abs=1e-4)
+    assert _step(enc, qs, ds, 3, symmetric, **ids) != pytest.approx(got, abs=1e-4)
 
 
 # ----------------------------------------------------------------------------------- bad weights
@@ -330,62 +337,47 @@ def test_download_into_cache(tiny, tmp_path, monkeypatch):
                                   er.load_encoder(tiny).encode(TEXTS, show_progress=False))
 
 
-# ----------------------------------------------------------------------------------- fine-tuning
+# ----------------------------------------------------------------------------------- saving
 
 
-PAIRS = [(t, f"{t} for the lab with steel and brass") for t in TEXTS] + [("glass beaker", "glass flask")]
-
-
-def _cfg(**kw):
-    return er.FinetuneConfig(**{**dict(batch_size=6, chunk_size=4, lr=1e-3, epochs=2, seed=3, max_length=32), **kw})
-
-
-def test_finetune_checkpoint_resume_and_save(tiny, tmp_path):
-    evals = []
-
-    def eval_fn(enc, epoch):
-        evals.append(epoch)
-        return {"norm0": float(np.linalg.norm(enc.encode(TEXTS[:2], show_progress=False)[0]))}
-
-    ref = er.load_encoder(tiny)
-    hist = er.finetune(ref, PAIRS, tmp_path / "ref", _cfg(), eval_fn=eval_fn)
-    assert [h["epoch"] for h in hist] == [0, 1, 2] and evals == [0, 1, 2]
-    assert all(np.isfinite(h["loss"]) and h["peak_mem_mb"] > 0 for h in hist[1:])
-    assert json.loads((tmp_path / "ref" / "history.json").read_text()) == hist
-
-    # interrupted during epoch 2's evaluation, then resumed: epoch 2 redone, nothing repeated
-    class Stop(Exception):
-        pass
-
-    def flaky(enc, epoch):
-        if epoch == 2:
-            raise Stop
-        return {}
-
-    run = tmp_path / "run"
-    with pytest.raises(Stop):
-        er.finetune(er.load_encoder(tiny), PAIRS, run, _cfg(), eval_fn=flaky)
-    assert torch.load(run / "checkpoint.pt", weights_only=False)["epoch"] == 1
-    calls = []
-    enc = er.load_encoder(tiny)
-    hist2 = er.finetune(enc, PAIRS, run, _cfg(), resume=True, eval_fn=lambda e, ep: calls.append(ep) or {})
-    assert calls == [2] and [h["epoch"] for h in hist2] == [0, 1, 2]
-    for k, v in ref.bert.state_dict().items():  # deterministic: resumed == uninterrupted
-        torch.testing.assert_close(enc.bert.state_dict()[k], v, atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match=r"different FinetuneConfig \(lr"):
-        er.finetune(enc, PAIRS, run, _cfg(lr=1e-4), resume=True)
-
-    # the final model is saved in the sentence-transformers layout and reloads identically
-    e_ft = enc.encode(TEXTS, show_progress=False)
-    assert np.abs(e_ft - er.load_encoder(tiny).encode(TEXTS, show_progress=False)).max() > 1e-3  # it trained
-    np.testing.assert_array_equal(er.load_encoder(run).encode(TEXTS, show_progress=False), e_ft)
+def test_gradcache_replays_autocast_and_scales_by_the_incoming_gradient(tiny):
+    """The backward hook re-embeds under the autocast of the forward, and a GradScaler's factor reaches
+    every parameter gradient."""
+    enc = er.load_encoder(tiny).eval()
+    qs, ds = TEXTS[:6], TEXTS[4:10]
+    g1 = (_step(enc, qs, ds, 2, False), _grads(enc))
+    enc.zero_grad()
+    (er.cached_info_nce(enc, qs, ds, 2) * 8.0).backward()
+    for k, g in _grads(enc).items():
+        torch.testing.assert_close(g, 8.0 * g1[1][k], atol=1e-5, rtol=1e-5)
+    enc.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = er.cached_info_nce(enc, qs, ds, 2)
+    loss.backward()                                       # outside autocast, as the loop does
+    plain = _grads(enc)
+    enc.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):   # plain autograd through the same bf16 chunks
+        embs = [enc(t[i:i + 2]).float() for t in (qs, ds) for i in range(0, 6, 2)]
+        ref = er.info_nce_loss(torch.cat(embs[:3]), torch.cat(embs[3:]))
+    ref.backward()
+    ref_bf16, fp32 = (torch.cat([g.flatten() for g in gs.values()]) for gs in (_grads(enc), g1[1]))
+    ours = torch.cat([g.flatten() for g in plain.values()])
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    assert rel(ours, ref_bf16) < 0.005 < 0.01 < rel(ours, fp32)    # bf16 like the plain pass, unlike fp32
 
 
 def test_saved_model_loads_in_sentence_transformers(tiny, tmp_path):
     st = pytest.importorskip("sentence_transformers")
-    enc = er.load_encoder(tiny)
-    er.finetune(enc, PAIRS, tmp_path / "ft", _cfg(epochs=1))
-    ours = enc.encode(TEXTS, show_progress=False)
+    enc = er.load_encoder(tiny, max_length=32)
+    opt = torch.optim.AdamW(enc.parameters(), lr=1e-3)
+    for _ in range(2):                                   # a few steps, so the weights are not the originals
+        opt.zero_grad()
+        _step(enc, TEXTS[:6], TEXTS[4:10], 3, False)
+        opt.step()
+    er.save_pretrained(enc, tmp_path / "ft")
+    ours = enc.eval().encode(TEXTS, show_progress=False)
+    assert np.abs(ours - er.load_encoder(tiny).encode(TEXTS, show_progress=False)).max() > 1e-3  # it trained
+    np.testing.assert_array_equal(er.load_encoder(tmp_path / "ft").encode(TEXTS, show_progress=False), ours)
     theirs = st.SentenceTransformer(str(tmp_path / "ft"), device="cpu").encode(TEXTS, batch_size=5)
     assert np.abs(theirs - ours).max() <= 2e-5
 

@@ -5,14 +5,16 @@ resume), parity with Hugging Face T5 on the same weights, and eval.py's populari
 Tiny random configs, 1 thread."""
 
 import math
-from dataclasses import replace
 
 import amazon_fixture as fx
 import numpy as np
 import pytest
 import torch
+from t5_helpers import random_semantic_ids, t5_config_kwargs, t5_state_dict
 
 import tiger as tg
+import train
+import trainer
 from data import load_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -21,7 +23,7 @@ TINY = {"d_model": 16, "d_kv": 8, "n_heads": 2, "d_ff": 32, "n_encoder_layers": 
 
 
 def make_ids(n=30, vocab=(4, 4, 4), seed=0) -> tg.SemanticIDs:
-    codes, v = tg.random_semantic_ids(n, vocab, seed)
+    codes, v = random_semantic_ids(n, vocab, seed)
     return tg.SemanticIDs(codes, v)
 
 
@@ -74,7 +76,7 @@ def test_semantic_ids_validation():
         tg.SemanticIDs(np.array([[0, 2]]), [2, 2])
     with pytest.raises(ValueError, match="array"):
         tg.SemanticIDs(np.zeros((3, 2), dtype=np.int64), [2, 2, 2])
-    codes, vocab = tg.random_semantic_ids(500, (3, 3, 3), seed=1)           # many collisions -> dedup level
+    codes, vocab = random_semantic_ids(500, (3, 3, 3), seed=1)              # many collisions -> dedup level
     assert vocab[:3] == [3, 3, 3] and vocab[3] > 1 and len(np.unique(codes, axis=0)) == 500
     ids = make_ids(30)
     with pytest.raises(ValueError, match="semantic IDs cover"):
@@ -138,7 +140,7 @@ def test_kv_cache_decoding_equals_full_forward():
     src = tg.tokenize_histories(right_aligned(SEQS, 8), ids)
     tin = tg.decoder_inputs(tg.target_tokens([1, 2, 3, 4, 5], ids))
     with torch.no_grad():
-        kvs, mem_mask = m.encode(src)
+        kvs, mem_mask = m.encode_memory(src)
         full = m.decoder(tin, kvs, mem_mask)[0]
         caches, steps = None, []
         for t in range(4):
@@ -188,25 +190,7 @@ def test_free_decoding_maps_invalid_ids_to_minus_one():
     assert (constrained >= 0).all()
 
 
-# ----------------------------------------------------------------------------- checkpoints / training
-def test_checkpoint_round_trip(tmp_path):
-    ids = make_ids()
-    m = build(ids, seed=3).eval()
-    tg.save_checkpoint(m, ids, tmp_path / "x.pt", meta={"git_commit": "abc", "n": np.int64(3)})
-    m2, ids2 = tg.load_checkpoint(tmp_path / "x.pt")
-    assert m2.cfg == m.cfg and ids2.fingerprint == ids.fingerprint and not m2.training
-    src = tg.tokenize_histories(right_aligned(SEQS, 8), ids)
-    tin = tg.decoder_inputs(tg.target_tokens([1, 2, 3, 4, 5], ids))
-    assert torch.equal(m2(src, tin), m(src, tin))
-    ck = torch.load(tmp_path / "x.pt", weights_only=True)
-    assert ck["meta"] == {"git_commit": "abc", "n": 3}
-    torch.save({"format": "other"}, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match="not a TIGER checkpoint"):
-        tg.load_checkpoint(tmp_path / "bad.pt")
-    with pytest.raises(FileNotFoundError):
-        tg.load_checkpoint(tmp_path / "missing.pt")
-
-
+# ----------------------------------------------------------------------------- training
 def _task(n_items=12, n=96, seed=0):
     """Learnable toy task: the next item is (last item + 1) mod n_items."""
     rng = np.random.default_rng(seed)
@@ -227,66 +211,33 @@ def _ndcg_eval(ids, hist, target):
     return fn
 
 
-def test_fit_early_stopping_and_exact_resume(tmp_path):
+def test_learns_the_toy_task_through_the_loop(tmp_path):
+    """TIGER as train.py trains it (trainer.fit, TIGER's schedule, length-grouped batches) learns the toy task."""
     ids = make_ids(12, vocab=(3, 3, 3), seed=2)
     hist, target = _task()
     eval_fn = _ndcg_eval(ids, hist[:24], target[:24])
-    cfg = tg.TrainConfig(lr=1e-2, warmup_steps=5, batch_size=16, max_steps=400, eval_every=5, patience=2,
-                         group_by_length=2)                            # grouped order resumes exactly too
+    model = build(ids, seed=1)
+    H, T = torch.as_tensor(hist), torch.as_tensor(target)
+    lengths = (hist >= 0).sum(1)
+    before = eval_fn(model.eval())["ndcg@10"]
+    cfg = trainer.TrainConfig(lr=1e-2, batch_size=16, max_steps=400, eval_every=5, patience=4, grad_clip=1.0)
+    s = trainer.fit(model, lambda idx: model.loss(tg.tokenize_histories(H[idx], ids), ids.tokens[T[idx]]), len(T),
+                    torch.optim.AdamW(model.parameters()), tmp_path, cfg, schedule=lambda s: train.lr_factor(s, 5),
+                    evaluate=eval_fn, order=lambda e: train.epoch_order(lengths, 16, 0, e, 2))
+    assert s["stopped_early"] and s["steps"] == s["best_step"] + 4 * 5      # patience 4 validations after the best
+    assert s["best_valid"]["ndcg@10"] > before + 0.1
 
-    a = build(ids, seed=1)
-    sa = tg.fit(a, ids, hist, target, eval_fn, tmp_path / "a", cfg)
-    assert sa["stopped_early"] and sa["steps_run"] < 400
-    assert sa["steps_run"] == sa["best_step"] + 2 * 5                     # patience 2 validations after the best
-    hist_a = [{k: v for k, v in r.items() if not k.endswith("_s")} for r in tg.json.loads(
-        (tmp_path / "a" / "history.json").read_text())]
-    assert sa["best_valid"]["ndcg@10"] > hist_a[0]["valid"]["ndcg@10"] + 0.1  # it learns the toy task
-
-    stop = (sa["steps_run"] // 10) * 5                                     # interrupt at a validation step
-    b = build(ids, seed=1)
-    sb = tg.fit(b, ids, hist, target, eval_fn, tmp_path / "b", replace(cfg, max_steps=stop))
-    assert sb["steps_run"] == stop and not sb["stopped_early"]
-    b = build(ids, seed=7)                                                 # fresh process: other init
-    sb = tg.fit(b, ids, hist, target, eval_fn, tmp_path / "b", cfg, resume=True)
-    hist_b = [{k: v for k, v in r.items() if not k.endswith("_s")} for r in tg.json.loads(
-        (tmp_path / "b" / "history.json").read_text())]
-    assert hist_b == hist_a
-    assert {k: sb[k] for k in ("best_step", "steps_run", "stopped_early", "best_valid")} == \
-           {k: sa[k] for k in ("best_step", "steps_run", "stopped_early", "best_valid")}
-    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
-        assert torch.equal(va, vb), k
-    la = torch.load(tmp_path / "a" / "last.pt", weights_only=True)
-    lb = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
-    for k in la["model"]:
-        assert torch.equal(la["model"][k], lb["model"][k]), k
-    with pytest.raises(ValueError, match="another TrainConfig"):
-        tg.fit(build(ids), ids, hist, target, eval_fn, tmp_path / "b", replace(cfg, lr=0.5), resume=True)
-
-
-
-def test_time_cap_stops_at_a_validation_and_resumes(tmp_path):
-    ids = make_ids(12, vocab=(3, 3, 3), seed=2)
-    hist, target = _task()
-    eval_fn = _ndcg_eval(ids, hist[:24], target[:24])
-    cfg = tg.TrainConfig(lr=1e-2, warmup_steps=5, batch_size=16, max_steps=15, eval_every=5, patience=9)
-    full = tg.fit(build(ids, seed=1), ids, hist, target, eval_fn, tmp_path / "a", cfg)
-    assert full["steps_run"] == 15 and not full["time_capped"]
-    capped = tg.fit(build(ids, seed=1), ids, hist, target, eval_fn, tmp_path / "b", replace(cfg, max_minutes=0))
-    assert capped["time_capped"] and capped["steps_run"] == 5              # stopped at the first validation
-    again = tg.fit(build(ids, seed=3), ids, hist, target, eval_fn, tmp_path / "b", cfg, resume=True)
-    assert {k: again[k] for k in ("best_step", "steps_run", "best_valid")} == \
-           {k: full[k] for k in ("best_step", "steps_run", "best_valid")}
 
 def test_epoch_order_buckets_by_length():
     rng = np.random.default_rng(0)
     lengths = np.minimum(rng.geometric(0.25, size=1000), 20)              # short-tailed, like Amazon
-    plain = tg.epoch_order(lengths, 64, seed=3, epoch=1, buckets=0)
+    plain = train.epoch_order(lengths, 64, seed=3, epoch=1, buckets=0)
     assert np.array_equal(plain, np.random.default_rng([3, 1]).permutation(1000))
-    order = tg.epoch_order(lengths, 64, seed=3, epoch=1, buckets=5)
+    order = train.epoch_order(lengths, 64, seed=3, epoch=1, buckets=5)
     assert np.array_equal(np.sort(order), np.arange(1000))                 # a permutation: every example once
-    assert np.array_equal(order, tg.epoch_order(lengths, 64, seed=3, epoch=1, buckets=5))   # deterministic
-    assert not np.array_equal(order, tg.epoch_order(lengths, 64, seed=3, epoch=2, buckets=5))
-    pad = lambda o: np.mean([lengths[o[i:i + 64]].max() for i in range(0, len(o), 64)])  # noqa: E731
+    assert np.array_equal(order, train.epoch_order(lengths, 64, seed=3, epoch=1, buckets=5))   # deterministic
+    assert not np.array_equal(order, train.epoch_order(lengths, 64, seed=3, epoch=2, buckets=5))
+    pad = lambda o: np.mean([lengths[o[i:i + 64]].max() for i in range(0, len(o), 64)])
     assert pad(order) < 0.6 * pad(plain)                                   # batches pad far less
     firsts = order[:15 * 64:64]                                            # batch order is shuffled, not sorted
     assert not np.all(np.diff(lengths[firsts]) >= 0)
@@ -297,8 +248,8 @@ def test_parity_with_hugging_face_t5():
     transformers = pytest.importorskip("transformers")
     ids = make_ids()
     m = build(ids, seed=5).eval()
-    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(**tg.t5_config_kwargs(m.cfg))).eval()
-    hf.load_state_dict(tg.t5_state_dict(m))
+    hf = transformers.T5ForConditionalGeneration(transformers.T5Config(**t5_config_kwargs(m.cfg))).eval()
+    hf.load_state_dict(t5_state_dict(m))
     src = tg.tokenize_histories(right_aligned(SEQS, 8), ids)
     tin = tg.decoder_inputs(tg.target_tokens([1, 2, 3, 4, 5], ids))
     with torch.no_grad():
@@ -319,7 +270,7 @@ def test_popularity_baseline_by_hand(tmp_path):
 
 
 def test_lr_schedule_warmup_then_inverse_sqrt():
-    assert [tg.lr_factor(s, 4) for s in range(3)] == [0.25, 0.5, 0.75]
-    assert tg.lr_factor(3, 4) == 1.0 and tg.lr_factor(15, 4) == pytest.approx(0.5)   # sqrt(4 / 16)
+    assert [train.lr_factor(s, 4) for s in range(3)] == [0.25, 0.5, 0.75]
+    assert train.lr_factor(3, 4) == 1.0 and train.lr_factor(15, 4) == pytest.approx(0.5)   # sqrt(4 / 16)
     with pytest.raises(ValueError, match="warmup_steps must be >= 1"):
-        tg.lr_factor(0, 0)
+        train.lr_factor(0, 0)

@@ -1,20 +1,17 @@
-"""One command line over the EncodeRec pipeline (arXiv 2601.10837): the stages, their wiring to the one
+"""The command line of the EncodeRec pipeline (arXiv 2601.10837): its stages, their wiring to the one
 training loop (trainer.fit), and run folders named by what made them.
 
-    python train.py --stage encoder --backbone minilm           # InfoNCE fine-tuning (default data: scientific)
-    python train.py --stage embed   --dataset D --encoder E     # frozen item embeddings
-    python train.py --stage rqvae   --dataset D --encoder E     # semantic IDs + collision audit
-    python train.py --stage unisrec --dataset D --encoder E     # text-based SASRec (--encoder none: SASRec-ID)
-    python train.py --stage tiger   --dataset D --encoder E     # generative retrieval on semantic IDs
-    python train.py --stage all     --dataset D --budget smoke  # all of it for both encoders, then the report
+    python train.py --stage encoder --backbone minilm        # InfoNCE fine-tuning (default data: scientific)
+    python train.py --stage embed   --dataset D --encoder E  # frozen item embeddings
+    python train.py --stage rqvae   --dataset D --encoder E  # semantic IDs + collision audit
+    python train.py --stage unisrec --dataset D --encoder E  # text-based SASRec (E = none: SASRec-ID)
+    python train.py --stage tiger   --dataset D --encoder E  # generative retrieval on semantic IDs
+    python train.py --stage all     --dataset D --budget smoke   # all of it for both encoders + the report
 
-E = minilm | a fine-tuned run folder | any BERT folder. A run folder is runs/<dataset>/<stage>-<label>-<hash>,
-the hash taken over the stage's inputs: the data fingerprint, the CONTENT hash of every upstream file
-(weights, embeddings, semantic IDs) and the options that change the result. A folder is finished when it
-holds results.json (written last): then the stage does nothing. Each stage makes the upstream folders it
-needs. An unfinished folder is continued with --resume (--stage all always continues).
-
-Every user error ends with a one-line message and exit code 2, never a traceback.
+E = minilm | a fine-tuned run folder | a BERT folder. Run folder = runs/<dataset>/<stage>-<label>-<hash of the
+inputs: data fingerprint, CONTENT hashes of upstream files, options that change the result>; finished = it
+holds results.json (written last), and then the stage does nothing. Stages make the upstream folders they
+need; --resume continues an unfinished one. A user error is one line and exit code 2, never a traceback.
 """
 from __future__ import annotations
 
@@ -39,7 +36,8 @@ import rqvae as rq
 import tiger as tg
 import trainer
 import unisrec as us
-from data import DOCUMENT_FIELDS, ITEM_TEXT_FIELDS, REGISTRY, DataError, file_sha256, load_dataset, parse_fields
+from data import DOCUMENT_FIELDS, ITEM_TEXT_FIELDS, REGISTRY, DataError, file_sha256, load_dataset
+from data import parse_fields
 
 DEFAULT_DATASET = "scientific"  # the one set with item descriptions, which EncodeRec's documents need
 RKMEANS = {"levels": 3, "k": 256, "iters": 50, "standardize": True}  # residual k-means = RQ-VAE's codebooks
@@ -57,27 +55,26 @@ BUDGETS = {  # --stage all: every schedule in one place
 # ----------------------------------------------------------------------------- run folders
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True)
+        return git.stdout.decode().strip() or None
+    except OSError:
         return None
 
 
 @functools.lru_cache(maxsize=None)
-def _content_hash(path: str, size: int, mtime: int) -> str:  # (size, mtime): a memo within this process only
+def _sha256(path: str, size: int, mtime: int) -> str:  # (size, mtime): a memo within this process only
     return file_sha256(Path(path))
 
 
 def content_hash(path: Path) -> str:
     """sha256 of a file's bytes: the identity of weights, embeddings and semantic IDs (never their path)."""
     st = Path(path).stat()
-    return _content_hash(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
 
 
 def run_folder(args, stage: str, label: str, key: dict) -> Path:
-    """runs/<dataset>/<stage>-<label>-<hash of key>, or --out. An unfinished folder is refused without
-    --resume; a folder of other inputs is always refused."""
+    """runs/<dataset>/<stage>-<label>-<hash of key>, or --out; refused when it is unfinished (without
+    --resume) or holds a run of other inputs."""
     key = trainer.json_safe({"stage": stage, **key})
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     out = Path(args.out) if args.out else Path(args.runs) / key["dataset"] / f"{stage}-{label}-{digest}"
@@ -94,7 +91,7 @@ def run_folder(args, stage: str, label: str, key: dict) -> Path:
                             f"or delete the folder to start over")
     elif out.is_dir() and any(out.iterdir()):
         raise DataError(f"{out} is not empty and holds no run.json: choose another --out")
-    if not info.is_file():
+    else:
         trainer.write_json(info, {"key": key, "argv": sys.argv[1:], "git_commit": git_commit(),
                                   "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     return out
@@ -104,23 +101,20 @@ def done(out: Path) -> bool:
     return (Path(out) / "results.json").is_file()
 
 
-def up_to_date(out: Path) -> dict:
-    """A finished folder: nothing to do; its results are printed again as the last line of stdout."""
+def up_to_date(out: Path) -> None:
+    """A finished folder: nothing to do but print its results again."""
     say(f"up to date: {out}")
-    results = json.loads((out / "results.json").read_text())
-    print(json.dumps(results, sort_keys=True))
-    return results
+    print(json.dumps(json.loads((out / "results.json").read_text()), sort_keys=True))
 
 
-def finish(out: Path, results: dict) -> dict:
-    """results.json marks the folder finished; also printed as one JSON line (the last line of stdout)."""
+def finish(out: Path, results: dict) -> None:
+    """results.json marks the folder finished; also printed as one JSON line (the last of stdout)."""
     trainer.write_json(out / "results.json", results)
     print(json.dumps(trainer.json_safe(results), sort_keys=True))
-    return results
 
 
 def with_(args, **kw) -> argparse.Namespace:
-    """The same options with some replaced: how --stage all runs a stage with the budget's schedule."""
+    """The options with some replaced: how a stage runs another, and --stage all each stage."""
     return argparse.Namespace(**{**vars(args), **kw})
 
 
@@ -129,17 +123,34 @@ def say(msg: str) -> None:
 
 
 def encoder_label(encoder: str) -> str:
-    p = Path(encoder)
-    return p.resolve().name if p.is_dir() else str(encoder).lower()
+    return Path(encoder).resolve().name if Path(encoder).is_dir() else str(encoder).lower()
 
 
-def weights_of(args, encoder: str) -> Path:
-    return er.resolve_backbone(encoder, weights=args.weights)
+def _weights(args, ds, encoder: str) -> tuple[Path, dict]:
+    """An encoder's folder and the start of a key: the data and the weights' content."""
+    if (Path(encoder) / "run.json").is_file() and not done(Path(encoder)):
+        raise DataError(f"{encoder} is an unfinished run: finish it (its command with --resume)")
+    folder = er.resolve_backbone(encoder, weights=args.weights)
+    weights = content_hash(folder / "model.safetensors")
+    return folder, {"dataset": ds.name, "data": ds.fingerprint, "weights": weights}
+
+
+def _meta(ds, **kw) -> dict:
+    return {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "git_commit": git_commit(), **kw}
+
+
+def _adamw(model, weight_decay: float, no_decay) -> torch.optim.AdamW:
+    """AdamW with weight decay on the parameters whose name no_decay(name) rejects."""
+    named = list(model.named_parameters())
+    groups = [[p for k, p in named if not no_decay(k)], [p for k, p in named if no_decay(k)]]
+    return torch.optim.AdamW([{"params": groups[0], "weight_decay": weight_decay},
+                              {"params": groups[1], "weight_decay": 0.0}])
 
 
 # ----------------------------------------------------------------------------- encoder
 def stage_encoder(args) -> Path:
-    """EncodeRec fine-tuning: in-batch InfoNCE between each item's title and its document (paper Sec. 3)."""
+    """EncodeRec (Sec. 3): in-batch InfoNCE of each item's title against its document; AdamW, linear warm-up
+    over 10 % of the steps then linear decay, clipping at 1 (sentence-transformers' defaults)."""
     ds = load_dataset(args.dataset, args.data_dir)
     doc_fields = parse_fields(args.doc_fields, DOCUMENT_FIELDS)
     titles, docs = ds.title_texts(), ds.document_texts(doc_fields)
@@ -147,27 +158,24 @@ def stage_encoder(args) -> Path:
     pairs = [(titles[i], docs[i]) for i in sorted(set(range(ds.n_items)) - set(held.tolist()))
              if titles[i] and docs[i]]
     if len(pairs) < 2:
-        raise DataError(f"{ds.name}: only {len(pairs)} items have both a title and a document "
-                        f"({', '.join(doc_fields)}); EncodeRec needs text pairs: choose other --doc-fields "
-                        f"or a dataset with descriptions")
+        raise DataError(f"{ds.name}: only {len(pairs)} items have a title and a document "
+                        f"({', '.join(doc_fields)}); choose other --doc-fields or data with descriptions")
     bs, lr = min(args.batch_size or 512, len(pairs)), args.lr or 5e-5
     if bs < 2 or args.epochs < 1 or args.max_length < 1:
         raise DataError("--batch-size must be >= 2 (in-batch negatives), --epochs and --max-length >= 1")
-    folder = weights_of(args, args.backbone)
-    key = {"dataset": ds.name, "data": ds.fingerprint, "weights": content_hash(folder / "model.safetensors"),
-           "doc_fields": doc_fields, "holdout": args.holdout, "batch_size": bs, "lr": lr, "epochs": args.epochs,
-           "temperature": args.temperature, "symmetric": args.symmetric, "max_length": args.max_length,
-           "amp": args.amp, "seed": args.seed}
+    folder, key = _weights(args, ds, args.backbone)
+    key.update(doc_fields=doc_fields, holdout=args.holdout, batch_size=bs, lr=lr, epochs=args.epochs,
+               amp=args.amp, temperature=args.temperature, symmetric=args.symmetric, max=args.max_length,
+               seed=args.seed)
     out = run_folder(args, "encoder", encoder_label(args.backbone), key)
     if done(out):
-        up_to_date(out)
-        return out
-    device, rank, world = trainer.init_distributed(args.device)
+        return up_to_date(out) or out
+    device, rank, _ = trainer.init_distributed(args.device)
     enc = er.load_encoder(folder, device=device, max_length=args.max_length)
     if args.compile:
         enc.compile_bert(dynamic=True)
-    say(f"{ds.name}: fine-tuning {folder.name} on {len(pairs)} (title, document) pairs, document = "
-        f"{' + '.join(doc_fields)}, batch {bs}, {args.epochs} epochs, device {device}; writing {out}")
+    say(f"{ds.name}: {folder.name} on {len(pairs)} (title, {' + '.join(doc_fields)}) pairs, batch {bs}, "
+        f"{args.epochs} epochs, {device}; writing {out}")
     q_vocab, d_vocab = {}, {}  # integer ids of identical texts, for false-negative masking
     q_ids = torch.tensor([q_vocab.setdefault(t, len(q_vocab)) for t, _ in pairs])
     d_ids = torch.tensor([d_vocab.setdefault(d, len(d_vocab)) for _, d in pairs])
@@ -176,66 +184,56 @@ def stage_encoder(args) -> Path:
         def evaluate(m):
             return ev.retrieval_eval(m, ds, doc_fields=doc_fields, query_items=held, progress=False)
         if rank == 0:
-            say(f"retrieval of {len(held)} held-out titles before training: {json.dumps(evaluate(enc.eval()))}")
+            say(f"held-out retrieval before training: {json.dumps(evaluate(enc.eval()))}")
 
     def loss_fn(idx):
         share, w = trainer.rank_share(idx)
         share = share if w > 0 else share[:0]
-        return er.cached_info_nce(enc, [pairs[i][0] for i in share], [pairs[i][1] for i in share], args.chunk_size,
-                                  args.temperature, args.symmetric, q_ids[share], d_ids[share], progress=rank == 0)
+        q, d = [pairs[i][0] for i in share], [pairs[i][1] for i in share]
+        return er.cached_info_nce(enc, q, d, args.chunk_size, args.temperature, args.symmetric, q_ids[share],
+                                  d_ids[share], progress=rank == 0)
 
-    n = len(pairs) - (len(pairs) % bs == 1)                   # a 1-pair last batch has no negatives: dropped
+    n = len(pairs) - (len(pairs) % bs == 1)                  # a 1-pair last batch has no negatives: dropped
+
+    def order(epoch):  # a permutation seeded by (seed + epoch)
+        return torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed + epoch))[:n]
+
     total = args.epochs * -(-n // bs)
-    warmup = -(-total // 10)                                 # linear warm-up over 10 % of the steps, then decay
+    warmup = -(-total // 10)
     cfg = trainer.TrainConfig(lr=lr, batch_size=bs, max_epochs=args.epochs, metric=None, grad_clip=1.0,
                               amp=args.amp, seed=args.seed, max_minutes=args.max_minutes)
+    opt = _adamw(enc.bert, 0.01, lambda name: name.endswith("bias") or "LayerNorm" in name)
     summary = trainer.fit(
-        enc, loss_fn, len(pairs), _adamw(enc.bert, 0.01, lambda name: name.endswith("bias") or "LayerNorm" in name),
-        out, cfg, schedule=lambda s: s / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
-        evaluate=evaluate, order=lambda e: torch.randperm(len(pairs), generator=torch.Generator().manual_seed(
-            args.seed + e))[:n].numpy(), resume=args.resume, meta=_meta(ds), desc="encoder")
+        enc, loss_fn, len(pairs), opt, out, cfg, evaluate=evaluate, resume=args.resume, meta=_meta(ds),
+        schedule=lambda s: s / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
+        order=order, desc="encoder")
     if rank == 0 and not summary["time_capped"]:
         er.save_pretrained(enc, out)
         finish(out, {"task": "encoder", "dataset": ds.name, "backbone": str(args.backbone), "run": str(out),
                      "n_pairs": len(pairs), "holdout_items": held.tolist(), **summary})
-        say(f"fine-tuned encoder written to {out}")
     return out
-
-
-def _adamw(model, weight_decay: float, no_decay) -> torch.optim.AdamW:
-    """AdamW with weight decay on the parameters whose name no_decay(name) rejects."""
-    named = list(model.named_parameters())
-    return torch.optim.AdamW([{"params": [p for k, p in named if not no_decay(k)], "weight_decay": weight_decay},
-                              {"params": [p for k, p in named if no_decay(k)], "weight_decay": 0.0}])
-
-
-def _meta(ds, **kw) -> dict:
-    return {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "git_commit": git_commit(), **kw}
 
 
 # ----------------------------------------------------------------------------- embeddings and semantic IDs
 def stage_embed(args, ds=None) -> Path:
-    """Item embeddings of a frozen encoder: runs/<ds>/embed-<encoder>-<hash>/item_emb.npy, row i = item i."""
+    """Item embeddings of a frozen encoder: embed-<encoder>-<hash>/item_emb.npy, row i = item i."""
     ds = ds or load_dataset(args.dataset, args.data_dir)
     fields = parse_fields(args.fields, ITEM_TEXT_FIELDS)
     texts = ds.item_texts(fields)
     missing = sum(t is None for t in texts)
     if missing == ds.n_items:
-        raise DataError(f"{ds.name}: no item has any of the fields {', '.join(fields)}; choose --fields that "
-                        f"the dataset has (see python data.py --dataset {args.dataset} --stats)")
-    folder = weights_of(args, args.encoder)
-    key = {"dataset": ds.name, "data": ds.fingerprint, "weights": content_hash(folder / "model.safetensors"),
-           "fields": fields, "max_length": args.max_length}
+        raise DataError(f"{ds.name}: no item has any of the fields {', '.join(fields)}; choose other "
+                        f"--fields (python data.py --dataset {args.dataset} --stats lists them)")
+    folder, key = _weights(args, ds, args.encoder)
+    key.update(fields=fields, max=args.max_length)
     out = run_folder(args, "embed", encoder_label(args.encoder), key)
     if done(out):
-        up_to_date(out)
-        return out / "item_emb.npy"
+        return up_to_date(out) or out / "item_emb.npy"
     if missing:
         say(f"warning: {missing} of {ds.n_items} items have none of {', '.join(fields)}: embedded from ''")
-    say(f"{ds.name}: embedding {ds.n_items} items with {folder.name} ({' + '.join(fields)}, "
-        f"{args.max_length} tokens) into {out}")
-    enc = er.load_encoder(folder, device=args.device, max_length=args.max_length)
-    emb = enc.encode([t or "" for t in texts], batch_size=64)                        # (I, d) float32
+    say(f"{ds.name}: embedding {ds.n_items} items with {folder.name} into {out}")
+    emb = er.load_encoder(folder, device=args.device, max_length=args.max_length).encode(
+        [t or "" for t in texts], batch_size=64)                                       # (I, d) float32
     _save_npy(out / "item_emb.npy", emb)
     finish(out, {"task": "embed", "dataset": ds.name, "encoder": str(args.encoder), "shape": list(emb.shape),
                  "items_without_text": missing})
@@ -250,33 +248,30 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _embeddings(args, ds) -> tuple[np.ndarray, Path]:
+    """--emb, or the --encoder's item embeddings (made on the way): (I, d) float32, and the file."""
     path = Path(args.emb) if args.emb else stage_embed(with_(args, out=None, resume=True), ds)
     if not path.is_file():
         raise DataError(f"--emb {path}: no such file")
     emb = np.load(path, allow_pickle=False)
     if emb.ndim != 2 or emb.shape[0] != ds.n_items or not np.issubdtype(emb.dtype, np.floating):
-        raise DataError(f"{path} holds {emb.dtype} {emb.shape}, expected float ({ds.n_items}, d) for {ds.name}")
+        raise DataError(f"{path} holds {emb.dtype} {emb.shape}, expected float ({ds.n_items}, d)")
     return emb.astype(np.float32, copy=False), path
 
 
 def stage_rqvae(args, ds=None) -> Path:
-    """Semantic IDs (TIGER's 3 codes + the dedup code) of every item: runs/<ds>/ids-<tokenizer>-<encoder>-<hash>/
+    """Semantic IDs (TIGER's 3 codes + the dedup code) of every item: ids-<tokenizer>-<encoder>-<hash>/
     semantic_ids.npy (N, 4) int64, with the collision audit in results.json."""
     ds = ds or load_dataset(args.dataset, args.data_dir)
     if str(args.encoder).lower() == "none":
-        raise DataError("semantic IDs are made from item text embeddings: pass --encoder minilm or a "
-                        "fine-tuned run folder, not 'none'")
+        raise DataError("semantic IDs are made from item text embeddings: --encoder minilm or a run folder")
     emb, emb_path = _embeddings(args, ds)
     cfg = rq.RQVAEConfig(input_dim=emb.shape[1], dead_code_restart=not args.no_dead_code_restart)
-    if args.rqvae_epochs is not None:
-        cfg = replace(cfg, epochs=args.rqvae_epochs)
-    recipe = asdict(cfg) if args.tokenizer == "rqvae" else RKMEANS
-    key = {"dataset": ds.name, "embeddings": content_hash(emb_path), "tokenizer": args.tokenizer, "config": recipe,
-           "seed": args.seed}
+    cfg = cfg if args.rqvae_epochs is None else replace(cfg, epochs=args.rqvae_epochs)
+    key = {"dataset": ds.name, "embeddings": content_hash(emb_path), "tokenizer": args.tokenizer,
+           "config": asdict(cfg) if args.tokenizer == "rqvae" else RKMEANS, "seed": args.seed}
     out = run_folder(args, "ids", f"{args.tokenizer}-{encoder_label(args.encoder)}", key)
     if done(out):
-        up_to_date(out)
-        return out / "semantic_ids.npy"
+        return up_to_date(out) or out / "semantic_ids.npy"
     say(f"{ds.name}: {args.tokenizer} on {emb.shape[0]} x {emb.shape[1]} embeddings ({emb_path}) into {out}")
     if args.tokenizer == "rqvae":
         model = train_rqvae(emb, cfg, out, args.seed, trainer.init_distributed(args.device)[0], _meta(ds))
@@ -285,22 +280,22 @@ def stage_rqvae(args, ds=None) -> Path:
         codes = rq.residual_kmeans(emb, seed=args.seed, progress=True, **RKMEANS)    # (N, 3)
     ids, vocab = rq.semantic_ids(codes, RKMEANS["k"])                                # (N, 4), 4 ints
     _save_npy(out / "semantic_ids.npy", ids)
-    finish(out, {"task": "rqvae", "dataset": ds.name, "encoder": str(args.encoder), "tokenizer": args.tokenizer,
-                 "embeddings": str(emb_path), "vocab_sizes": list(vocab), "collisions": rq.collision_stats(codes),
+    finish(out, {"task": "rqvae", "dataset": ds.name, "encoder": str(args.encoder),
+                 "tokenizer": args.tokenizer, "embeddings": str(emb_path), "vocab_sizes": list(vocab),
+                 "collisions": rq.collision_stats(codes),
                  "ids_unique": len(np.unique(ids, axis=0)) == len(ids)})
     return out / "semantic_ids.npy"
 
 
-def train_rqvae(emb: np.ndarray, cfg: rq.RQVAEConfig, out: Path, seed: int, device: str, meta: dict) -> rq.RQVAE:
-    """The RQ-VAE through trainer.fit: k-means init of the codebooks on the first batch; after every epoch,
-    the code usage of that epoch and (cfg.dead_code_restart) unused codes moved onto residuals of its last
-    batch. Returns the model in eval mode."""
+def train_rqvae(emb: np.ndarray, cfg: rq.RQVAEConfig, out: Path, seed: int, device: str, meta: dict):
+    """The RQ-VAE through trainer.fit: k-means init of the codebooks on the first batch; after each epoch,
+    its code usage, and (cfg.dead_code_restart) its unused codes moved onto residuals of its last batch."""
     emb = rq.check_embeddings(emb)                                             # (N, d) finite float32
     torch.manual_seed(seed)
     model = rq.RQVAE(cfg).to(device)
     model.set_standardization(emb)
     X = torch.from_numpy(emb).to(device)
-    codes = torch.zeros(len(X), cfg.levels, dtype=torch.long, device=device)   # codes chosen in this epoch
+    codes = torch.zeros(len(X), cfg.levels, dtype=torch.long, device=device)   # the codes chosen this epoch
     last = {}
 
     def loss_fn(idx):
@@ -315,52 +310,57 @@ def train_rqvae(emb: np.ndarray, cfg: rq.RQVAEConfig, out: Path, seed: int, devi
         stats = rq.collision_stats(codes.cpu().numpy(), cfg.codebook_size)
         rec = {k: stats[k] for k in ("usage", "perplexity", "collision_rate", "largest_group")}
         if cfg.dead_code_restart:
-            counts = torch.stack([torch.bincount(codes[:, lv], minlength=cfg.codebook_size)
-                                  for lv in range(cfg.levels)])                   # (L, K)
+            counts = torch.stack([torch.bincount(c, minlength=cfg.codebook_size) for c in codes.T])  # (L, K)
             rec["restarted"] = rq.restart_dead_codes(m, counts, last["residuals"])
         return rec
 
-    opt = _adamw(model, cfg.weight_decay, lambda name: name == "codebooks")
     tcfg = trainer.TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, max_epochs=cfg.epochs, metric=None,
                                checkpoint_minutes=None, seed=seed)
-    trainer.fit(model, loss_fn, len(X), opt, out, tcfg, evaluate=end_of_epoch,
-                meta={**meta, "rqvae_config": asdict(cfg)}, resume=True, desc="rq-vae")
+    opt = _adamw(model, cfg.weight_decay, lambda name: name == "codebooks")
+    trainer.fit(model, loss_fn, len(X), opt, out, tcfg, evaluate=end_of_epoch, resume=True, desc="rq-vae",
+                meta={**meta, "rqvae_config": asdict(cfg)})
     if cfg.epochs == 0 and cfg.kmeans_init:
         model.init_codebooks(X[:cfg.batch_size], seed=seed)
     return model.eval()
 
 
 # ----------------------------------------------------------------------------- recommenders
-def _recommender_out(args, ds, stage: str, label: str, key: dict) -> Path:
-    return run_folder(args, stage, label, {"dataset": ds.name, "data": ds.fingerprint, **key,
-                                           "amp": args.amp, "seed": args.seed, "lr": args.lr,
-                                           "batch_size": args.batch_size, "patience": args.patience})
+def _loop(args, **kw) -> trainer.TrainConfig:
+    """The loop settings of a recommender from the command line."""
+    return trainer.TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.max_epochs,
+                               amp=args.amp, patience=args.patience, seed=args.seed,
+                               max_minutes=args.max_minutes, **kw)
+
+
+def _recommender_folder(args, ds, stage: str, label: str, loop: trainer.TrainConfig, key: dict) -> Path:
+    loop = {k: v for k, v in asdict(loop).items() if k not in ("max_minutes", "checkpoint_minutes")}
+    return run_folder(args, stage, label, {"dataset": ds.name, "data": ds.fingerprint, **key, "loop": loop})
 
 
 def stage_unisrec(args) -> Path:
-    """UniSRec on frozen item embeddings (--encoder minilm|RUN_DIR), or SASRec on item IDs (--encoder none):
-    full-softmax training with early stopping on valid NDCG@10, then the best model on valid and test."""
+    """UniSRec on frozen item embeddings, or SASRec on item IDs (--encoder none): Adam, full softmax, early
+    stopping on valid NDCG@10 (UniSRec's fine-tuning); the best model tested."""
     ds = load_dataset(args.dataset, args.data_dir)
     text = str(args.encoder).lower() != "none"
     mode = args.mode if text else "id"
     emb, emb_path = _embeddings(args, ds) if text else (None, None)
-    args = with_(args, lr=args.lr or 1e-3, batch_size=args.batch_size or 2048)
-    key = {"embeddings": content_hash(emb_path) if text else None, "mode": mode, "max_history": args.max_history,
-           "max_epochs": args.max_epochs, "mask_history": args.mask_history}
-    out = _recommender_out(args, ds, "unisrec", f"{mode}-{encoder_label(args.encoder)}" if text else "id", key)
+    args = with_(args, lr=args.lr or 1e-3, batch_size=args.batch_size or 2048)   # UniSRec's finetune.yaml
+    key = {"embeddings": content_hash(emb_path) if text else None, "mode": mode,
+           "max_history": args.max_history, "mask_history": args.mask_history}
+    label = f"{mode}-{encoder_label(args.encoder)}" if text else "id"
+    loop = _loop(args)
+    out = _recommender_folder(args, ds, "unisrec", label, loop, key)
     if done(out):
-        up_to_date(out)
-        return out
-    device, rank, world = trainer.init_distributed(args.device)
+        return up_to_date(out) or out
+    device, rank, _ = trainer.init_distributed(args.device)
     torch.manual_seed(args.seed)
     cfg = us.UniSRecConfig(mode=mode, max_seq_len=args.max_history)
     model = (us.UniSRec(cfg, emb) if text else us.SASRecID(ds.n_items, cfg)).to(device)
     if args.compile:
         model.compile_core()
-    H, _ = ds.histories(ds.splits.train, args.max_history)                            # (N, L), -1 = padding
-    H, T = torch.as_tensor(H, device=device), torch.as_tensor(ds.splits.train.target, device=device)  # T (N,)
-    say(f"{ds.name}: {'UniSRec (' + mode + ')' if text else 'SASRec-ID'} on {len(T)} training prefixes, "
-        f"device {device}; writing {out}")
+    H = torch.as_tensor(ds.histories(ds.splits.train, args.max_history)[0], device=device)  # (N, L), -1 = pad
+    T = torch.as_tensor(ds.splits.train.target, device=device)                              # (N,)
+    say(f"{ds.name}: {mode} UniSRec on {len(T)} training prefixes, {device}; writing {out}")
 
     def loss_fn(idx):
         share, w = trainer.rank_share(idx.to(device))
@@ -369,10 +369,8 @@ def stage_unisrec(args) -> Path:
     def evaluate(m, cases=ds.splits.valid):
         return ev.evaluate_unisrec(m, ds, cases, args.max_history, args.mask_history)
 
-    cfg_t = trainer.TrainConfig(lr=args.lr, batch_size=args.batch_size, max_epochs=args.max_epochs,
-                                patience=args.patience, amp=args.amp, max_minutes=args.max_minutes, seed=args.seed)
     meta = _meta(ds, model_config=asdict(model.cfg), item_emb=str(emb_path) if text else None)
-    summary = trainer.fit(model, loss_fn, len(T), torch.optim.Adam(model.parameters()), out, cfg_t,
+    summary = trainer.fit(model, loss_fn, len(T), torch.optim.Adam(model.parameters()), out, loop,
                           evaluate=evaluate, resume=args.resume, meta=meta, desc="unisrec")
     if rank == 0 and not summary["time_capped"]:
         finish(out, {"task": "unisrec", "dataset": ds.name, "encoder": str(args.encoder), "mode": mode,
@@ -381,48 +379,41 @@ def stage_unisrec(args) -> Path:
     return out
 
 
-# TIGER trained 200k steps of batch 256 with Adafactor, lr 0.01, inverse-sqrt decay after 10k warm-up steps
-# (Sec. 4.1); ours: AdamW, which needs a smaller peak lr (--lr 1e-3), weight decay 0.01 on Linear weights only,
-# gradients clipped at norm 1, warm-up 1000 steps (--warmup-steps).
+# TIGER (Sec. 4.1) trained 200k steps of batch 256 with Adafactor, lr 0.01 and inverse-sqrt decay after 10k
+# warm-up steps. Ours: AdamW (it needs a smaller peak lr, --lr 1e-3), weight decay 0.01 on Linear weights
+# only, gradients clipped at norm 1, 1,000 warm-up steps (--warmup-steps).
 TIGER_WEIGHT_DECAY, TIGER_GRAD_CLIP, TIGER_WARMUP = 0.01, 1.0, 1000
 
 
 def lr_factor(step: int, warmup: int) -> float:
-    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warm-up to 1 over
-    `warmup` steps, then inverse-square-root decay sqrt(warmup / (step + 1)). The decay is scaled
-    by the warm-up, so warmup must be >= 1 (0 would mean a zero learning rate)."""
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warm-up to 1 over `warmup` steps,
+    then sqrt(warmup / (step + 1)). The decay is scaled by the warm-up, so warmup must be >= 1."""
     if warmup < 1:
         raise ValueError(f"warmup_steps must be >= 1 (the decay is sqrt(warmup / step)), got {warmup}")
     s = step + 1
     return s / warmup if s < warmup else math.sqrt(warmup / s)
 
 
-
 def epoch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, buckets: int) -> np.ndarray:
-    """The order in which epoch `epoch` visits the N training examples: consecutive runs of
-    `batch_size` are the batches (the last one may be short). A seeded shuffle; with buckets > 1,
-    each run of `buckets` batches of the shuffle is sorted by history length (`lengths` (N,), items
-    kept) before it is cut into batches, and the full batches are then put in a random order.
-    Histories of one batch then have similar lengths. Tiger.forward already runs every batch in
-    groups of rows of similar width; grouping the batches themselves makes those groups few and
-    large (on Scientific, CPU, 1 thread: ~1.3-1.7x training examples/s over a plain shuffle), while
-    every batch still draws its users from the whole shuffle and the batch order stays random.
-    The same (seed, epoch) always gives the same order (exact resume)."""
+    """The N examples in epoch `epoch`'s order (consecutive runs of batch_size = the batches): a permutation
+    seeded by (seed, epoch); with buckets > 1 each run of `buckets` batches is sorted by history length
+    (`lengths` (N,)) and the full batches shuffled, so a batch pads little while its users still come from the
+    whole shuffle. A CPU speed path (Tiger.length_buckets); --group-by-length 0 = the plain shuffle."""
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(lengths))
-    if buckets <= 1:
+    if buckets <= 1 or not len(perm):
         return perm
     span = batch_size * buckets
     order = np.concatenate([c[np.argsort(lengths[c], kind="stable")]
-                            for c in np.array_split(perm, range(span, len(perm), span))]) if len(perm) else perm
+                            for c in np.array_split(perm, range(span, len(perm), span))])
     n_full = len(order) // batch_size * batch_size
     batches = order[:n_full].reshape(-1, batch_size)                       # (n_full / bs, bs)
     return np.concatenate([batches[rng.permutation(len(batches))].ravel(), order[n_full:]])
 
 
 def stage_tiger(args) -> Path:
-    """TIGER on the semantic IDs of the --encoder embeddings: teacher-forced training with early stopping on
-    the valid NDCG@10 of constrained beam search; the best checkpoint tested once, beside popularity."""
+    """TIGER on the semantic IDs of the --encoder: teacher forcing, early stopping on the valid NDCG@10 of
+    constrained beam search; the best checkpoint tested beside popularity."""
     ds = load_dataset(args.dataset, args.data_dir)
     args = with_(args, lr=args.lr or 1e-3, batch_size=args.batch_size or 256)
     warmup = args.warmup_steps or TIGER_WARMUP
@@ -435,73 +426,68 @@ def stage_tiger(args) -> Path:
     if rank == 0 and world > 1:
         torch.distributed.barrier()
     codes = np.load(sem_path, allow_pickle=False)
-    ids = tg.SemanticIDs(codes, json.loads((sem_path.parent / "results.json").read_text())["vocab_sizes"], device)
-    key = {"semantic_ids": content_hash(sem_path), "history": args.tiger_history, "max_steps": args.max_steps,
-           "max_epochs": args.max_epochs, "eval_every": args.eval_every, "warmup": warmup, "beam": args.beam,
-           "group_by_length": args.group_by_length}
-    out = _recommender_out(args, ds, "tiger", f"{args.tokenizer}-{encoder_label(args.encoder)}", key)
+    vocab = json.loads((sem_path.parent / "results.json").read_text())["vocab_sizes"]
+    ids = tg.SemanticIDs(codes, vocab, device)
+    loop = _loop(args, max_steps=args.max_steps, eval_every=args.eval_every, grad_clip=TIGER_GRAD_CLIP)
+    key = {"semantic_ids": content_hash(sem_path), "history": args.tiger_history, "warmup": warmup,
+           "beam": args.beam, "grouping": args.group_by_length}
+    out = _recommender_folder(args, ds, "tiger", f"{args.tokenizer}-{encoder_label(args.encoder)}", loop, key)
     if done(out):
-        up_to_date(out)
-        return out
+        return up_to_date(out) or out
     torch.manual_seed(args.seed)
     cfg = tg.TigerConfig(vocab_sizes=list(ids.vocab_sizes), max_items=args.tiger_history)
     model = tg.Tiger(cfg).to(device)
+    model.length_buckets = torch.device(device).type == "cpu"   # on a GPU small kernel launches cost more
     if args.compile:
         model.compile_core()
-    hist, _ = ds.histories(ds.splits.train, args.tiger_history)                      # (N, L), -1 = padding
-    lengths = np.minimum((hist >= 0).sum(1), args.tiger_history)                     # (N,)
+    hist = ds.histories(ds.splits.train, args.tiger_history)[0]                      # (N, L), -1 = padding
+    lengths = (hist >= 0).sum(1)                                                     # (N,)
     H, T = torch.as_tensor(hist, device=device), torch.as_tensor(ds.splits.train.target, device=device)
-    say(f"{ds.name}: TIGER on {sem_path} (vocab {ids.vocab_sizes}), {len(T)} training prefixes, device {device}"
-        + (f" x {world} ranks" if world > 1 else "") + f"; writing {out}")
+    say(f"{ds.name}: TIGER on {len(T)} training prefixes, {device} x {world}; writing {out}")
 
     def loss_fn(idx):
         share, w = trainer.rank_share(idx.to(device))
         return w * model.loss(tg.tokenize_histories(H[share], ids, cfg.max_items), ids.tokens[T[share]])
 
-    decay = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}   # Linear weights only
+    decay = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     opt = _adamw(model, TIGER_WEIGHT_DECAY, lambda k: id(model.get_parameter(k)) not in decay)
-    cfg_t = trainer.TrainConfig(lr=args.lr, batch_size=args.batch_size, max_steps=args.max_steps,
-                                max_epochs=args.max_epochs, eval_every=args.eval_every, patience=args.patience,
-                                grad_clip=TIGER_GRAD_CLIP, amp=args.amp, max_minutes=args.max_minutes,
-                                seed=args.seed)
-    meta = _meta(ds, model_config=asdict(model.cfg), semantic_ids=torch.as_tensor(codes), semantic_ids_path=str(sem_path))
+    meta = _meta(ds, model_config=asdict(model.cfg), semantic_ids=torch.as_tensor(codes),
+                 semantic_ids_path=str(sem_path))
     summary = trainer.fit(
-        model, loss_fn, len(T), opt, out, cfg_t, schedule=lambda s: lr_factor(s, warmup),
+        model, loss_fn, len(T), opt, out, loop, schedule=lambda s: lr_factor(s, warmup),
         evaluate=lambda m: ev.evaluate_tiger(m, ds, ds.splits.valid, ids, args.beam),
         order=lambda e: epoch_order(lengths, args.batch_size, args.seed, e, args.group_by_length),
         resume=args.resume, meta=meta, desc="tiger")
     if rank == 0 and not summary["time_capped"]:
         test = ds.splits.test
-        finish(out, {"task": "tiger", "dataset": ds.name, "encoder": str(args.encoder), "tokenizer": args.tokenizer,
-                     "semantic_ids": str(sem_path), "run": str(out), "beam": args.beam, **summary,
-                     "test": ev.evaluate_tiger(model, ds, test, ids, args.beam),
+        finish(out, {"task": "tiger", "dataset": ds.name, "encoder": str(args.encoder),
+                     "tokenizer": args.tokenizer, "semantic_ids": str(sem_path), "run": str(out),
+                     "beam": args.beam, **summary, "test": ev.evaluate_tiger(model, ds, test, ids, args.beam),
                      "popularity": ev.summarize(ev.popularity_ranks(ds, test), (5, 10), cold=test.cold)})
     return out
 
 
 # ----------------------------------------------------------------------------- the whole pipeline
 def stage_retrieval(args, ds, encoder: str, max_length: int) -> None:
-    """Title -> document retrieval of one encoder over all items (the paper's Table 1), as a run folder."""
+    """Title -> document retrieval of one encoder over all items (Table 1) as a run folder."""
     doc_fields = parse_fields(args.doc_fields, DOCUMENT_FIELDS)
-    folder = weights_of(args, encoder)
-    key = {"dataset": ds.name, "data": ds.fingerprint, "weights": content_hash(folder / "model.safetensors"),
-           "doc_fields": doc_fields, "max_length": max_length}
-    out = run_folder(with_(args, out=None, resume=True), "retrieval", encoder_label(encoder), key)
+    folder, key = _weights(args, ds, encoder)
+    key.update(docs=doc_fields, max=max_length)
+    out = run_folder(args, "retrieval", encoder_label(encoder), key)
     if done(out):
-        up_to_date(out)
-        return
+        return up_to_date(out)
     enc = er.load_encoder(folder, device=args.device, max_length=max_length)
     finish(out, {"task": "retrieval", "dataset": ds.name, "encoder": encoder, "doc_fields": doc_fields,
                  "max_length": max_length, **ev.retrieval_eval(enc, ds, doc_fields=doc_fields)})
 
 
 def stage_all(args) -> None:
-    """The paper's pipeline on one dataset with one --budget: EncodeRec fine-tuning on all items, retrieval
-    and item embeddings of the off-the-shelf and the fine-tuned encoder, UniSRec on each (and SASRec-ID),
-    semantic IDs and TIGER on each, then the report. Finished folders are skipped, unfinished ones continued."""
+    """The paper's pipeline on one dataset: EncodeRec fine-tuning, then for the off-the-shelf and the tuned
+    encoder retrieval, UniSRec (and SASRec-ID), semantic IDs and TIGER; then the report."""
     b = BUDGETS[args.budget]
     ds = load_dataset(args.dataset, args.data_dir)
-    fields, doc_fields = parse_fields(args.fields, ITEM_TEXT_FIELDS), parse_fields(args.doc_fields, DOCUMENT_FIELDS)
+    fields = parse_fields(args.fields, ITEM_TEXT_FIELDS)
+    doc_fields = parse_fields(args.doc_fields, DOCUMENT_FIELDS)
     base = with_(args, resume=True, out=None, lr=None, batch_size=None, max_length=256)  # stage defaults
     has_text = any(t is not None for t in ds.item_texts(fields))
     pairs = sum(bool(t and d) for t, d in zip(ds.title_texts(), ds.document_texts(doc_fields)))
@@ -514,10 +500,9 @@ def stage_all(args) -> None:
         say("[all] EncodeRec fine-tuning")
         encoders.append(str(stage_encoder(with_(base, holdout=0.0, epochs=b["epochs"],
                                                 max_length=b["encoder_max_length"]))))
-    for enc in encoders:
-        if pairs >= 2:
-            say(f"[all] retrieval with {encoder_label(enc)}")
-            stage_retrieval(base, ds, enc, b["encoder_max_length"])
+    for enc in encoders if pairs >= 2 else []:
+        say(f"[all] retrieval with {encoder_label(enc)}")
+        stage_retrieval(base, ds, enc, b["encoder_max_length"])
     for enc in ["none", *encoders]:
         say(f"[all] UniSRec with {encoder_label(enc)}")
         stage_unisrec(with_(base, encoder=enc, max_epochs=b["max_epochs"]))
@@ -534,68 +519,57 @@ STAGES = {"encoder": stage_encoder, "embed": stage_embed, "rqvae": stage_rqvae, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description="Train one stage of the EncodeRec pipeline (see the module "
-                                             "docstring); the last stdout line is the stage's results as JSON.")
+    ap = argparse.ArgumentParser(description="Train a stage of the EncodeRec pipeline (see the module "
+                                 "docstring); the last stdout line is its results as JSON.")
     ap.add_argument("--stage", required=True, choices=list(STAGES))
     g = ap.add_argument_group("every stage")
-    g.add_argument("--dataset", default=None, help=f"{' | '.join(REGISTRY)} | PATH (an LC-Rec folder or raw "
-                   f"Amazon files); default {DEFAULT_DATASET}")
-    g.add_argument("--data-dir", default="data", help="download and processed-cache folder (default ./data)")
-    g.add_argument("--runs", default="runs", help="where run folders go (default ./runs)")
-    g.add_argument("--out", default=None, help="this stage's run folder instead of runs/<dataset>/<stage>-...")
-    g.add_argument("--resume", action="store_true", help="continue the unfinished run in the stage's folder")
-    g.add_argument("--device", default="auto", help="auto (cuda when available) | cpu | cuda[:N]")
-    g.add_argument("--seed", type=int, default=0, help="seeds the run (CPU runs are deterministic)")
-    g.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="CUDA autocast dtype (default off)")
-    g.add_argument("--batch-size", type=int, default=None,
-                   help="encoder: pairs per InfoNCE batch (512); unisrec: 2048; tiger: 256")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (encoder 5e-5, unisrec/tiger 1e-3)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (encoder, unisrec, tiger)")
-    g.add_argument("--max-minutes", type=float, default=None,
-                   help="stop at the first evaluation past this much time (unfinished: --resume continues)")
-    e = ap.add_argument_group("encoder (and embed, the encoders of rqvae / unisrec / tiger)")
-    e.add_argument("--backbone", default="minilm", help="encoder: minilm | a BERT folder (default minilm)")
-    e.add_argument("--encoder", default="minilm", help="embed / rqvae / unisrec / tiger: minilm | a fine-tuned "
-                   "run folder | a BERT folder | none (unisrec only: SASRec-ID); default minilm")
-    e.add_argument("--weights", default=None, help="folder with the files of a named backbone (offline)")
-    e.add_argument("--max-length", type=int, default=256, help="token limit (MiniLM's card: 256)")
-    e.add_argument("--epochs", type=int, default=3, help="encoder: epochs of fine-tuning (default 3)")
-    e.add_argument("--chunk-size", type=int, default=64, help="encoder: GradCache chunk; memory ~ chunk (64)")
-    e.add_argument("--temperature", type=float, default=0.05, help="encoder: InfoNCE tau (default 0.05)")
-    e.add_argument("--symmetric", action="store_true", help="encoder: add the document -> title direction")
-    e.add_argument("--holdout", type=float, default=0.0, help="encoder: seeded share of items kept out of "
-                   "training, whose title -> document retrieval is evaluated each epoch (default 0)")
-    e.add_argument("--doc-fields", default=None, help="encoder: the document's fields (default "
-                   f"{','.join(DOCUMENT_FIELDS)})")
-    e.add_argument("--no-eval", action="store_true", help="encoder: no held-out evaluation (as --holdout 0)")
-    e.add_argument("--fields", default=None, help=f"embed / rqvae / unisrec / tiger: item text fields "
-                   f"(default {','.join(ITEM_TEXT_FIELDS)})")
-    e.add_argument("--emb", default=None, help="rqvae / unisrec / tiger: this item-embedding .npy instead")
-    q = ap.add_argument_group("rqvae (and tiger)")
-    q.add_argument("--tokenizer", choices=["rqvae", "rkmeans"], default="rqvae",
-                   help="RQ-VAE (TIGER) or residual k-means (no network); default rqvae")
-    q.add_argument("--rqvae-epochs", type=int, default=None, help=f"default {rq.RQVAEConfig.epochs}")
-    q.add_argument("--no-dead-code-restart", action="store_true", help="the plain TIGER recipe (see rqvae.py)")
+    g.add_argument("--dataset", help=f"{' | '.join(REGISTRY)} | a data folder ({DEFAULT_DATASET})")
+    g.add_argument("--data-dir", default="data", help="downloads and processed caches (./data)")
+    g.add_argument("--runs", default="runs", help="where run folders go (./runs)")
+    g.add_argument("--out", help="this stage's run folder instead of runs/<dataset>/<stage>-...")
+    g.add_argument("--resume", action="store_true", help="continue the unfinished run in the folder")
+    g.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda[:N]")
+    g.add_argument("--seed", type=int, default=0, help="CPU runs are deterministic for a seed (0)")
+    g.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="CUDA autocast (off)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--batch-size", type=int, help="encoder: pairs (512); unisrec 2048; tiger 256")
+    g.add_argument("--lr", type=float, help="peak learning rate (encoder 5e-5, unisrec and tiger 1e-3)")
+    g.add_argument("--max-minutes", type=float, help="stop at the first evaluation after it")
+    e = ap.add_argument_group("encoder, and the encoder of embed / rqvae / unisrec / tiger")
+    e.add_argument("--backbone", default="minilm", help="encoder: minilm | a BERT folder (minilm)")
+    e.add_argument("--encoder", default="minilm", help="minilm | a run or BERT folder | none (SASRec-ID)")
+    e.add_argument("--weights", help="folder with a named backbone's files (offline)")
+    e.add_argument("--max-length", type=int, default=256, help="token limit (256, MiniLM's card)")
+    e.add_argument("--epochs", type=int, default=3, help="encoder: epochs (3)")
+    e.add_argument("--chunk-size", type=int, default=64, help="encoder: GradCache chunk (64)")
+    e.add_argument("--temperature", type=float, default=0.05, help="encoder: InfoNCE tau (0.05)")
+    e.add_argument("--symmetric", action="store_true", help="encoder: add document -> title")
+    e.add_argument("--holdout", type=float, default=0.0, help="encoder: share of items kept out, their "
+                   "retrieval evaluated each epoch (0)")
+    e.add_argument("--doc-fields", help=f"encoder: the document ({','.join(DOCUMENT_FIELDS)})")
+    e.add_argument("--no-eval", action="store_true", help="encoder: the same as --holdout 0")
+    e.add_argument("--fields", help=f"the item text to embed ({','.join(ITEM_TEXT_FIELDS)})")
+    e.add_argument("--emb", help="rqvae / unisrec / tiger: this item-embedding .npy instead")
+    q = ap.add_argument_group("rqvae and tiger")
+    q.add_argument("--tokenizer", choices=["rqvae", "rkmeans"], default="rqvae", help="or residual k-means")
+    q.add_argument("--rqvae-epochs", type=int, help=f"({rq.RQVAEConfig.epochs})")
+    q.add_argument("--no-dead-code-restart", action="store_true", help="TIGER's plain recipe (rqvae.py)")
     u = ap.add_argument_group("unisrec and tiger")
-    u.add_argument("--max-epochs", type=int, default=None, help="cap on epochs (default: early stopping only)")
-    u.add_argument("--patience", type=int, default=10,
-                   help="evaluations without a better valid NDCG@10 before stopping (default 10)")
+    u.add_argument("--max-epochs", type=int, help="cap on epochs (none: early stopping only)")
+    u.add_argument("--patience", type=int, default=10, help="evaluations without a better valid NDCG@10 (10)")
     u.add_argument("--mode", choices=["inductive", "transductive"], default="inductive",
-                   help="unisrec: text only (the paper's setting, default) or text + item-ID embedding")
-    u.add_argument("--max-history", type=int, default=50, help="unisrec: history length (UniSRec: 50)")
+                   help="unisrec: text only (the paper's) or text + item-ID embedding")
+    u.add_argument("--max-history", type=int, default=50, help="unisrec: history length (50)")
     u.add_argument("--mask-history", action="store_true", help="unisrec: mask history items when ranking")
     t = ap.add_argument_group("tiger")
-    t.add_argument("--max-steps", type=int, default=200_000, help="training steps (TIGER: 200k)")
-    t.add_argument("--eval-every", type=int, default=1000, help="steps between validations (default 1000)")
-    t.add_argument("--warmup-steps", type=int, default=None, help="linear warm-up, then inverse-sqrt decay "
-                   f"(default {TIGER_WARMUP})")
-    t.add_argument("--beam", type=int, default=10, help="beam width = returned IDs (TIGER: 10)")
-    t.add_argument("--tiger-history", type=int, default=20, help="history items (TIGER: the last 20)")
-    t.add_argument("--group-by-length", type=int, default=50, help="batches of similar history length, sorted "
-                   "in spans of this many batches (tiger.epoch_order); 0 = plain shuffle")
-    a = ap.add_argument_group("all")
-    a.add_argument("--budget", choices=list(BUDGETS), default="smoke",
-                   help="every schedule: smoke (minutes on a CPU) or paper (the published ones; TIGER on a GPU)")
+    t.add_argument("--max-steps", type=int, default=200_000, help="training steps (200k, TIGER's)")
+    t.add_argument("--eval-every", type=int, default=1000, help="steps between validations (1000)")
+    t.add_argument("--warmup-steps", type=int, help=f"linear warm-up, then inverse sqrt ({TIGER_WARMUP})")
+    t.add_argument("--beam", type=int, default=10, help="beam width = returned IDs (10)")
+    t.add_argument("--tiger-history", type=int, default=20, help="history items (20, TIGER's)")
+    t.add_argument("--group-by-length", type=int, default=50, help="epoch_order's spans; 0 = plain shuffle")
+    ap.add_argument_group("all").add_argument("--budget", choices=list(BUDGETS), default="smoke",
+                                              help="every schedule: smoke (CPU minutes) or paper")
     return ap
 
 
@@ -622,8 +596,7 @@ def main(argv=None) -> int:
         if e.errno not in WRITE_ERRORS:
             raise
         say(f"error: cannot write {e.filename or 'the output'}: {e.strerror}. Free some space or choose a "
-            f"writable --runs / --out; files written before are intact (writes are atomic), so --resume "
-            f"continues from the last checkpoint.")
+            f"writable --runs / --out; writes are atomic, so --resume continues from the last checkpoint.")
         return 2
     return 0
 

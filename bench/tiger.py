@@ -14,8 +14,8 @@ prefixes>). Repeats are interleaved (ours, then HF, on the same batch) after one
 each; the table shows medians and ratios ours / HF. It also reports how often the two decoders
 return the same top-10 list (same weights, so they should agree up to float ties).
 
-Data: --dataset (default ../shared/data/lcrec/Beauty). Semantic IDs: --sem-ids FILE.npy (with
-its .json sidecar), else a runs/<dataset>/*/semantic_ids-*.npy (RQ-VAE first), else random unique IDs
+Data: --dataset (default ../shared/data/lcrec/Beauty). Semantic IDs: --sem-ids FILE (a semantic_ids.npy of
+train.py --stage rqvae), else the newest runs/<dataset>/ids-rqvae-*/semantic_ids.npy, else random unique IDs
 with the real catalog size (t5_helpers.random_semantic_ids: 3 x 256 codes + a dedup level); the
 header says which. Speed does not depend on the ID values, but the constraint tables do.
 
@@ -26,6 +26,7 @@ on a GPU (float32 on both sides, synchronised timers).
 """
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -45,13 +46,13 @@ DATA = ROOT.parent / "shared" / "data" / "lcrec" / "Beauty"
 
 
 def find_sem_ids(args, ds) -> tuple[tg.SemanticIDs, str]:
-    path = Path(args.sem_ids) if args.sem_ids else None
-    if path is None:
-        found = sorted((ROOT / "runs" / ds.name).glob("*/semantic_ids-*.npy"),
-                       key=lambda p: ("rqvae" not in p.name, str(p)))          # RQ-VAE IDs first
-        path = found[0] if found else None
+    """--sem-ids (a semantic_ids.npy of train.py --stage rqvae), else the newest in runs/<dataset>/ids-rqvae-*,
+    else random unique IDs of the real catalog size."""
+    found = sorted((ROOT / "runs" / ds.name).glob("ids-rqvae-*/semantic_ids.npy"), key=lambda p: p.stat().st_mtime)
+    path = Path(args.sem_ids) if args.sem_ids else (found[-1] if found else None)
     if path is not None:
-        ids = tg.load_semantic_ids(path)
+        vocab = json.loads((path.parent / "results.json").read_text())["vocab_sizes"]
+        ids = tg.SemanticIDs(np.load(path), vocab)
         if ids.n_items != ds.n_items:
             sys.exit(f"error: {path} has {ids.n_items} rows but {ds.name} has {ds.n_items} items")
         return ids, f"{path} (vocab {ids.vocab_sizes})"

@@ -1,11 +1,12 @@
-"""Helpers for the TIGER tests and bench/tiger.py: random semantic IDs, and Hugging Face T5 interop
-(the same architecture as a transformers.T5Config, our weights under T5ForConditionalGeneration's
-parameter names) for the parity test and the speed comparison. Kept out of tiger.py, which needs
-neither."""
+"""Helpers for the TIGER tests and bench/tiger.py: random semantic IDs, exhaustive scoring (the
+reference constrained beam search must reproduce), and Hugging Face T5 interop (the same architecture as
+a transformers.T5Config, our weights under T5ForConditionalGeneration's parameter names) for the parity
+test and the speed comparison. Kept out of tiger.py, which needs none of them."""
 import numpy as np
+import torch
 
 import rqvae
-from tiger import EOS, PAD, Tiger, TigerConfig
+from tiger import EOS, PAD, SemanticIDs, Tiger, TigerConfig, decoder_inputs
 
 
 def random_semantic_ids(n_items: int, vocab_sizes=(256, 256, 256), seed: int = 0) -> tuple[np.ndarray, list]:
@@ -16,6 +17,28 @@ def random_semantic_ids(n_items: int, vocab_sizes=(256, 256, 256), seed: int = 0
     head = np.stack([rng.integers(0, v, n_items) for v in vocab_sizes], axis=1)   # (N, L)
     codes, _ = rqvae.semantic_ids(head, codebook_size=max(vocab_sizes))           # (N, L + 1)
     return codes, [int(v) for v in vocab_sizes] + [int(codes[:, -1].max()) + 1]
+
+
+def exhaustive_scores(model: Tiger, src, ids: SemanticIDs, chunk: int = 4096) -> torch.Tensor:
+    """Log-probability of every catalog item's ID for each encoder input: (B, T) -> (B, N) float32,
+    teacher-forced (the reference that constrained beam search must reproduce). Eval mode, restored."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            kvs, mem_mask = model.encode_memory(src)
+            B = mem_mask.shape[0]
+            out = []
+            for s in range(0, ids.n_items, chunk):
+                tgt = ids.tokens[s:s + chunk]                                  # (n, S)
+                n, S = tgt.shape
+                tin = decoder_inputs(tgt).repeat(B, 1)                         # (B*n, S): n per user
+                logits = model.decoder(tin, kvs, mem_mask)[0].float()          # (B*n, S, V)
+                lp = torch.log_softmax(logits, -1).gather(-1, tgt.repeat(B, 1).unsqueeze(-1))  # (B*n, S, 1)
+                out.append(lp.view(B, n, S).sum(-1))                           # (B*n, S, 1) -> (B, n)
+            return torch.cat(out, dim=1)
+    finally:
+        model.train(was)
 
 
 def t5_config_kwargs(cfg: TigerConfig) -> dict:

@@ -76,11 +76,14 @@ def test_encoder_stage_then_retrieval_eval(tmp_path, fixture_ds, capsys):
     history = json.loads((out / "history.json").read_text())
     assert len(history) == 1 and "recall@10" in history[-1]["valid"]
     assert train.main(argv) == 0 and "up to date" in capsys.readouterr().err   # finished: nothing to do
+    results = (out / "results.json").read_text()
     (out / "results.json").unlink()                                # an unfinished run needs --resume
     assert train.main(argv) == 2 and "--resume" in capsys.readouterr().err
-    assert ev.main(["--task", "retrieval", "--dataset", str(fixture_ds), "--encoder", str(out),
-                    "--doc-fields", "description,brand", "--data-dir", str(tmp_path / "cache"),
-                    "--device", "cpu"]) == 0
+    retrieval = ["--task", "retrieval", "--dataset", str(fixture_ds), "--encoder", str(out), "--doc-fields",
+                 "description,brand", "--data-dir", str(tmp_path / "cache"), "--device", "cpu"]
+    assert ev.main(retrieval) == 2 and "unfinished run" in capsys.readouterr().err   # not "missing config.json"
+    (out / "results.json").write_text(results)
+    assert ev.main(retrieval) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["n_queries"] == 5 and metrics["n_documents"] == 6  # C has no title, D a brand only
     assert 0 <= metrics["ndcg@10"] <= metrics["recall@10"] == 1.0  # 6 documents: all in the top 10

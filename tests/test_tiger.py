@@ -10,7 +10,7 @@ import amazon_fixture as fx
 import numpy as np
 import pytest
 import torch
-from t5_helpers import random_semantic_ids, t5_config_kwargs, t5_state_dict
+from t5_helpers import exhaustive_scores, random_semantic_ids, t5_config_kwargs, t5_state_dict
 
 import tiger as tg
 import train
@@ -156,14 +156,14 @@ def test_constrained_beam_search_equals_exhaustive(buckets):
     m = build(ids)
     m.length_buckets = buckets
     src = tg.tokenize_histories(right_aligned(SEQS, 8), ids)
-    ex = tg.exhaustive_scores(m, src, ids)                                 # (5, 30)
-    assert m.training                                                      # mode restored
+    ex = exhaustive_scores(m, src, ids)                                    # (5, 30)
     for beam, k in ((30, 30), (30, 10), (40, 30)):
         items, scores, codes = tg.beam_search(m, src, ids, beam=beam, k=k)
         top = ex.topk(k, dim=1)
         assert torch.equal(items, top.indices)
         torch.testing.assert_close(scores, top.values, atol=1e-5, rtol=0)
         assert torch.equal(codes, ids.codes[items])
+    assert m.training                                                      # mode restored
     items, scores, _ = tg.beam_search(m, src, ids, beam=40)                # 10 more beams than items
     assert (items[:, 30:] == -1).all() and torch.isinf(scores[:, 30:]).all()
     rec, rec_scores = tg.recommend(m, right_aligned(SEQS, 8), ids, beam=30, k=10, batch_size=2)

@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--runs", default="runs", help="the run folders of train.py")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     ap.add_argument("--seed", type=int, default=0, help="also selects the --holdout items")
-    r = ap.add_argument_group("retrieval")
+    r = ap.add_argument_group("retrieval (--encoder also: collisions)")
     r.add_argument("--encoder", default="minilm", help="minilm | a fine-tuned run | a BERT folder")
     r.add_argument("--weights", help="folder of a named backbone's files (offline)")
     r.add_argument("--doc-fields", help="the document's fields (default: EncodeRec's)")
@@ -166,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--mask-history", action="store_true", help="unisrec: mask history items")
     u.add_argument("--beam", type=int, default=10, help="tiger: beam width = returned IDs")
     u.add_argument("--no-constrain", action="store_true", help="tiger: free decoding (invalid IDs counted)")
+    u.add_argument("--tokenizer", choices=["rqvae", "rkmeans"], default="rqvae", help="collisions: which IDs")
     p = ap.add_argument_group("report")
     p.add_argument("--csv", help="CSV path (default runs/report-<datasets>.csv)")
     return ap
@@ -185,6 +186,9 @@ def find_run(args, task: str) -> Path:
     name = (Path(args.dataset).name if Path(args.dataset).is_dir() else str(args.dataset)).lower()
     roots = [p for p in Path(args.runs).glob("*") if p.name.lower() == name]
     prefix, stage = ("ids", "rqvae") if task == "collisions" else (task, task)  # run folder, train.py stage
+    if task == "collisions":  # the IDs of --tokenizer on --encoder
+        e = args.encoder
+        prefix += f"-{args.tokenizer}-{Path(e).resolve().name if Path(e).is_dir() else e.lower()}"
     runs = [p.parent for r in roots for p in r.glob(f"{prefix}-*/results.json")]
     if not runs:
         raise DataError(f"no finished {task} run for {args.dataset} under {args.runs}/: train one with\n"

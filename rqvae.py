@@ -12,7 +12,7 @@ standardised per dimension, else the tiny coordinates of unit-norm text embeddin
 reconstruction loss tiny and the encoder shrinks the latents until quantisation stops mattering;
 (2) dead-code restart: training stretches the latents the k-means init fitted, stranding codes, so
 after each epoch unused codes move to random residuals of the epoch's last batch (TIGER trains 20k
-epochs instead). Training: train.train_rqvae (trainer.fit, `restart_dead_codes`).
+epochs instead). Training: train.fit_rqvae (trainer.fit, `restart_dead_codes`).
 
     model = RQVAE(RQVAEConfig(input_dim=d)); model.set_standardization(emb)  # emb (N, d) float32
     codes3 = tokenize(model, emb)            # (N, 3) int64, after training

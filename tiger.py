@@ -93,7 +93,7 @@ class SemanticIDs:
             lo, hi = int(codes[:, lvl].min()), int(codes[:, lvl].max())
             if lo < 0 or hi >= v:
                 raise ValueError(f"semantic-ID level {lvl} holds codes {lo}..{hi} outside [0, {v}): "
-                                 "vocab sizes and codes disagree (check the .json sidecar)")
+                                 "vocab sizes and codes disagree (check vocab_sizes)")
         if math.prod(vocab) >= 2 ** 62:
             raise ValueError(f"vocab sizes {vocab} are too large for 64-bit prefix keys")
         keys = np.zeros(len(codes), dtype=np.int64)  # (N,) key of the empty prefix

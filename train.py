@@ -174,7 +174,7 @@ def stage_encoder(args) -> Path:
     enc = er.load_encoder(folder, device=device, max_length=args.max_length)
     if args.compile:
         enc.compile_bert(dynamic=True)
-    say(f"{ds.name}: {folder.name} on {len(pairs)} (title, {' + '.join(doc_fields)}) pairs, batch {bs}, "
+    say(f"{ds.name}: {args.backbone} on {len(pairs)} (title, {' + '.join(doc_fields)}) pairs, batch {bs}, "
         f"{args.epochs} epochs, {device}; writing {out}")
     q_vocab, d_vocab = {}, {}  # integer ids of identical texts, for false-negative masking
     q_ids = torch.tensor([q_vocab.setdefault(t, len(q_vocab)) for t, _ in pairs])
@@ -231,7 +231,7 @@ def stage_embed(args, ds=None) -> Path:
         return up_to_date(out) or out / "item_emb.npy"
     if missing:
         say(f"warning: {missing} of {ds.n_items} items have none of {', '.join(fields)}: embedded from ''")
-    say(f"{ds.name}: embedding {ds.n_items} items with {folder.name} into {out}")
+    say(f"{ds.name}: embedding {ds.n_items} items with {encoder_label(args.encoder)} into {out}")
     emb = er.load_encoder(folder, device=args.device, max_length=args.max_length).encode(
         [t or "" for t in texts], batch_size=64)                                       # (I, d) float32
     _save_npy(out / "item_emb.npy", emb)
@@ -274,7 +274,7 @@ def stage_rqvae(args, ds=None) -> Path:
         return up_to_date(out) or out / "semantic_ids.npy"
     say(f"{ds.name}: {args.tokenizer} on {emb.shape[0]} x {emb.shape[1]} embeddings ({emb_path}) into {out}")
     if args.tokenizer == "rqvae":
-        model = train_rqvae(emb, cfg, out, args.seed, trainer.init_distributed(args.device)[0], _meta(ds))
+        model = fit_rqvae(emb, cfg, out, args.seed, trainer.init_distributed(args.device)[0], _meta(ds))
         codes = rq.tokenize(model, emb)                                              # (N, 3)
     else:
         codes = rq.residual_kmeans(emb, seed=args.seed, progress=True, **RKMEANS)    # (N, 3)
@@ -287,7 +287,7 @@ def stage_rqvae(args, ds=None) -> Path:
     return out / "semantic_ids.npy"
 
 
-def train_rqvae(emb: np.ndarray, cfg: rq.RQVAEConfig, out: Path, seed: int, device: str, meta: dict):
+def fit_rqvae(emb: np.ndarray, cfg: rq.RQVAEConfig, out: Path, seed: int, device: str, meta: dict):
     """The RQ-VAE through trainer.fit: k-means init of the codebooks on the first batch; after each epoch,
     its code usage, and (cfg.dead_code_restart) its unused codes moved onto residuals of its last batch."""
     emb = rq.check_embeddings(emb)                                             # (N, d) finite float32

@@ -358,8 +358,7 @@ def _evaluate(model, evaluate, cfg: TrainConfig, st: TrainState, rec: dict) -> b
 def _summary_line(rec: dict, st: TrainState, cfg: TrainConfig, improved: bool) -> str:
     line = (f"step {st.step} (epoch {rec['epoch']:g}) | loss {rec['loss']:.4f} | lr {rec['lr']:.2e} | "
             f"{rec['examples_per_s']:.0f} ex/s")
-    valid = " ".join(f"{k} {v:.4f}" for k, v in rec["valid"].items()
-                     if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "n")
+    valid = " ".join(f"{k} {v:.4f}" for k, v in rec["valid"].items() if type(v) is float)  # not counts
     line += f" | valid {valid} ({rec['eval_s']:.1f}s)" if valid else ""
     if cfg.metric and rec["valid"]:
         bad = st.evals_without_improvement

@@ -44,9 +44,9 @@ def main(argv=None) -> None:
             rates, groups, t0 = [], [], time.time()
             for seed in args.seeds:
                 if tok == "rqvae":
-                    with tempfile.TemporaryDirectory() as tmp:  # the checkpoints of train_rqvae
+                    with tempfile.TemporaryDirectory() as tmp:  # the checkpoints of fit_rqvae
                         cfg = rq.RQVAEConfig(input_dim=emb.shape[1])
-                        codes = rq.tokenize(train.train_rqvae(emb, cfg, Path(tmp), seed, "cpu", {}), emb)
+                        codes = rq.tokenize(train.fit_rqvae(emb, cfg, Path(tmp), seed, "cpu", {}), emb)
                 else:
                     codes = rq.residual_kmeans(emb, seed=seed)
                 s = rq.collision_stats(codes)

@@ -136,6 +136,11 @@ def test_tiger_killed_mid_run_resumes_to_the_same_metrics(tmp_path):
     ha = json.loads((tmp_path / "whole" / "history.json").read_text())
     hb = json.loads((cut / "history.json").read_text())
     assert [(h["loss"], h["valid"]) for h in ha] == [(h["loss"], h["valid"]) for h in hb] and len(ha) == 4
+    # eval.py rebuilds the model and its semantic IDs from best.pt alone and finds the same test metrics
+    out = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--task", "tiger", "--dataset", str(ds), "--run",
+                          str(cut), "--data-dir", str(cache), "--device", "cpu"], env=ENV, capture_output=True,
+                         text=True, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1])["test"] == json.loads(json.dumps(again["test"]))
 
 
 def test_full_disk_is_a_clear_error(tmp_path, monkeypatch, capsys):

@@ -168,8 +168,8 @@ def test_collision_stats_hand_example():
 
 # ----------------------------------------------------------------------------- training
 def _train(emb, cfg, out, seed=0):
-    """train.train_rqvae (the RQ-VAE through trainer.fit): (model, the per-epoch history)."""
-    model = train.train_rqvae(emb, cfg, out, seed, "cpu", {})
+    """train.fit_rqvae (the RQ-VAE through trainer.fit): (model, the per-epoch history)."""
+    model = train.fit_rqvae(emb, cfg, out, seed, "cpu", {})
     return model, json.loads((out / "history.json").read_text())
 
 
@@ -222,7 +222,7 @@ def test_cli_stage_rqvae_then_collision_audit(tmp_path, tokenizer, capsys):
     capsys.readouterr()
     assert train.main(argv) == 0                       # same inputs: nothing to do
     assert "up to date" in capsys.readouterr().err
-    audit_argv = ["--task", "collisions", "--dataset", str(folder), *_common(tmp_path)]
+    audit_argv = ["--task", "collisions", "--dataset", str(folder), "--tokenizer", tokenizer, *_common(tmp_path)]
     assert ev.main(audit_argv) == 0                    # the newest ids-* folder
     audit = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert audit["items"] == 6 and audit["ids_unique"] is True and len(audit["usage"]) == 3
@@ -270,7 +270,7 @@ def test_training_is_reproducible_with_several_threads():
         "torch.set_num_threads(2)\n"
         "emb = np.random.default_rng(0).standard_normal((3000, 48)).astype(np.float32)\n"
         "cfg = replace(rq.RQVAEConfig(input_dim=48), epochs=3)\n"
-        "runs = [rq.tokenize(train.train_rqvae(emb, cfg, Path(tempfile.mkdtemp()), 0, 'cpu', {}), emb)\n"
+        "runs = [rq.tokenize(train.fit_rqvae(emb, cfg, Path(tempfile.mkdtemp()), 0, 'cpu', {}), emb)\n"
         "        for _ in range(3)]\n"
         "print(all(np.array_equal(runs[0], r) for r in runs[1:]))\n")
     out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], check=True,

@@ -182,6 +182,8 @@ def find_run(args, task: str) -> Path:
         run = Path(args.run)
         if not (run / "results.json").is_file():
             raise DataError(f"{run} is not a finished run of train.py (no results.json)")
+        if json.loads((run / "results.json").read_text())["task"] != {"collisions": "rqvae"}.get(task, task):
+            raise DataError(f"{run} is not a {task} run")
         return run
     name = (Path(args.dataset).name if Path(args.dataset).is_dir() else str(args.dataset)).lower()
     roots = [p for p in Path(args.runs).glob("*") if p.name.lower() == name]
@@ -233,7 +235,7 @@ def evaluate_unisrec(model, ds, cases, max_len: int, mask_history: bool = False,
 def run_unisrec(args) -> dict:
     def build(meta):
         cfg = UniSRecConfig(**meta["model_config"])
-        return UniSRec(cfg, np.load(meta["item_emb"], allow_pickle=False) if cfg.mode != "id" else None)
+        return UniSRec(cfg, np.load(meta["item_emb_path"], allow_pickle=False) if cfg.mode != "id" else None)
     run, ds, model, _ = _load(args, "unisrec", build)
     return {"task": "unisrec", "dataset": ds.name, "run": str(run), "mask_history": args.mask_history,
             **{s: evaluate_unisrec(model, ds, getattr(ds.splits, s), model.cfg.max_seq_len, args.mask_history)

@@ -1,5 +1,4 @@
-"""The command line of the EncodeRec pipeline (arXiv 2601.10837): its stages, their wiring to the one
-training loop (trainer.fit), and run folders named by what made them.
+"""EncodeRec's command line (arXiv 2601.10837): the stages, their wiring to trainer.fit, run folders.
 
     python train.py --stage encoder --backbone minilm        # InfoNCE fine-tuning (default data: scientific)
     python train.py --stage embed   --dataset D --encoder E  # frozen item embeddings
@@ -8,10 +7,10 @@ training loop (trainer.fit), and run folders named by what made them.
     python train.py --stage tiger   --dataset D --encoder E  # generative retrieval on semantic IDs
     python train.py --stage all     --dataset D --budget smoke   # all of it for both encoders + the report
 
-E = minilm | a fine-tuned run folder | a BERT folder. Run folder = runs/<dataset>/<stage>-<label>-<hash of the
-inputs: data fingerprint, CONTENT hashes of upstream files, options that change the result>; finished = it
-holds results.json (written last), and then the stage does nothing. Stages make the upstream folders they
-need; --resume continues an unfinished one. A user error is one line and exit code 2, never a traceback.
+E = minilm | a run or BERT folder. Run folder = runs/<dataset>/<stage>-<label>-<hash of the inputs: the data
+fingerprint, CONTENT hashes of upstream files, the options that change the result>, finished (so skipped)
+once it holds results.json. Stages make the upstream folders they need; --resume continues an unfinished
+one. A user error is one line and exit code 2.
 """
 from __future__ import annotations
 
@@ -36,17 +35,16 @@ import rqvae as rq
 import tiger as tg
 import trainer
 import unisrec as us
-from data import DOCUMENT_FIELDS, ITEM_TEXT_FIELDS, REGISTRY, DataError, file_sha256, load_dataset
-from data import parse_fields
+from data import DOCUMENT_FIELDS, ITEM_TEXT_FIELDS, REGISTRY, DataError, file_sha256, load_dataset, \
+    parse_fields
 
 DEFAULT_DATASET = "scientific"  # the one set with item descriptions, which EncodeRec's documents need
 RKMEANS = {"levels": 3, "k": 256, "iters": 50, "standardize": True}  # residual k-means = RQ-VAE's codebooks
 BUDGETS = {  # --stage all: every schedule in one place
-    # minutes on 2 CPU cores: proves every stage runs end to end; the numbers are not results
+    # minutes on 2 CPU cores: every stage runs end to end; the numbers are not results
     "smoke": {"epochs": 1, "encoder_max_length": 32, "max_epochs": 2, "rqvae_epochs": 20, "max_steps": 30,
               "eval_every": 30, "warmup_steps": 10},
-    # the published schedules: EncodeRec 3 epochs at 256 tokens, UniSRec to early stopping, RQ-VAE
-    # rqvae.RQVAEConfig's default, TIGER 200k steps (a GPU job)
+    # the published schedules (RQ-VAE: RQVAEConfig's; TIGER's 200k steps: a GPU job)
     "paper": {"epochs": 3, "encoder_max_length": 256, "max_epochs": None, "rqvae_epochs": None,
               "max_steps": 200_000, "eval_every": 1000, "warmup_steps": 1000},
 }
@@ -78,7 +76,11 @@ def run_folder(args, stage: str, label: str, key: dict) -> Path:
     key = trainer.json_safe({"stage": stage, **key})
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     out = Path(args.out) if args.out else Path(args.runs) / key["dataset"] / f"{stage}-{label}-{digest}"
-    info = out / "run.json"
+    info, (rank, world) = out / "run.json", trainer.rank_world()
+    if world > 1 and stage in ("embed", "ids") and not done(out):
+        raise DataError(f"make the {stage} folder first, in one process: torchrun runs encoder/unisrec/tiger")
+    if rank > 0:  # rank 0 checks and writes the folder
+        return out
     if info.is_file():
         try:
             old = json.loads(info.read_text()).get("key")
@@ -89,7 +91,7 @@ def run_folder(args, stage: str, label: str, key: dict) -> Path:
         if not done(out) and not args.resume:
             raise DataError(f"{out} holds an unfinished run of these inputs: pass --resume to continue it, "
                             f"or delete the folder to start over")
-    elif out.is_dir() and any(out.iterdir()):
+    elif out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
         raise DataError(f"{out} is not empty and holds no run.json: choose another --out")
     else:
         trainer.write_json(info, {"key": key, "argv": sys.argv[1:], "git_commit": git_commit(),
@@ -101,20 +103,17 @@ def done(out: Path) -> bool:
     return (Path(out) / "results.json").is_file()
 
 
-def up_to_date(out: Path) -> None:
-    """A finished folder: nothing to do but print its results again."""
-    say(f"up to date: {out}")
-    print(json.dumps(json.loads((out / "results.json").read_text()), sort_keys=True))
-
-
-def finish(out: Path, results: dict) -> None:
-    """results.json marks the folder finished; also printed as one JSON line (the last of stdout)."""
-    trainer.write_json(out / "results.json", results)
-    print(json.dumps(trainer.json_safe(results), sort_keys=True))
+def finish(out: Path, results: dict | None = None) -> None:
+    """Write results.json, the folder's finished mark (None: it was up to date); print it on stdout."""
+    if results is None:
+        say(f"up to date: {out}")
+    else:
+        trainer.write_json(out / "results.json", results)
+    print((out / "results.json").read_text().replace("\n", " "))
 
 
 def with_(args, **kw) -> argparse.Namespace:
-    """The options with some replaced: how a stage runs another, and --stage all each stage."""
+    """The options with some replaced (a stage running another)."""
     return argparse.Namespace(**{**vars(args), **kw})
 
 
@@ -169,8 +168,8 @@ def stage_encoder(args) -> Path:
                seed=args.seed)
     out = run_folder(args, "encoder", encoder_label(args.backbone), key)
     if done(out):
-        return up_to_date(out) or out
-    device, rank, _ = trainer.init_distributed(args.device)
+        return finish(out) or out
+    device, rank = args.device, trainer.rank_world()[0]
     enc = er.load_encoder(folder, device=device, max_length=args.max_length)
     if args.compile:
         enc.compile_bert(dynamic=True)
@@ -228,7 +227,7 @@ def stage_embed(args, ds=None) -> Path:
     key.update(fields=fields, max=args.max_length)
     out = run_folder(args, "embed", encoder_label(args.encoder), key)
     if done(out):
-        return up_to_date(out) or out / "item_emb.npy"
+        return finish(out) or out / "item_emb.npy"
     if missing:
         say(f"warning: {missing} of {ds.n_items} items have none of {', '.join(fields)}: embedded from ''")
     say(f"{ds.name}: embedding {ds.n_items} items with {encoder_label(args.encoder)} into {out}")
@@ -248,7 +247,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 
 
 def _embeddings(args, ds) -> tuple[np.ndarray, Path]:
-    """--emb, or the --encoder's item embeddings (made on the way): (I, d) float32, and the file."""
+    """--emb or the --encoder's item embeddings (made on the way), and the file."""
     path = Path(args.emb) if args.emb else stage_embed(with_(args, out=None, resume=True), ds)
     if not path.is_file():
         raise DataError(f"--emb {path}: no such file")
@@ -271,10 +270,10 @@ def stage_rqvae(args, ds=None) -> Path:
            "config": asdict(cfg) if args.tokenizer == "rqvae" else RKMEANS, "seed": args.seed}
     out = run_folder(args, "ids", f"{args.tokenizer}-{encoder_label(args.encoder)}", key)
     if done(out):
-        return up_to_date(out) or out / "semantic_ids.npy"
+        return finish(out) or out / "semantic_ids.npy"
     say(f"{ds.name}: {args.tokenizer} on {emb.shape[0]} x {emb.shape[1]} embeddings ({emb_path}) into {out}")
     if args.tokenizer == "rqvae":
-        model = fit_rqvae(emb, cfg, out, args.seed, trainer.init_distributed(args.device)[0], _meta(ds))
+        model = fit_rqvae(emb, cfg, out, args.seed, args.device, _meta(ds))
         codes = rq.tokenize(model, emb)                                              # (N, 3)
     else:
         codes = rq.residual_kmeans(emb, seed=args.seed, progress=True, **RKMEANS)    # (N, 3)
@@ -351,8 +350,8 @@ def stage_unisrec(args) -> Path:
     loop = _loop(args)
     out = _recommender_folder(args, ds, "unisrec", label, loop, key)
     if done(out):
-        return up_to_date(out) or out
-    device, rank, _ = trainer.init_distributed(args.device)
+        return finish(out) or out
+    device, rank = args.device, trainer.rank_world()[0]
     torch.manual_seed(args.seed)
     cfg = us.UniSRecConfig(mode=mode, max_seq_len=args.max_history)
     model = (us.UniSRec(cfg, emb) if text else us.SASRecID(ds.n_items, cfg)).to(device)
@@ -369,7 +368,7 @@ def stage_unisrec(args) -> Path:
     def evaluate(m, cases=ds.splits.valid):
         return ev.evaluate_unisrec(m, ds, cases, args.max_history, args.mask_history)
 
-    meta = _meta(ds, model_config=asdict(model.cfg), item_emb=str(emb_path) if text else None)
+    meta = _meta(ds, model_config=asdict(model.cfg), item_emb_path=str(emb_path) if text else None)
     summary = trainer.fit(model, loss_fn, len(T), torch.optim.Adam(model.parameters()), out, loop,
                           evaluate=evaluate, resume=args.resume, meta=meta, desc="unisrec")
     if rank == 0 and not summary["time_capped"]:
@@ -419,12 +418,8 @@ def stage_tiger(args) -> Path:
     warmup = args.warmup_steps or TIGER_WARMUP
     if min(args.tiger_history, args.beam, args.eval_every, args.max_steps, warmup) < 1:
         raise DataError("--tiger-history, --beam, --eval-every, --max-steps and --warmup-steps must be >= 1")
-    device, rank, world = trainer.init_distributed(args.device)
-    if rank > 0:            # rank 0 makes the upstream folders; the others then find them finished
-        torch.distributed.barrier()
+    device, (rank, world) = args.device, trainer.rank_world()
     sem_path = stage_rqvae(with_(args, out=None, resume=True), ds)
-    if rank == 0 and world > 1:
-        torch.distributed.barrier()
     codes = np.load(sem_path, allow_pickle=False)
     vocab = json.loads((sem_path.parent / "results.json").read_text())["vocab_sizes"]
     ids = tg.SemanticIDs(codes, vocab, device)
@@ -433,7 +428,7 @@ def stage_tiger(args) -> Path:
            "beam": args.beam, "grouping": args.group_by_length}
     out = _recommender_folder(args, ds, "tiger", f"{args.tokenizer}-{encoder_label(args.encoder)}", loop, key)
     if done(out):
-        return up_to_date(out) or out
+        return finish(out) or out
     torch.manual_seed(args.seed)
     cfg = tg.TigerConfig(vocab_sizes=list(ids.vocab_sizes), max_items=args.tiger_history)
     model = tg.Tiger(cfg).to(device)
@@ -475,15 +470,15 @@ def stage_retrieval(args, ds, encoder: str, max_length: int) -> None:
     key.update(docs=doc_fields, max=max_length)
     out = run_folder(args, "retrieval", encoder_label(encoder), key)
     if done(out):
-        return up_to_date(out)
+        return finish(out)
     enc = er.load_encoder(folder, device=args.device, max_length=max_length)
     finish(out, {"task": "retrieval", "dataset": ds.name, "encoder": encoder, "doc_fields": doc_fields,
                  "max_length": max_length, **ev.retrieval_eval(enc, ds, doc_fields=doc_fields)})
 
 
 def stage_all(args) -> None:
-    """The paper's pipeline on one dataset: EncodeRec fine-tuning, then for the off-the-shelf and the tuned
-    encoder retrieval, UniSRec (and SASRec-ID), semantic IDs and TIGER; then the report."""
+    """The paper's pipeline: EncodeRec fine-tuning; for the off-the-shelf and the tuned encoder, retrieval,
+    UniSRec (and SASRec-ID), semantic IDs and TIGER; the report. Each stage says what it does."""
     b = BUDGETS[args.budget]
     ds = load_dataset(args.dataset, args.data_dir)
     fields = parse_fields(args.fields, ITEM_TEXT_FIELDS)
@@ -495,19 +490,15 @@ def stage_all(args) -> None:
     if not has_text:
         say(f"[all] {ds.name} has no item text ({', '.join(fields)}): SASRec-ID only")
     elif pairs < 2:
-        say(f"[all] {ds.name}: no item has both a title and a document: off-the-shelf encoder only")
+        say(f"[all] {ds.name}: no (title, document) pair: off-the-shelf encoder only")
     else:
-        say("[all] EncodeRec fine-tuning")
         encoders.append(str(stage_encoder(with_(base, holdout=0.0, epochs=b["epochs"],
                                                 max_length=b["encoder_max_length"]))))
     for enc in encoders if pairs >= 2 else []:
-        say(f"[all] retrieval with {encoder_label(enc)}")
         stage_retrieval(base, ds, enc, b["encoder_max_length"])
     for enc in ["none", *encoders]:
-        say(f"[all] UniSRec with {encoder_label(enc)}")
         stage_unisrec(with_(base, encoder=enc, max_epochs=b["max_epochs"]))
     for enc in encoders:
-        say(f"[all] semantic IDs and TIGER with {encoder_label(enc)}")
         stage_tiger(with_(base, encoder=enc, rqvae_epochs=b["rqvae_epochs"], max_steps=b["max_steps"],
                           eval_every=b["eval_every"], warmup_steps=b["warmup_steps"], max_epochs=None))
     print(ev.report_markdown(ev.collect_report(Path(args.runs), [ds.name])))
@@ -519,23 +510,22 @@ STAGES = {"encoder": stage_encoder, "embed": stage_embed, "rqvae": stage_rqvae, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description="Train a stage of the EncodeRec pipeline (see the module "
-                                 "docstring); the last stdout line is its results as JSON.")
+    ap = argparse.ArgumentParser(description="A stage of EncodeRec; the last stdout line: its results.")
     ap.add_argument("--stage", required=True, choices=list(STAGES))
     g = ap.add_argument_group("every stage")
     g.add_argument("--dataset", help=f"{' | '.join(REGISTRY)} | a data folder ({DEFAULT_DATASET})")
-    g.add_argument("--data-dir", default="data", help="downloads and processed caches (./data)")
+    g.add_argument("--data-dir", default="data", help="downloads and caches (./data)")
     g.add_argument("--runs", default="runs", help="where run folders go (./runs)")
     g.add_argument("--out", help="this stage's run folder instead of runs/<dataset>/<stage>-...")
     g.add_argument("--resume", action="store_true", help="continue the unfinished run in the folder")
     g.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda[:N]")
-    g.add_argument("--seed", type=int, default=0, help="CPU runs are deterministic for a seed (0)")
+    g.add_argument("--seed", type=int, default=0, help="(0; CPU runs are deterministic)")
     g.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="CUDA autocast (off)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--batch-size", type=int, help="encoder: pairs (512); unisrec 2048; tiger 256")
     g.add_argument("--lr", type=float, help="peak learning rate (encoder 5e-5, unisrec and tiger 1e-3)")
     g.add_argument("--max-minutes", type=float, help="stop at the first evaluation after it")
-    e = ap.add_argument_group("encoder, and the encoder of embed / rqvae / unisrec / tiger")
+    e = ap.add_argument_group("encoders")
     e.add_argument("--backbone", default="minilm", help="encoder: minilm | a BERT folder (minilm)")
     e.add_argument("--encoder", default="minilm", help="minilm | a run or BERT folder | none (SASRec-ID)")
     e.add_argument("--weights", help="folder with a named backbone's files (offline)")
@@ -573,6 +563,17 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _device(device: str) -> str:
+    """The device (joining torchrun's group if any); one this machine lacks is a user error."""
+    try:
+        dev = torch.device(trainer.init_distributed(device)[0])
+    except RuntimeError as e:
+        raise DataError(f"--device {device}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DataError(f"--device {device}: no CUDA device here; use --device cpu")
+    return str(dev)
+
+
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
@@ -585,6 +586,7 @@ def main(argv=None) -> int:
     if args.no_eval:
         args.holdout = 0.0
     try:
+        args.device = _device(args.device)
         STAGES[args.stage](args)
     except (DataError, er.BackboneError, er.WeightsError, ValueError) as e:
         say(f"error: {e}")

@@ -234,6 +234,8 @@ def fit(model: torch.nn.Module, loss_fn, n_examples: int, optimizer: torch.optim
     if st.stopped and rank == 0:
         print(f"early stop: no better {cfg.metric} for {cfg.patience} evaluations "
               f"(best {st.best:.4f} at step {st.best_step})")
+    if rank_world()[1] > 1:
+        torch.distributed.barrier()  # rank 0's best.pt is written
     if cfg.metric and (out / "best.pt").is_file():
         model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
     model.eval()
@@ -372,7 +374,8 @@ def _resume(model, optimizer, scaler, out: Path, cfg: TrainConfig, meta: dict, d
     ck = load_checkpoint(path)
     old, old_meta = ck.get("train_config", {}), ck.get("meta", {})
     pairs = [(k, old.get(k), v) for k, v in json_safe(asdict(cfg)).items() if k not in keep]
-    pairs += [(f"meta.{k}", old_meta.get(k), v) for k, v in meta.items() if k != "git_commit"]
+    pairs += [(f"meta.{k}", old_meta.get(k), v) for k, v in meta.items()
+              if k != "git_commit" and not k.endswith("_path")]  # where files lie may change
     changes = ", ".join(f"{k}: {a} -> {b}" for k, a, b in pairs if not _equal(a, b))
     if changes:
         raise CheckpointError(f"{path} belongs to another run ({changes}); resume with the same data and "

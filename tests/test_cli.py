@@ -147,6 +147,10 @@ def test_unisrec_stage_and_eval(tmp_path, fixture_ds, encoder, capsys):
         assert ev.main(["--task", "unisrec", *common, *extra]) == 0
         again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert again["test"] == results["test"] and again["valid"] == results["valid"]
+    assert ev.main(["--task", "tiger", *common, "--run", str(run)]) == 2          # a run of another task
+    assert "is not a tiger run" in capsys.readouterr().err
+    assert train.main([*argv, "--device", "gpu"]) == 2                             # no such device: one line
+    assert "--device gpu" in capsys.readouterr().err
 
 
 def test_stage_all_smoke_then_everything_is_up_to_date(tmp_path, fixture_ds, minilm, capsys):

@@ -172,10 +172,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-
-
 def find_run(args, task: str) -> Path:
     """--run, or the newest finished run of `task` for --dataset."""
     if args.run:
@@ -210,7 +206,7 @@ def _load(args, task: str, build):
         raise DataError(f"{run} was trained on other data than {ds.name} now holds (fingerprints differ)")
     model = build(meta)
     model.load_state_dict(ck["model"])
-    return run, ds, model.to(_device(args.device)).eval(), meta
+    return run, ds, model.to(args.device).eval(), meta
 
 
 def run_retrieval(args) -> dict:
@@ -294,7 +290,7 @@ def run_tiger(args) -> dict:
     if args.beam < 1:
         raise DataError(f"--beam must be >= 1, got {args.beam}")
     run, ds, model, meta = _load(args, "tiger", lambda meta: Tiger(TigerConfig(**meta["model_config"])))
-    ids = SemanticIDs(meta["semantic_ids"].numpy(), model.cfg.vocab_sizes, _device(args.device))
+    ids = SemanticIDs(meta["semantic_ids"].numpy(), model.cfg.vocab_sizes, args.device)
     test = ds.splits.test
     return {"task": "tiger", "dataset": ds.name, "run": str(run), "beam": args.beam,
             "constrained": not args.no_constrain, "semantic_ids": meta.get("semantic_ids_path"),
@@ -419,6 +415,8 @@ def main(argv=None) -> int:
                 raise DataError("--task takes one --dataset (several are for the report)")
             args.dataset = args.dataset[0]
         torch.manual_seed(args.seed)
+        if args.device == "auto":
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
         print_json(TASKS[task][0](args))
     except (DataError, BackboneError, WeightsError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -54,9 +54,7 @@ class TrainConfig:
 @dataclass
 class TrainState:
     """Where a run is (kept in last.pt)."""
-    step: int = 0  # optimizer steps done
-    epoch: int = 0
-    batch: int = 0  # batches done in the current epoch
+    step: int = 0  # optimizer steps done; every epoch has the same number of batches
     best: float = -math.inf  # best value of cfg.metric so far
     best_step: int = 0
     best_valid: dict | None = None
@@ -203,18 +201,17 @@ def fit(model: torch.nn.Module, loss_fn, n_examples: int, optimizer: torch.optim
                dynamic_ncols=True)
     while not st.stopped and (cap is None or st.step < cap):
         model.train()
-        if perm is None or st.batch == 0:
-            perm = torch.as_tensor(order(st.epoch + 1), dtype=torch.int64)
-            bar.set_description(f"{desc} epoch {st.epoch + 1}")
-        idx = perm[st.batch * cfg.batch_size:(st.batch + 1) * cfg.batch_size]  # (B,) the global batch
+        epoch, batch = divmod(st.step, n_batches)  # epochs done, batches done in this one
+        if perm is None or batch == 0:
+            perm = torch.as_tensor(order(epoch + 1), dtype=torch.int64)
+            bar.set_description(f"{desc} epoch {epoch + 1}")
+        idx = perm[batch * cfg.batch_size:(batch + 1) * cfg.batch_size]  # (B,) the global batch
         lr = cfg.lr * (schedule(st.step) if schedule else 1.0)
         with torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext():
             loss = loss_fn(idx)
         value = run.step(loss, lr, len(idx))
-        st.step, st.batch, st.examples = st.step + 1, st.batch + 1, st.examples + len(idx)
-        end_of_epoch = st.batch == n_batches
-        if end_of_epoch:
-            st.epoch, st.batch = st.epoch + 1, 0
+        st.step, st.examples = st.step + 1, st.examples + len(idx)
+        end_of_epoch = st.step % n_batches == 0
         bar.update(1)
         bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.1e}", refresh=False)
         done = cap is not None and st.step >= cap
@@ -391,7 +388,7 @@ def _resume(model, optimizer, scaler, out: Path, cfg: TrainConfig, meta: dict, d
     else:  # another world size than last.pt's: fresh, distinct dropout streams
         torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rank, st.step]).generate_state(1)[0]))
     if rank == 0:
-        print(f"resumed from {path} at step {st.step} (epoch {st.epoch}, best {cfg.metric} {st.best:.4f} "
+        print(f"resumed from {path} at step {st.step} (best {cfg.metric} {st.best:.4f} "
               f"at step {st.best_step})")
         best = out / "best.pt"
         if cfg.metric and st.best_step == st.step and st.step and (

@@ -297,25 +297,86 @@ def read_lines(path: Path, parse: Callable, keys: Sequence[str] = ()) -> Iterato
         raise DataError(f"{path}:{lineno + 1}: not UTF-8 text ({e.reason})") from None
 
 
-def _read_json(path: Path):
+def read_json(path, fix: str = "fix or re-download it"):
+    """A JSON file read strictly: a repeated key, NaN/Infinity, bad UTF-8 or a syntax error is a DataError
+    naming the file (and line) and `fix`."""
+    path = Path(path)
+
+    def unique(pairs):
+        out = {}
+        for k, v in pairs:
+            if k in out:
+                raise DataError(f"{path}: key {k!r} appears twice in one object (JSON keeps one silently); {fix}")
+            out[k] = v
+        return out
+
+    def refuse(token):
+        raise DataError(f"{path}: {token} is not a JSON number; {fix}")
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            return json.load(f, object_pairs_hook=unique, parse_constant=refuse)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from None
+        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg}); {fix}") from None
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+        raise DataError(f"{path}: not UTF-8 text ({e.reason}); {fix}") from None
+    except RecursionError:
+        raise DataError(f"{path}: nested too deeply; {fix}") from None
+
+
+def read_array(path, what: str, kind: str = "f", rows: int | None = None, cols: int | None = None,
+               fix: str = "make it again") -> np.ndarray:
+    """A 2-D .npy of `kind` ('f' float, finite; 'i' integer) without pickle, checked: one line naming the
+    file, what it holds and what was expected."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file ({what})")
+    try:
+        a = np.load(path, allow_pickle=False)
+    except Exception as e:  # object arrays (pickle), truncated or not a .npy: refused alike
+        raise DataError(f"{path}: not a readable .npy of {what} ({type(e).__name__}); {fix}") from None
+    want = {"f": "float", "i": "integer"}[kind]
+    ok = isinstance(a, np.ndarray) and (a.dtype.kind == "f" if kind == "f" else a.dtype.kind in "iu")
+    shape = f"({rows if rows is not None else 'N'}, {cols if cols is not None else 'd'})"
+    if not ok or a.ndim != 2 or rows not in (None, a.shape[0]) or cols not in (None, a.shape[1]) or not a.size:
+        raise DataError(f"{path} holds {getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}; "
+                        f"{what} must be {want} {shape} (row i = catalog item i); {fix}")
+    if kind == "f" and not np.isfinite(a).all():
+        raise DataError(f"{path}: {what} contain NaN or inf values; {fix}")
+    if kind == "f" and len(a) > 1 and (a == a[0]).all():
+        raise DataError(f"{path}: every row is the same vector (all zeros?): {what} that tell no item apart; {fix}")
+    return a
 
 
 # ---- LC-Rec folders
+_INDEX = re.compile(r"0|[1-9][0-9]*")
+
+
 def find_lcrec(folder: Path) -> tuple[Path, Path] | None:
-    for inter in sorted(folder.glob("*.inter.json")):
-        item = inter.with_name(inter.name[: -len(".inter.json")] + ".item.json")
-        if item.exists():
-            return inter, item
-    return None
+    pairs = [(inter, inter.with_name(inter.name[: -len(".inter.json")] + ".item.json"))
+             for inter in sorted(folder.glob("*.inter.json"))]
+    pairs = [p for p in pairs if p[1].exists()]
+    if len(pairs) > 1:
+        raise DataError(f"{folder} holds {len(pairs)} LC-Rec pairs ({', '.join(p[0].name for p in pairs)}); "
+                        "keep one per folder")
+    return pairs[0] if pairs else None
 
 
+def _indices(obj: dict, path: Path, what: str) -> list[int]:
+    """The keys of `obj` as ints; each must be written canonically ('1', never '01' or ' 1')."""
+    if bad := next((k for k in obj if not _INDEX.fullmatch(k)), None):
+        raise DataError(f"{path}: {what} key {bad!r} is not an index written 0, 1, 2, ... (no sign, "
+                        "leading zero or space)")
+    return sorted(map(int, obj))
+
+
+def _text_field(r: dict, name: str, where: str):
+    v = r.get(name)
+    if v is None or isinstance(v, str) or isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return v
+    raise DataError(f"{where}: field {name!r} is {json.dumps(v)[:60]}; expected a string or a list of strings")
+
+
+# ---- LC-Rec folders
 def load_lcrec(folder: Path) -> Dataset:
     """`X.inter.json` ({user: [item, ...]}, chronological) + `X.item.json` ({item: {field: value}}).
     Already processed: loaded as is, never re-filtered."""
@@ -323,39 +384,39 @@ def load_lcrec(folder: Path) -> Dataset:
     if found is None:
         raise DataError(f"{folder}: no X.inter.json + X.item.json pair")
     inter_path, item_path = found
-    raw_items, raw_inter = _read_json(item_path), _read_json(inter_path)
+    raw_items, raw_inter = read_json(item_path), read_json(inter_path)
     if not (isinstance(raw_items, dict) and isinstance(raw_inter, dict)):
         raise DataError(f"{folder}: item.json and inter.json must each hold one JSON object")
-    try:
-        keys = sorted(int(k) for k in raw_items)
-    except ValueError:
-        keys = None
-    if keys != list(range(len(raw_items))):
+    keys = _indices(raw_items, item_path, "item")
+    if not keys or keys != list(range(len(raw_items))):
         raise DataError(f"{item_path}: keys must be the item indices 0..{len(raw_items) - 1}, without gaps")
     items = []
     for k in keys:
-        r = raw_items[str(k)]
+        r, where = raw_items[str(k)], f"{item_path}: item {k}"
         if not isinstance(r, dict):
-            raise DataError(f"{item_path}: item {k} is not a JSON object")
-        cats = r.get("categories")
-        items.append(_item(r, asin=clean_text(r.get("asin")), brand=clean_text(r.get("brand")),
-                           features=clean_list(r.get("features") or r.get("feature")),
+            raise DataError(f"{where} is not a JSON object")
+        r = {**r, **{f: _text_field(r, f, where) for f in ("asin", "title", "description", "brand",
+                                                          "categories", "features", "feature")}}
+        cats = r["categories"]
+        items.append(_item(r, asin=clean_text(r["asin"]), brand=clean_text(r["brand"]),
+                           features=clean_list(r["features"] or r["feature"]),
                            categories=split_categories(cats) if isinstance(cats, str) else clean_list(cats)))
-    try:
-        user_keys = sorted(raw_inter, key=int)
-    except ValueError:
-        raise DataError(f"{inter_path}: keys must be integer user indices") from None
-    seqs = [raw_inter[u] for u in user_keys]
-    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
-    flat = np.fromiter((i for s in seqs for i in s), dtype=np.int64, count=int(lengths.sum()))
-    bad = (flat < 0) | (flat >= len(items))
-    if bad.any():
-        uniq = np.unique(flat[bad])
-        raise DataError(f"{inter_path}: {bad.sum()} interactions reference {len(uniq)} item indices "
-                        f"missing from {item_path.name} (e.g. {uniq[:5].tolist()})")
-    if len(flat) == 0:
+    user_keys, n = _indices(raw_inter, inter_path, "user"), len(items)
+    lengths, flat = [], []
+    for u in user_keys:
+        seq = raw_inter[str(u)]
+        if not isinstance(seq, list) or not seq:
+            raise DataError(f"{inter_path}: user {u}: {json.dumps(seq)[:60]} is not a non-empty list of items")
+        for j, i in enumerate(seq):
+            if type(i) is not int or not 0 <= i < n:  # not bool, not 5.5: never coerced
+                raise DataError(f"{inter_path}: user {u}, position {j}: {json.dumps(i)[:40]} is not an item "
+                                f"index (an integer 0..{n - 1}, the keys of {item_path.name})")
+        lengths.append(len(seq))
+        flat += seq
+    if not flat:
         raise DataError(f"{inter_path}: no interactions")
-    return Dataset(name=folder.name, release="lcrec", items=items, user_ids=user_keys,
+    lengths, flat = np.array(lengths, np.int64), np.array(flat, np.int64)
+    return Dataset(name=folder.name, release="lcrec", items=items, user_ids=[str(u) for u in user_keys],
                    seq_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
                    seq_items=flat, source=str(folder))
 
@@ -514,6 +575,8 @@ def atomic_write(path, write) -> Path:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # name the real file, not the temp one
+        raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -620,14 +683,18 @@ def _save_cache(ds: Dataset, path: Path) -> None:
 
 
 def _load_cache(path: Path) -> Dataset:
-    with np.load(path) as z:
+    with np.load(path, allow_pickle=False) as z:
         header = json.loads(z["header"].tobytes())
         times = z["seq_times"] if "seq_times" in z.files else None
         offsets, seq = z["seq_offsets"], z["seq_items"].astype(np.int64)
     items = [Item(**{f: tuple(v) if isinstance(v, list) else v for f, v in zip(ITEM_FIELDS, r)})
              for r in header["items"]]  # JSON lists -> tuples
-    return Dataset(items=items, seq_offsets=offsets, seq_items=seq, seq_times=times,
-                   **{k: header[k] for k in _HEADER})
+    ds = Dataset(items=items, seq_offsets=offsets, seq_items=seq, seq_times=times,
+                 **{k: header[k] for k in _HEADER})
+    if (offsets[0] != 0 or offsets[-1] != len(seq) or (np.diff(offsets) < 1).any() or len(ds.user_ids) !=
+            ds.n_users or seq.min() < 0 or seq.max() >= ds.n_items or times is not None and len(times) != len(seq)):
+        raise ValueError("inconsistent arrays")
+    return ds
 
 
 def resolve_source(dataset: str, data_dir: Path) -> tuple[str, Path]:
@@ -665,8 +732,8 @@ def load_dataset(dataset: str, data_dir: str | Path = "data", kcore: int = 5,
             if verbose:
                 print(f"loaded {cache} in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
             return ds
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # unreadable cache: rebuild it below
+        except Exception as e:  # truncated, tampered, another version: the cache is only a copy
+            print(f"warning: unreadable cache {cache} ({type(e).__name__}): rebuilding it", file=sys.stderr)
     ds = load_lcrec(folder) if lc else process_raw(raw, name, kcore)
     if protocol not in (None, "loo", "time"):
         raise DataError(f"unknown protocol {protocol!r}: use 'loo' or 'time'")

@@ -60,6 +60,10 @@ class BertConfig:
     pad_token_id: int = 0
 
     def __post_init__(self):
+        for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                  "max_position_embeddings", "type_vocab_size"):
+            if type(v := getattr(self, k)) is not int or v < 1:
+                raise WeightsError(f"{k}={v!r} must be a positive integer; fix config.json.")
         if self.hidden_act != "gelu":
             raise WeightsError(f"hidden_act={self.hidden_act!r} is not supported; use a 'gelu' (erf) model.")
         if self.hidden_size % self.num_attention_heads:
@@ -241,13 +245,17 @@ class BertModel(nn.Module):
 # ---- encoder = tokenizer + BERT + pooling + L2 norm
 class TextEncoder(nn.Module):
     """Text -> unit-norm embedding (mean or CLS pooling of the last hidden states)."""
-    def __init__(self, bert: BertModel, tokenizer, pooling: str = "mean", max_length: int = 256,
+    def __init__(self, bert: BertModel, tokenizer, pooling: str = "mean", max_length: int | None = None,
                  source_dir=None):
         super().__init__()
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling={pooling!r}: use 'mean' or 'cls'.")
         self.bert, self.pooling = bert, pooling
-        self.max_length = min(int(max_length), bert.config.max_position_embeddings)
+        max_length = max_length or min(256, bert.config.max_position_embeddings)  # None: MiniLM card's 256
+        if not 1 <= max_length <= bert.config.max_position_embeddings:
+            raise ValueError(f"max_length={max_length}: this model reads 1 to "
+                             f"{bert.config.max_position_embeddings} tokens")
+        self.max_length = int(max_length)
         self.source_dir = Path(source_dir) if source_dir is not None else None
         self.tokenizer = tokenizer
         tokenizer.no_padding()  # we pad per batch ourselves
@@ -470,6 +478,10 @@ def load_bert(folder: str | Path) -> BertModel:
     if n_file != cfg.num_hidden_layers:
         raise WeightsError(f"{cfg_path} says num_hidden_layers={cfg.num_hidden_layers} but {st_path} holds "
                            f"{n_file} layers: different models; use a matching pair.")
+    for k, v in sd.items():  # never cast quantised weights or carry NaN into every embedding
+        if not v.is_floating_point() or not torch.isfinite(v).all():
+            raise WeightsError(f"{st_path}: tensor {k} is {'not finite' if v.is_floating_point() else v.dtype}; "
+                               "expected finite float weights: re-download the model (not a quantised copy).")
     model = BertModel(cfg, add_pooler=any(k.startswith("pooler.") for k in sd))
     expected = model.state_dict()
     wrong = [f"{k}: file {tuple(sd[k].shape)} vs config {tuple(v.shape)}" for k, v in expected.items()
@@ -515,6 +527,8 @@ def atomic_write(path, write) -> Path:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # name the real file, not the temp one
+        raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -624,7 +638,7 @@ def load_encoder(name_or_path="minilm", weights=None, device="cpu", max_length=N
     except Exception as e:
         raise WeightsError(f"{folder / 'tokenizer.json'}: unreadable ({e}); re-download or fix it.") from None
     if max_length is None:
-        max_length = (_read_json(folder / "sentence_bert_config.json") or {}).get("max_seq_length") or 256
+        max_length = (_read_json(folder / "sentence_bert_config.json") or {}).get("max_seq_length")
     pooling = pooling or _pooling_from_folder(folder)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -19,11 +19,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import BLAIR_T1, DOCUMENT_FIELDS, DataError, file_sha256, load_dataset, parse_fields
+from data import BLAIR_T1, DOCUMENT_FIELDS, DataError, file_sha256, load_dataset, parse_fields, read_array, \
+    read_json
 from encoderec import BackboneError, WeightsError, load_encoder
 from rqvae import collision_stats, embedding_stats
 from tiger import SemanticIDs, Tiger, TigerConfig, recommend
-from trainer import json_safe, load_checkpoint
+from trainer import check_device, json_safe, load_checkpoint, load_weights
 from unisrec import UniSRec, UniSRecConfig, score_fn
 
 KS = (10,)
@@ -146,7 +147,8 @@ def retrieval_eval(encoder, ds, doc_fields=None, query_items=None, ks: Sequence[
 
 # ---- CLI
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description="Evaluate; the last stdout line is the metrics as JSON.")
+    ap = argparse.ArgumentParser(description="Evaluate; the last stdout line is the metrics as JSON.",
+                                 allow_abbrev=False)
     ap.add_argument("--task", choices=list(TASKS), help="; ".join(f"{k}: {v}" for k, (_, v) in TASKS.items()))
     ap.add_argument("--report", action="store_true", help="= --task report")
     ap.add_argument("--dataset", required=True, nargs="+", help="a name or a folder (report: several)")
@@ -172,21 +174,44 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def check_flags(ap, args, scope: str, allowed, positive=(), non_negative=(), fractions=()) -> None:
+    """Before anything runs: every numeric flag in its range, and no flag given that `scope` ignores."""
+    flag = "--{}".format
+    if extra := [k for k, v in vars(args).items() if v != ap.get_default(k) and k not in allowed]:
+        raise DataError(f"{flag(extra[0]).replace('_', '-')} does not apply to {scope}; drop it")
+    for names, ok, want in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
+                            (fractions, lambda v: 0 <= v < 1, "in [0, 1)")):
+        for k in names:
+            if (v := getattr(args, k)) is not None and not (ok(v) and math.isfinite(v)):
+                raise DataError(f"{flag(k).replace('_', '-')} must be {want}, got {v}")
+
+
+EVAL_FLAGS = {"common": {"task", "report", "dataset", "data_dir", "runs", "device", "seed"},
+              "retrieval": {"encoder", "weights", "doc_fields", "holdout", "max_length", "batch_size"},
+              "unisrec": {"run", "mask_history"}, "tiger": {"run", "beam", "no_constrain"},
+              "collisions": {"run", "encoder", "tokenizer"}, "report": {"csv"}}
+
+
+def encoder_label(encoder: str) -> str:
+    """The name of an embedding source in run folders: minilm, a folder's name, emb-<stem> of an .npy."""
+    p = Path(encoder)
+    return (f"emb-{p.stem}" if p.suffix == ".npy" else p.resolve().name) if p.exists() else str(encoder).lower()
+
+
 def find_run(args, task: str) -> Path:
     """--run, or the newest finished run of `task` for --dataset."""
     if args.run:
         run = Path(args.run)
         if not (run / "results.json").is_file():
             raise DataError(f"{run} is not a finished run of train.py (no results.json)")
-        if json.loads((run / "results.json").read_text())["task"] != {"collisions": "rqvae"}.get(task, task):
+        if run_results(run).get("task") != {"collisions": "rqvae"}.get(task, task):
             raise DataError(f"{run} is not a {task} run")
         return run
-    name = (Path(args.dataset).name if Path(args.dataset).is_dir() else str(args.dataset)).lower()
+    name = Path(args.dataset).name.lower()
     roots = [p for p in Path(args.runs).glob("*") if p.name.lower() == name]
     prefix, stage = ("ids", "rqvae") if task == "collisions" else (task, task)  # run folder, train.py stage
     if task == "collisions":  # the IDs of --tokenizer on --encoder
-        e = args.encoder
-        prefix += f"-{args.tokenizer}-{Path(e).resolve().name if Path(e).is_dir() else e.lower()}"
+        prefix += f"-{args.tokenizer}-{encoder_label(args.encoder)}"
     runs = [p.parent for r in roots for p in r.glob(f"{prefix}-*/results.json")]
     if not runs:
         raise DataError(f"no finished {task} run for {args.dataset} under {args.runs}/: train one with\n"
@@ -196,17 +221,56 @@ def find_run(args, task: str) -> Path:
     return run
 
 
+def run_results(run: Path) -> dict:
+    """A run folder's results.json (an object), read strictly."""
+    res = read_json(Path(run) / "results.json", f"delete {run} and run its train.py command again")
+    if not isinstance(res, dict):
+        raise DataError(f"{run}/results.json holds {type(res).__name__}, not a JSON object")
+    return res
+
+
 def _load(args, task: str, build):
-    """(run, dataset, model, meta): build(meta) loaded with find_run's best.pt."""
+    """(run, dataset, model, meta): build(meta, run) loaded with find_run's best.pt, on the data it was
+    trained on (else a DataError naming both)."""
     run = find_run(args, task)
     ds = load_dataset(args.dataset, args.data_dir)
     ck = load_checkpoint(run / "best.pt")
     meta = ck.get("meta", {})
-    if meta.get("data_fingerprint") != ds.fingerprint:
-        raise DataError(f"{run} was trained on other data than {ds.name} now holds (fingerprints differ)")
-    model = build(meta)
-    model.load_state_dict(ck["model"])
+    theirs = (meta.get("dataset"), meta.get("data_fingerprint"), meta.get("n_items", ds.n_items))
+    if theirs[1:] != (ds.fingerprint, ds.n_items):
+        raise DataError(f"{run} was trained on {theirs[0]} (fingerprint {theirs[1]}, {theirs[2]} items), not "
+                        f"on {args.dataset} (fingerprint {ds.fingerprint}, {ds.n_items} items); pass its data")
+    try:
+        model = build(meta, run)
+    except (KeyError, TypeError, ValueError, ArithmeticError) as e:
+        raise DataError(f"{run / 'best.pt'}: its model config is unusable ({type(e).__name__}: {e}); delete "
+                        f"{run} and train again") from None
+    load_weights(model, ck, run / "best.pt")
     return run, ds, model.to(args.device).eval(), meta
+
+
+def read_semantic_ids(path: Path, n_items: int) -> tuple[np.ndarray, list[int]]:
+    """An ids-* run's semantic_ids.npy (N, 4) int64 and vocab sizes (its results.json), checked."""
+    fix = f"delete {path.parent} and run train.py --stage rqvae again"
+    vocab = run_results(path.parent).get("vocab_sizes")
+    ids = read_array(path, "semantic IDs", "i", rows=n_items, cols=4, fix=fix)
+    if not (isinstance(vocab, list) and len(vocab) == 4 and all(type(v) is int and v > 0 for v in vocab)):
+        raise DataError(f"{path.parent}/results.json: vocab_sizes {vocab!r} is not 4 positive integers; {fix}")
+    if (ids < 0).any() or (ids >= np.array(vocab)).any():
+        raise DataError(f"{path}: codes outside 0..vocab_sizes {vocab}; {fix}")
+    if len(np.unique(ids, axis=0)) != len(ids):
+        raise DataError(f"{path}: two items share a semantic ID (the 4th code must tell them apart); {fix}")
+    return ids.astype(np.int64), vocab
+
+
+def read_run_embeddings(run: Path, path, n_items: int) -> np.ndarray:
+    """The item embeddings a run was trained on: at their recorded path and with its content hash."""
+    key = read_json(run / "run.json", f"delete {run} and train again").get("key", {})
+    path = Path(path)
+    if not path.is_file() or file_sha256(path) != key.get("embeddings"):
+        raise DataError(f"{run} was trained on the embeddings {path}, which are "
+                        f"{'changed' if path.is_file() else 'gone'}; put them back or train the run again")
+    return read_array(path, "item embeddings", rows=n_items)
 
 
 def run_retrieval(args) -> dict:
@@ -229,9 +293,10 @@ def evaluate_unisrec(model, ds, cases, max_len: int, mask_history: bool = False,
 
 
 def run_unisrec(args) -> dict:
-    def build(meta):
+    def build(meta, run):
         cfg = UniSRecConfig(**meta["model_config"])
-        return UniSRec(cfg, np.load(meta["item_emb_path"], allow_pickle=False) if cfg.mode != "id" else None)
+        emb = read_run_embeddings(run, meta["item_emb_path"], meta["n_items"]) if cfg.mode != "id" else None
+        return UniSRec(cfg, emb)
     run, ds, model, _ = _load(args, "unisrec", build)
     return {"task": "unisrec", "dataset": ds.name, "run": str(run), "mask_history": args.mask_history,
             **{s: evaluate_unisrec(model, ds, getattr(ds.splits, s), model.cfg.max_seq_len, args.mask_history)
@@ -242,19 +307,15 @@ def run_collisions(args) -> dict:
     """Collision audit of an ids-* run (+ its embeddings' geometry if unchanged)."""
     run = find_run(args, "collisions")
     ds = load_dataset(args.dataset, args.data_dir)
-    ids = np.load(run / "semantic_ids.npy", allow_pickle=False)  # (N, 4)
-    info = json.loads((run / "results.json").read_text())
-    if ids.shape != (ds.n_items, 4) or not np.issubdtype(ids.dtype, np.integer):
-        raise DataError(f"{run}/semantic_ids.npy holds {ids.dtype} {ids.shape}, not int ({ds.n_items}, 4)")
-    key = json.loads((run / "run.json").read_text())["key"]
-    emb = Path(info["embeddings"])
-    same = emb.is_file() and file_sha256(emb) == key["embeddings"]
-    return {"task": "collisions", "dataset": ds.name, "encoder": info["encoder"],
-            "tokenizer": info["tokenizer"], "semantic_ids": str(run / "semantic_ids.npy"),
-            **collision_stats(ids[:, :3], info["vocab_sizes"][0]),
-            "ids_unique": len(np.unique(ids, axis=0)) == len(ids), "vocab_sizes": info["vocab_sizes"],
+    ids, vocab = read_semantic_ids(run / "semantic_ids.npy", ds.n_items)  # (N, 4)
+    info, run_json = run_results(run), read_json(run / "run.json", f"delete {run} and train again")
+    emb = Path(str(info.get("embeddings")))
+    same = emb.is_file() and file_sha256(emb) == run_json.get("key", {}).get("embeddings")
+    return {"task": "collisions", "dataset": ds.name, "encoder": info.get("encoder"),
+            "tokenizer": info.get("tokenizer"), "semantic_ids": str(run / "semantic_ids.npy"),
+            **collision_stats(ids[:, :3], vocab[0]), "ids_unique": True, "vocab_sizes": vocab,
             "max_dedup_code": int(ids[:, 3].max()),
-            "embeddings": embedding_stats(np.load(emb)) if same else None}
+            "embeddings": embedding_stats(read_array(emb, "item embeddings")) if same else None}
 
 
 def training_counts(ds) -> np.ndarray:
@@ -287,9 +348,7 @@ def evaluate_tiger(model, ds, cases, ids, beam: int = 10, constrain: bool = True
 
 
 def run_tiger(args) -> dict:
-    if args.beam < 1:
-        raise DataError(f"--beam must be >= 1, got {args.beam}")
-    run, ds, model, meta = _load(args, "tiger", lambda meta: Tiger(TigerConfig(**meta["model_config"])))
+    run, ds, model, meta = _load(args, "tiger", lambda meta, run: Tiger(TigerConfig(**meta["model_config"])))
     ids = SemanticIDs(meta["semantic_ids"].numpy(), model.cfg.vocab_sizes, args.device)
     test = ds.splits.test
     return {"task": "tiger", "dataset": ds.name, "run": str(run), "beam": args.beam,
@@ -342,10 +401,20 @@ def collect_report(runs, names) -> list[dict]:
     for name in names:
         for f in sorted((Path(runs) / name).glob("*/results.json")):
             try:
-                res = json.loads(f.read_text())
-            except ValueError:
+                res = run_results(f.parent)
+                records = _records(f.parent, res)
+            except (DataError, KeyError, TypeError, ValueError, IndexError) as e:
+                print(f"warning: report skips {f.parent}: unreadable results ({type(e).__name__}: {e})",
+                      file=sys.stderr)
                 continue
-            for table, row, sched, metrics, keys in _records(f.parent, res):
+            if res.get("steps") == 0:
+                print(f"warning: report skips {f.parent}: it trained 0 steps", file=sys.stderr)
+                continue
+            for table, row, sched, metrics, keys in records:
+                if not any(isinstance(metrics.get(m), (int, float)) for m in keys):
+                    print(f"warning: report skips {f.parent} ({row}): no {table} metrics (no evaluation "
+                          "cases?)", file=sys.stderr)
+                    continue
                 key, t = (table, name, row, sched), f.stat().st_mtime
                 if key not in newest or t > newest[key][0]:
                     newest[key] = (t, f.parent, metrics, keys)
@@ -382,8 +451,12 @@ def report_markdown(recs: list[dict]) -> str:
 
 
 def run_report(args) -> dict:
-    names = [(Path(d).name if Path(d).is_dir() else d).lower() for d in args.dataset]
-    names = [next((p.name for p in Path(args.runs).glob("*") if p.name.lower() == n), n) for n in names]
+    have = {p.name.lower(): p.name for p in Path(args.runs).glob("*") if p.is_dir()}
+    names = [Path(d).name.lower() for d in args.dataset]
+    if missing := [d for d, n in zip(args.dataset, names) if n not in have]:
+        raise DataError(f"no run folders for {', '.join(missing)} under {args.runs}/ (it holds: "
+                        f"{', '.join(sorted(have.values())) or 'nothing'})")
+    names = [have[n] for n in names]
     recs = collect_report(args.runs, names)
     path = Path(args.csv) if args.csv else Path(args.runs) / f"report-{'+'.join(names)}.csv"
     print(report_markdown(recs))
@@ -405,18 +478,20 @@ TASKS = {  # --task -> (runner, help)
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    ap = build_parser()
+    args = ap.parse_args(argv)
     task = "report" if args.report else args.task
     try:
         if task is None:
             raise DataError("pass --task TASK (or --report)")
+        check_flags(ap, args, f"--task {task}", EVAL_FLAGS["common"] | EVAL_FLAGS[task],
+                    positive=("max_length", "batch_size", "beam"), non_negative=("seed",), fractions=("holdout",))
         if task != "report":
             if len(args.dataset) != 1:
                 raise DataError("--task takes one --dataset (several are for the report)")
             args.dataset = args.dataset[0]
         torch.manual_seed(args.seed)
-        if args.device == "auto":
-            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        args.device = check_device(args.device)
         print_json(TASKS[task][0](args))
     except (DataError, BackboneError, WeightsError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -20,6 +20,8 @@ import functools
 import hashlib
 import json
 import math
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -29,6 +31,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+try:
+    import fcntl
+except ImportError:  # Windows: run folders are not locked
+    fcntl = None
+
 import encoderec as er
 import eval as ev
 import rqvae as rq
@@ -36,7 +43,7 @@ import tiger as tg
 import trainer
 import unisrec as us
 from data import DOCUMENT_FIELDS, ITEM_TEXT_FIELDS, REGISTRY, DataError, file_sha256, load_dataset, \
-    parse_fields
+    parse_fields, read_array, read_json
 
 DEFAULT_DATASET = "scientific"  # the one set with item descriptions, which EncodeRec's documents need
 RKMEANS = {"levels": 3, "k": 256, "iters": 50, "standardize": True}  # residual k-means = RQ-VAE's codebooks
@@ -79,24 +86,54 @@ def run_folder(args, stage: str, label: str, key: dict) -> Path:
     info, (rank, world) = out / "run.json", trainer.rank_world()
     if world > 1 and stage in ("embed", "ids") and not done(out):
         raise DataError(f"make the {stage} folder first, in one process: torchrun runs encoder/unisrec/tiger")
-    if rank > 0:  # rank 0 checks and writes the folder
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out} is a file, not a run folder: choose another --out")
+    if rank > 0 or done(out):  # rank 0 checks and writes the folder; a finished one is only read
         return out
+    _lock(out)
     if info.is_file():
         try:
-            old = json.loads(info.read_text()).get("key")
-        except ValueError:
+            old = read_json(info).get("key")
+        except (DataError, AttributeError):
             old = None
         if old != key:
             raise DataError(f"{out} holds a run of other inputs: choose another --out or delete it")
         if not done(out) and not args.resume:
             raise DataError(f"{out} holds an unfinished run of these inputs: pass --resume to continue it, "
                             f"or delete the folder to start over")
-    elif out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
+    elif any(not p.name.startswith(".") for p in out.iterdir()):
         raise DataError(f"{out} is not empty and holds no run.json: choose another --out")
     else:
         trainer.write_json(info, {"key": key, "argv": sys.argv[1:], "git_commit": git_commit(),
                                   "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     return out
+
+
+_LOCKS: dict[Path, int] = {}  # run folders this process writes -> their locked .lock file
+
+
+def _lock(out: Path) -> None:
+    """One writer per run folder: an exclusive flock on out/.lock, held until release_locks() (or exit,
+    kill -9 included); a second writer is refused with the owner's pid, host and start time."""
+    if fcntl is None or out in _LOCKS:  # fcntl: POSIX only
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise DataError(f"{out} is being written by {owner}: wait for it, or stop it and --resume") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}".encode())
+    _LOCKS[out] = fd
+
+
+def release_locks() -> None:
+    for fd in _LOCKS.values():
+        os.close(fd)  # closing releases the flock
+    _LOCKS.clear()
 
 
 def done(out: Path) -> bool:
@@ -121,8 +158,9 @@ def say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def encoder_label(encoder: str) -> str:
-    return Path(encoder).resolve().name if Path(encoder).is_dir() else str(encoder).lower()
+def source(args) -> str:
+    """Where the item embeddings come from: the --emb file, else the --encoder."""
+    return str(args.emb or args.encoder)
 
 
 def _weights(args, ds, encoder: str) -> tuple[Path, dict]:
@@ -135,7 +173,9 @@ def _weights(args, ds, encoder: str) -> tuple[Path, dict]:
 
 
 def _meta(ds, **kw) -> dict:
-    return {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "git_commit": git_commit(), **kw}
+    """What a checkpoint records of its making; resume and eval compare it."""
+    return {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "n_items": ds.n_items,
+            "git_commit": git_commit(), **kw}
 
 
 def _adamw(model, weight_decay: float, no_decay) -> torch.optim.AdamW:
@@ -166,7 +206,7 @@ def stage_encoder(args) -> Path:
     key.update(doc_fields=doc_fields, holdout=args.holdout, batch_size=bs, lr=lr, epochs=args.epochs,
                amp=args.amp, temperature=args.temperature, symmetric=args.symmetric, max=args.max_length,
                seed=args.seed)
-    out = run_folder(args, "encoder", encoder_label(args.backbone), key)
+    out = run_folder(args, "encoder", ev.encoder_label(args.backbone), key)
     if done(out):
         return finish(out) or out
     device, rank = args.device, trainer.rank_world()[0]
@@ -225,12 +265,12 @@ def stage_embed(args, ds=None) -> Path:
                         f"--fields (python data.py --dataset {args.dataset} --stats lists them)")
     folder, key = _weights(args, ds, args.encoder)
     key.update(fields=fields, max=args.max_length)
-    out = run_folder(args, "embed", encoder_label(args.encoder), key)
+    out = run_folder(args, "embed", ev.encoder_label(args.encoder), key)
     if done(out):
         return finish(out) or out / "item_emb.npy"
     if missing:
         say(f"warning: {missing} of {ds.n_items} items have none of {', '.join(fields)}: embedded from ''")
-    say(f"{ds.name}: embedding {ds.n_items} items with {encoder_label(args.encoder)} into {out}")
+    say(f"{ds.name}: embedding {ds.n_items} items with {ev.encoder_label(args.encoder)} into {out}")
     emb = er.load_encoder(folder, device=args.device, max_length=args.max_length).encode(
         [t or "" for t in texts], batch_size=64)                                       # (I, d) float32
     _save_npy(out / "item_emb.npy", emb)
@@ -249,11 +289,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 def _embeddings(args, ds) -> tuple[np.ndarray, Path]:
     """--emb or the --encoder's item embeddings (made on the way), and the file."""
     path = Path(args.emb) if args.emb else stage_embed(with_(args, out=None, resume=True), ds)
-    if not path.is_file():
-        raise DataError(f"--emb {path}: no such file")
-    emb = np.load(path, allow_pickle=False)
-    if emb.ndim != 2 or emb.shape[0] != ds.n_items or not np.issubdtype(emb.dtype, np.floating):
-        raise DataError(f"{path} holds {emb.dtype} {emb.shape}, expected float ({ds.n_items}, d)")
+    emb = read_array(path, "item embeddings", rows=ds.n_items, fix="pass a float (items, d) .npy, row i = item i")
     return emb.astype(np.float32, copy=False), path
 
 
@@ -268,7 +304,7 @@ def stage_rqvae(args, ds=None) -> Path:
     cfg = cfg if args.rqvae_epochs is None else replace(cfg, epochs=args.rqvae_epochs)
     key = {"dataset": ds.name, "embeddings": content_hash(emb_path), "tokenizer": args.tokenizer,
            "config": asdict(cfg) if args.tokenizer == "rqvae" else RKMEANS, "seed": args.seed}
-    out = run_folder(args, "ids", f"{args.tokenizer}-{encoder_label(args.encoder)}", key)
+    out = run_folder(args, "ids", f"{args.tokenizer}-{ev.encoder_label(source(args))}", key)
     if done(out):
         return finish(out) or out / "semantic_ids.npy"
     say(f"{ds.name}: {args.tokenizer} on {emb.shape[0]} x {emb.shape[1]} embeddings ({emb_path}) into {out}")
@@ -279,7 +315,7 @@ def stage_rqvae(args, ds=None) -> Path:
         codes = rq.residual_kmeans(emb, seed=args.seed, progress=True, **RKMEANS)    # (N, 3)
     ids, vocab = rq.semantic_ids(codes, RKMEANS["k"])                                # (N, 4), 4 ints
     _save_npy(out / "semantic_ids.npy", ids)
-    finish(out, {"task": "rqvae", "dataset": ds.name, "encoder": str(args.encoder),
+    finish(out, {"task": "rqvae", "dataset": ds.name, "encoder": source(args),
                  "tokenizer": args.tokenizer, "embeddings": str(emb_path), "vocab_sizes": list(vocab),
                  "collisions": rq.collision_stats(codes),
                  "ids_unique": len(np.unique(ids, axis=0)) == len(ids)})
@@ -340,13 +376,14 @@ def stage_unisrec(args) -> Path:
     """UniSRec on frozen item embeddings, or SASRec on item IDs (--encoder none): Adam, full softmax, early
     stopping on valid NDCG@10 (UniSRec's fine-tuning); the best model tested."""
     ds = load_dataset(args.dataset, args.data_dir)
+    _has_cases(ds)
     text = str(args.encoder).lower() != "none"
     mode = args.mode if text else "id"
     emb, emb_path = _embeddings(args, ds) if text else (None, None)
     args = with_(args, lr=args.lr or 1e-3, batch_size=args.batch_size or 2048)   # UniSRec's finetune.yaml
     key = {"embeddings": content_hash(emb_path) if text else None, "mode": mode,
            "max_history": args.max_history, "mask_history": args.mask_history}
-    label = f"{mode}-{encoder_label(args.encoder)}" if text else "id"
+    label = f"{mode}-{ev.encoder_label(source(args))}" if text else "id"
     loop = _loop(args)
     out = _recommender_folder(args, ds, "unisrec", label, loop, key)
     if done(out):
@@ -372,8 +409,8 @@ def stage_unisrec(args) -> Path:
     summary = trainer.fit(model, loss_fn, len(T), torch.optim.Adam(model.parameters()), out, loop,
                           evaluate=evaluate, resume=args.resume, meta=meta, desc="unisrec")
     if rank == 0 and not summary["time_capped"]:
-        finish(out, {"task": "unisrec", "dataset": ds.name, "encoder": str(args.encoder), "mode": mode,
-                     "run": str(out), "custom_emb": args.emb, "max_epochs": args.max_epochs, **summary,
+        finish(out, {"task": "unisrec", "dataset": ds.name, "encoder": source(args), "mode": mode,
+                     "run": str(out), "max_epochs": args.max_epochs, **summary,
                      "valid": evaluate(model), "test": evaluate(model, ds.splits.test)})
     return out
 
@@ -414,19 +451,19 @@ def stage_tiger(args) -> Path:
     """TIGER on the semantic IDs of the --encoder: teacher forcing, early stopping on the valid NDCG@10 of
     constrained beam search; the best checkpoint tested beside popularity."""
     ds = load_dataset(args.dataset, args.data_dir)
+    _has_cases(ds)
     args = with_(args, lr=args.lr or 1e-3, batch_size=args.batch_size or 256)
     warmup = args.warmup_steps or TIGER_WARMUP
     if min(args.tiger_history, args.beam, args.eval_every, args.max_steps, warmup) < 1:
         raise DataError("--tiger-history, --beam, --eval-every, --max-steps and --warmup-steps must be >= 1")
     device, (rank, world) = args.device, trainer.rank_world()
     sem_path = stage_rqvae(with_(args, out=None, resume=True), ds)
-    codes = np.load(sem_path, allow_pickle=False)
-    vocab = json.loads((sem_path.parent / "results.json").read_text())["vocab_sizes"]
+    codes, vocab = ev.read_semantic_ids(sem_path, ds.n_items)
     ids = tg.SemanticIDs(codes, vocab, device)
     loop = _loop(args, max_steps=args.max_steps, eval_every=args.eval_every, grad_clip=TIGER_GRAD_CLIP)
     key = {"semantic_ids": content_hash(sem_path), "history": args.tiger_history, "warmup": warmup,
            "beam": args.beam, "grouping": args.group_by_length}
-    out = _recommender_folder(args, ds, "tiger", f"{args.tokenizer}-{encoder_label(args.encoder)}", loop, key)
+    out = _recommender_folder(args, ds, "tiger", f"{args.tokenizer}-{ev.encoder_label(source(args))}", loop, key)
     if done(out):
         return finish(out) or out
     torch.manual_seed(args.seed)
@@ -455,7 +492,7 @@ def stage_tiger(args) -> Path:
         resume=args.resume, meta=meta, desc="tiger")
     if rank == 0 and not summary["time_capped"]:
         test = ds.splits.test
-        finish(out, {"task": "tiger", "dataset": ds.name, "encoder": str(args.encoder),
+        finish(out, {"task": "tiger", "dataset": ds.name, "encoder": source(args),
                      "tokenizer": args.tokenizer, "semantic_ids": str(sem_path), "run": str(out),
                      "beam": args.beam, **summary, "test": ev.evaluate_tiger(model, ds, test, ids, args.beam),
                      "popularity": ev.summarize(ev.popularity_ranks(ds, test), (5, 10), cold=test.cold)})
@@ -468,7 +505,7 @@ def stage_retrieval(args, ds, encoder: str, max_length: int) -> None:
     doc_fields = parse_fields(args.doc_fields, DOCUMENT_FIELDS)
     folder, key = _weights(args, ds, encoder)
     key.update(docs=doc_fields, max=max_length)
-    out = run_folder(args, "retrieval", encoder_label(encoder), key)
+    out = run_folder(args, "retrieval", ev.encoder_label(encoder), key)
     if done(out):
         return finish(out)
     enc = er.load_encoder(folder, device=args.device, max_length=max_length)
@@ -510,7 +547,8 @@ STAGES = {"encoder": stage_encoder, "embed": stage_embed, "rqvae": stage_rqvae, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description="A stage of EncodeRec; the last stdout line: its results.")
+    ap = argparse.ArgumentParser(description="A stage of EncodeRec; the last stdout line: its results.",
+                                 allow_abbrev=False)
     ap.add_argument("--stage", required=True, choices=list(STAGES))
     g = ap.add_argument_group("every stage")
     g.add_argument("--dataset", help=f"{' | '.join(REGISTRY)} | a data folder ({DEFAULT_DATASET})")
@@ -566,40 +604,96 @@ def build_parser() -> argparse.ArgumentParser:
 def _device(device: str) -> str:
     """The device (joining torchrun's group if any); one this machine lacks is a user error."""
     try:
-        dev = torch.device(trainer.init_distributed(device)[0])
+        return trainer.init_distributed(device)[0]
     except RuntimeError as e:
         raise DataError(f"--device {device}: {e}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"--device {device}: no CUDA device here; use --device cpu")
-    return str(dev)
 
 
-WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+# The options each stage reads beyond COMMON; another one given is an error, never silently ignored.
+COMMON = "stage dataset data_dir runs out resume device seed amp compile max_minutes"
+_EMB = "encoder weights fields max_length emb"
+_IDS = f"{_EMB} tokenizer rqvae_epochs no_dead_code_restart"
+_LOOP = "batch_size lr max_epochs patience"
+STAGE_FLAGS = {
+    "encoder": "backbone weights batch_size lr max_length epochs chunk_size temperature symmetric holdout "
+               "doc_fields no_eval",
+    "embed": "encoder weights fields max_length",
+    "rqvae": _IDS,
+    "unisrec": f"{_EMB} {_LOOP} mode max_history mask_history",
+    "tiger": f"{_IDS} {_LOOP} max_steps eval_every warmup_steps beam tiger_history group_by_length",
+}
+# --stage all: the budget sets the schedules, each stage its defaults; the other options go through
+STAGE_FLAGS["all"] = " ".join(set(" ".join(STAGE_FLAGS.values()).split()) - set(
+    "encoder emb out lr batch_size max_length epochs max_epochs rqvae_epochs max_steps eval_every warmup_steps "
+    "holdout no_eval".split())) + " budget"
+
+
+def check_args(ap: argparse.ArgumentParser, args) -> None:
+    """Every flag in its range and meaningful for the stage, before anything runs."""
+    allowed = set(f"{COMMON} {STAGE_FLAGS[args.stage]}".split()) - ({"out"} if args.stage == "all" else set())
+    ev.check_flags(ap, args, f"--stage {args.stage}", allowed, fractions=("holdout",),
+                   positive=("batch_size", "lr", "max_minutes", "max_length", "epochs", "chunk_size", "temperature",
+                             "max_epochs", "patience", "max_history", "max_steps", "eval_every", "warmup_steps",
+                             "beam", "tiger_history"), non_negative=("seed", "rqvae_epochs", "group_by_length"))
+
+    def given(*names):
+        return next((f"--{k.replace('_', '-')}" for k in names if getattr(args, k) != ap.get_default(k)), None)
+    none = str(args.encoder).lower() == "none"
+    checks = [
+        (args.stage == "encoder" and args.batch_size == 1, "--batch-size 1 leaves InfoNCE no in-batch negative: "
+                                                           "use >= 2"),
+        (none and args.stage != "unisrec", "--encoder none (SASRec on item IDs) is for --stage unisrec only"),
+        (none and given("emb", "mode", "fields", "max_length", "weights"),
+         f"{given('emb', 'mode', 'fields', 'max_length', 'weights')} does not apply to --encoder none (no text)"),
+        (args.emb and given("encoder", "fields", "max_length", "weights"),
+         f"--emb replaces the encoder's embeddings: drop {given('encoder', 'fields', 'max_length', 'weights')}"),
+        (args.tokenizer == "rkmeans" and given("rqvae_epochs", "no_dead_code_restart"),
+         f"{given('rqvae_epochs', 'no_dead_code_restart')} is an RQ-VAE option; --tokenizer rkmeans has none"),
+        (args.no_eval and given("holdout"), "--no-eval and --holdout contradict each other: pass one"),
+        (args.weights and not Path(args.weights).is_dir(), f"--weights {args.weights}: no such folder"),
+    ]
+    if msg := next((m for bad, m in checks if bad), None):
+        raise DataError(msg)
+
+
+def _has_cases(ds) -> None:
+    """Early stopping and the test need validation and test cases."""
+    if not len(ds.splits.valid) or not len(ds.splits.test):
+        raise DataError(f"{ds.name}: {len(ds.splits.valid)} validation and {len(ds.splits.test)} test cases; a "
+                        "recommender needs both (leave-one-out: users with >= 3 interactions)")
+
+
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.dataset is None:
-        args.dataset = DEFAULT_DATASET
-        say(f"no --dataset given: using {DEFAULT_DATASET} (Amazon 2018 Industrial_and_Scientific 5-core, "
-            f"the one set with item descriptions)")
-    if args.no_eval:
-        args.holdout = 0.0
+    ap = build_parser()
+    args = ap.parse_args(argv)
     try:
+        check_args(ap, args)
+        if args.dataset is None:
+            args.dataset = DEFAULT_DATASET
+            say(f"no --dataset given: using {DEFAULT_DATASET} (Amazon 2018 Industrial_and_Scientific 5-core, "
+                f"the one set with item descriptions)")
+        if args.no_eval:
+            args.holdout = 0.0
         args.device = _device(args.device)
+        if args.amp == "fp16" and not args.device.startswith("cuda"):
+            raise DataError(f"--amp fp16 needs a CUDA device, not {args.device}: use --amp off or bf16")
         STAGES[args.stage](args)
     except (DataError, er.BackboneError, er.WeightsError, ValueError) as e:
         say(f"error: {e}")
         return 2
-    except FloatingPointError as e:  # a NaN/inf loss: last.pt keeps the last good state
+    except FloatingPointError as e:  # a NaN/inf loss
         say(f"error: {e}")
         return 1
-    except OSError as e:
-        if e.errno not in WRITE_ERRORS:
-            raise
-        say(f"error: cannot write {e.filename or 'the output'}: {e.strerror}. Free some space or choose a "
-            f"writable --runs / --out; writes are atomic, so --resume continues from the last checkpoint.")
+    except OSError as e:  # the machine's, not the code's: one line naming the file
+        hint = (" Free some space or choose a writable --runs / --out; writes are atomic, so --resume continues "
+                "from the last checkpoint." if e.errno in WRITE_ERRORS else "")
+        say(f"error: {e.filename or 'a file'}: {e.strerror or e}.{hint}")
         return 2
+    finally:
+        release_locks()
     return 0
 
 

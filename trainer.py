@@ -18,6 +18,7 @@ loss, torchrun.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -77,6 +78,8 @@ def atomic_write(path, write) -> Path:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as e:  # name the real file, not the temp one
+        raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -85,6 +88,14 @@ def atomic_write(path, write) -> Path:
 
 def write_json(path, obj) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(json_safe(obj), indent=2)))
+
+
+def save_torch(path, obj) -> Path:
+    """torch.save through memory, so that a full disk is an OSError naming `path` (torch's own writer
+    raises an opaque RuntimeError)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getbuffer()))
 
 
 def json_safe(obj):
@@ -97,24 +108,39 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, unreadable or not written by fit."""
 
 
-def load_checkpoint(path) -> dict:
-    """A last.pt / best.pt of `fit`, read without pickle."""
+def load_checkpoint(path, keys=("model",)) -> dict:
+    """A last.pt / best.pt of `fit`, read without pickle, with `keys`; else a CheckpointError that says
+    how to recover."""
     path = Path(path)
+    other = path.with_name({"last.pt": "best.pt", "best.pt": "last.pt"}.get(path.name, path.name))
+    fix = (f"{other} may be intact; else " if other != path and other.is_file() else "") + \
+        f"delete {path.parent} and train again"
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {path} not found")
+        raise CheckpointError(f"checkpoint {path} not found; {fix}")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, random bytes, a pickle payload: all refused alike
-        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}); delete it and "
-                              f"train again") from None
-    if not isinstance(ck, dict) or "model" not in ck:
-        raise CheckpointError(f"{path} was not written by trainer.fit; delete it and train again")
+        raise CheckpointError(f"{path} is not a readable checkpoint ({type(e).__name__}); {fix}") from None
+    if not (isinstance(ck, dict) and all(k in ck for k in keys) and isinstance(ck["model"], dict)
+            and all(isinstance(ck.get(k, {}), dict) for k in ("meta", "train_config", "state"))
+            and all(isinstance(v, torch.Tensor) for v in ck["model"].values())):
+        raise CheckpointError(f"{path} was not written by trainer.fit (it needs {', '.join(keys)}); {fix}")
     return ck
 
 
+def load_weights(model: torch.nn.Module, ck: dict, path) -> None:
+    """ck['model'] into model, strictly; a checkpoint of another model is a CheckpointError."""
+    try:
+        model.load_state_dict(ck["model"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        first = str(e).strip().splitlines()[-1].strip()[:160]
+        raise CheckpointError(f"{path} holds weights of another model ({first}); delete it and train "
+                              f"again, or evaluate the run it belongs to") from None
+
+
 def _save_best(out: Path, model, st: TrainState, meta: dict) -> None:
-    best = {"model": model.state_dict(), "step": st.step, "valid": st.best_valid, "meta": meta}
-    atomic_write(out / "best.pt", lambda tmp: torch.save(best, tmp))
+    save_torch(out / "best.pt", {"model": model.state_dict(), "step": st.step, "valid": st.best_valid,
+                                 "meta": meta})
 
 
 # ---- torchrun
@@ -123,13 +149,29 @@ def init_distributed(device: str = "auto") -> tuple[str, int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     if world <= 1:
-        return ("cuda" if cuda else "cpu") if device == "auto" else device, 0, 1
+        return check_device(device), 0, 1
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if cuda else "gloo")
     return device, torch.distributed.get_rank(), world
+
+
+def check_device(device: str) -> str:
+    """'auto' -> cuda if available, else cpu; a device this machine lacks is a ValueError."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device} is not a device: use auto, cpu or cuda[:N]") from None
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dev.type == "cuda" and (dev.index or 0) >= n:
+        raise ValueError(f"--device {device}: this machine has {n} CUDA device(s); use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device}: only cpu and cuda[:N] are supported")
+    return str(dev)
 
 
 def rank_world() -> tuple[int, int]:
@@ -234,7 +276,7 @@ def fit(model: torch.nn.Module, loss_fn, n_examples: int, optimizer: torch.optim
     if rank_world()[1] > 1:
         torch.distributed.barrier()  # rank 0's best.pt is written
     if cfg.metric and (out / "best.pt").is_file():
-        model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
+        load_weights(model, load_checkpoint(out / "best.pt"), out / "best.pt")
     model.eval()
     return {"steps": st.step, "epochs": round(st.step / n_batches, 3), "best_step": st.best_step,
             "best_epoch": round(st.best_step / n_batches, 3), "best_valid": st.best_valid,
@@ -260,10 +302,12 @@ class _Run:
             torch.distributed.all_reduce(value)  # the same on every rank
         value = float(value)
         if not math.isfinite(value):
-            raise FloatingPointError(
-                f"training loss {value} at step {self.st.step + 1}; stopped before the update. "
-                f"{self.out / 'last.pt'} holds the last good state: lower the learning rate or use "
-                f"--amp off, then --resume.")
+            last = self.out / "last.pt"
+            kept = (f"{last} holds the state of step {self.st.step}: lower the learning rate or use --amp off, "
+                    f"then --resume" if last.is_file() else "no checkpoint was written yet: lower the "
+                    "learning rate or use --amp off and start again")
+            raise FloatingPointError(f"training loss {value} at step {self.st.step + 1}; stopped before the "
+                                     f"update. {kept}.")
         opt, scaler = self.optimizer, self.scaler
         for g in opt.param_groups:
             g["lr"] = lr
@@ -289,7 +333,7 @@ class _Run:
                   "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                   "state": asdict(self.st), "rng": rngs, "train_config": json_safe(asdict(self.cfg)),
                   "meta": self.meta}
-            atomic_write(self.out / "last.pt", lambda tmp: torch.save(ck, tmp))
+            save_torch(self.out / "last.pt", ck)
 
     def maybe_save_between(self) -> None:
         # one process only: save_last is a collective
@@ -368,7 +412,7 @@ def _summary_line(rec: dict, st: TrainState, cfg: TrainConfig, improved: bool) -
 def _resume(model, optimizer, scaler, out: Path, cfg: TrainConfig, meta: dict, dev) -> TrainState:
     """Load last.pt (checked: the same run) into model, optimizer, scaler and RNG."""
     path, keep = out / "last.pt", TrainConfig.RESUMABLE
-    ck = load_checkpoint(path)
+    ck = load_checkpoint(path, ("model", "optimizer", "state", "rng", "train_config", "meta"))
     old, old_meta = ck.get("train_config", {}), ck.get("meta", {})
     pairs = [(k, old.get(k), v) for k, v in json_safe(asdict(cfg)).items() if k not in keep]
     pairs += [(f"meta.{k}", old_meta.get(k), v) for k, v in meta.items()
@@ -377,11 +421,15 @@ def _resume(model, optimizer, scaler, out: Path, cfg: TrainConfig, meta: dict, d
     if changes:
         raise CheckpointError(f"{path} belongs to another run ({changes}); resume with the same data and "
                               f"settings (only {', '.join(keep)} may change) or use a fresh folder")
-    model.load_state_dict(ck["model"])
-    optimizer.load_state_dict(ck["optimizer"])
-    if scaler.is_enabled() and ck.get("scaler"):
-        scaler.load_state_dict(ck["scaler"])
-    st = TrainState(**ck["state"])
+    load_weights(model, ck, path)
+    try:
+        optimizer.load_state_dict(ck["optimizer"])
+        if scaler.is_enabled() and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        st = TrainState(**ck["state"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path}: its optimizer or state does not fit this run ({e}); delete it to "
+                              "start over") from None
     rank, world = rank_world()
     if len(ck["rng"]) == world:
         _set_rng_state(dev, ck["rng"][rank])

@@ -61,11 +61,11 @@ class UniSRecConfig:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"UniSRecConfig.mode={self.mode!r}: choose from {', '.join(MODES)}")
-        if self.hidden_size % self.n_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}")
         for name in ("hidden_size", "n_layers", "n_heads", "inner_size", "max_seq_len", "n_exps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"UniSRecConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.n_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by n_heads {self.n_heads}")
 
 
 # ----------------------------------------------------------------------------- adaptor

@@ -131,8 +131,9 @@ def test_real_scientific_titles_find_their_descriptions(tmp_path, minilm):
 
 @pytest.mark.parametrize("encoder", ["none", "minilm"])
 def test_unisrec_stage_and_eval(tmp_path, fixture_ds, encoder, capsys):
-    argv = ["--stage", "unisrec", "--dataset", str(fixture_ds), "--encoder", encoder,
-            "--fields", "title,categories", "--max-epochs", "2", "--batch-size", "8", *_common(tmp_path)]
+    fields = [] if encoder == "none" else ["--fields", "title,categories"]     # no text: --fields is refused
+    argv = ["--stage", "unisrec", "--dataset", str(fixture_ds), "--encoder", encoder, *fields,
+            "--max-epochs", "2", "--batch-size", "8", *_common(tmp_path)]
     assert train.main(argv) == 0
     results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     run = _one(tmp_path / "runs" / "Fix", "unisrec-id-*" if encoder == "none" else "unisrec-inductive-minilm-*")

@@ -230,7 +230,7 @@ def test_reviews_of_unknown_items(tmp_path):
 def test_lcrec_unknown_item_index(tmp_path):
     folder = fx.write_lcrec(tmp_path / "lc")
     (folder / "Fix.inter.json").write_text(json.dumps({"0": [0, 1, 99]}))
-    with pytest.raises(DataError, match=r"reference 1 item indices missing from Fix\.item\.json"):
+    with pytest.raises(DataError, match=r"user 0, position 2: 99 is not an item index .*Fix\.item\.json"):
         _load(folder, tmp_path)
 
 

@@ -209,10 +209,11 @@ def test_cli_stage_rqvae_then_collision_audit(tmp_path, tokenizer, capsys):
     folder = fx.write_lcrec(tmp_path / "Fix")
     emb_path = tmp_path / "emb.npy"
     np.save(emb_path, np.random.default_rng(0).standard_normal((6, 16)).astype(np.float32))
+    epochs = ["--rqvae-epochs", "2"] if tokenizer == "rqvae" else []           # refused with rkmeans
     argv = ["--stage", "rqvae", "--dataset", str(folder), "--emb", str(emb_path), "--tokenizer", tokenizer,
-            "--rqvae-epochs", "2", "--device", "cpu", *_common(tmp_path)]
+            *epochs, "--device", "cpu", *_common(tmp_path)]
     assert train.main(argv) == 0
-    run = next((tmp_path / "runs" / "Fix").glob(f"ids-{tokenizer}-minilm-*"))
+    run = next((tmp_path / "runs" / "Fix").glob(f"ids-{tokenizer}-emb-emb-*"))          # named by the file
     ids = np.load(run / "semantic_ids.npy")
     res = json.loads((run / "results.json").read_text())
     assert ids.shape == (6, 4) and ids.dtype == np.int64 and len(np.unique(ids, axis=0)) == 6
@@ -222,7 +223,8 @@ def test_cli_stage_rqvae_then_collision_audit(tmp_path, tokenizer, capsys):
     capsys.readouterr()
     assert train.main(argv) == 0                       # same inputs: nothing to do
     assert "up to date" in capsys.readouterr().err
-    audit_argv = ["--task", "collisions", "--dataset", str(folder), "--tokenizer", tokenizer, *_common(tmp_path)]
+    audit_argv = ["--task", "collisions", "--dataset", str(folder), "--tokenizer", tokenizer, "--encoder",
+                  str(emb_path), *_common(tmp_path)]
     assert ev.main(audit_argv) == 0                    # the newest ids-* folder
     audit = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert audit["items"] == 6 and audit["ids_unique"] is True and len(audit["usage"]) == 3
@@ -254,7 +256,7 @@ def test_cli_errors_exit_2(tmp_path, capsys):
         np.save(tmp_path / "bad.npy", bad)
         assert train.main(["--stage", "rqvae", "--dataset", str(folder), "--emb", str(tmp_path / "bad.npy"),
                            *_common(tmp_path)]) == 2
-        assert "expected float (6, d)" in capsys.readouterr().err
+        assert "item embeddings must be float (6, d)" in capsys.readouterr().err
 
 
 def test_training_is_reproducible_with_several_threads():

@@ -452,7 +452,7 @@ def _parse_csv_rating(line: str):
     parts = line.rstrip("\n").split(",")
     if len(parts) != 4:
         raise ValueError(f"expected 4 fields item,user,rating,timestamp, got {len(parts)}")
-    return {"asin": parts[0], "reviewerID": parts[1], "unixReviewTime": int(parts[3])}
+    return {"asin": parts[0], "reviewerID": parts[1], "unixReviewTime": int(parts[3])}  # "10.5": ValueError
 
 
 def read_reviews(files: RawFiles) -> tuple[list[str], list[str], np.ndarray]:
@@ -463,12 +463,13 @@ def read_reviews(files: RawFiles) -> tuple[list[str], list[str], np.ndarray]:
     parse = _parse_csv_rating if not new and path.suffix == ".csv" else json.loads
     users, items, times = [], [], []
     for lineno, rec in read_lines(path, parse, (ukey, ikey, tkey)):
-        try:
-            times.append(int(rec[tkey]))
-        except (TypeError, ValueError):
-            raise DataError(f"{path}:{lineno}: {tkey} is not an integer: {rec[tkey]!r}") from None
-        users.append(str(rec[ukey]))
-        items.append(str(rec[ikey]))
+        t, u, i = rec[tkey], rec[ukey], rec[ikey]
+        if type(t) is not int or not (isinstance(u, str) and isinstance(i, str)):  # never coerced
+            raise DataError(f"{path}:{lineno}: expected string {ukey} and {ikey} and an integer {tkey}, got "
+                            f"{u!r}, {i!r}, {t!r}")
+        users.append(u)
+        items.append(i)
+        times.append(t)
     if not users:
         raise DataError(f"{path}: no reviews")
     return users, items, np.array(times, dtype=np.int64)
@@ -576,7 +577,7 @@ def atomic_write(path, write) -> Path:
         write(tmp)
         os.replace(tmp, path)
     except OSError as e:  # name the real file, not the temp one
-        raise OSError(e.errno, e.strerror, str(path)) from None
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -701,7 +702,11 @@ def resolve_source(dataset: str, data_dir: Path) -> tuple[str, Path]:
     """A registered name or a folder -> (display name, folder)."""
     p = Path(dataset).expanduser()
     if p.is_dir():
+        if not os.access(p, os.R_OK | os.X_OK):
+            raise DataError(f"dataset folder {p}: permission denied")
         return p.resolve().name, p
+    if p.exists():
+        raise DataError(f"--dataset {dataset} is a file: pass the folder that holds the data files")
     key = dataset.lower()
     if key in REGISTRY:
         return key, fetch_named(key, data_dir)
@@ -786,7 +791,7 @@ def main(argv=None) -> int:
         print("\n".join(stats_lines(ds)) if args.stats
               else f"users={ds.n_users} items={ds.n_items} interactions={ds.n_interactions}")
         print(f"load time {elapsed:.2f}s", file=sys.stderr)
-    except DataError as e:
+    except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

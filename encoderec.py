@@ -64,6 +64,10 @@ class BertConfig:
                   "max_position_embeddings", "type_vocab_size"):
             if type(v := getattr(self, k)) is not int or v < 1:
                 raise WeightsError(f"{k}={v!r} must be a positive integer; fix config.json.")
+        if type(self.layer_norm_eps) is not float or not 0 < self.layer_norm_eps < 1:
+            raise WeightsError(f"layer_norm_eps={self.layer_norm_eps!r} must be a small positive float; fix config.json.")
+        if type(self.pad_token_id) is not int or not 0 <= self.pad_token_id < self.vocab_size:
+            raise WeightsError(f"pad_token_id={self.pad_token_id!r} is not a token id; fix config.json.")
         if self.hidden_act != "gelu":
             raise WeightsError(f"hidden_act={self.hidden_act!r} is not supported; use a 'gelu' (erf) model.")
         if self.hidden_size % self.num_attention_heads:
@@ -528,7 +532,7 @@ def atomic_write(path, write) -> Path:
         write(tmp)
         os.replace(tmp, path)
     except OSError as e:  # name the real file, not the temp one
-        raise OSError(e.errno, e.strerror, str(path)) from None
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -606,12 +610,19 @@ def resolve_backbone(name_or_path: str | os.PathLike = "minilm", weights=None, c
                         "or pass --weights DIR holding them.")
 
 
+def _not_a_number(token):
+    raise ValueError(f"{token} is not a JSON number")
+
+
 def _read_json(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        raw = json.loads(path.read_text(), parse_constant=_not_a_number)
+        if not isinstance(raw, dict):
+            raise ValueError(f"holds {type(raw).__name__}, not an object")
+        return raw
+    except (UnicodeDecodeError, ValueError) as e:
         raise WeightsError(f"{path}: not valid JSON ({e}); re-download or fix the file.") from None
 
 
@@ -637,6 +648,9 @@ def load_encoder(name_or_path="minilm", weights=None, device="cpu", max_length=N
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     except Exception as e:
         raise WeightsError(f"{folder / 'tokenizer.json'}: unreadable ({e}); re-download or fix it.") from None
+    if tok.get_vocab_size() > bert.config.vocab_size:
+        raise WeightsError(f"{folder / 'tokenizer.json'} has {tok.get_vocab_size()} tokens, the model "
+                           f"{bert.config.vocab_size}: they do not belong together.")
     if max_length is None:
         max_length = (_read_json(folder / "sentence_bert_config.json") or {}).get("max_seq_length")
     pooling = pooling or _pooling_from_folder(folder)
@@ -648,7 +662,7 @@ def load_encoder(name_or_path="minilm", weights=None, device="cpu", max_length=N
 # ---- saving in the sentence-transformers layout
 def save_pretrained(encoder: TextEncoder, out_dir):
     """A folder that `load_encoder` and `SentenceTransformer` both load (HF tensor names)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     out = Path(out_dir)  # atomic_write makes the folders
     src, tok, cfg = encoder.source_dir, encoder.tokenizer, encoder.bert.config
@@ -687,5 +701,6 @@ def save_pretrained(encoder: TextEncoder, out_dir):
     # the weights last: a folder holding model.safetensors is complete (the pipeline's "done" marker)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
                for k, v in encoder.bert.state_dict().items()}
-    atomic_write(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    blob = save(tensors, metadata={"format": "pt"})  # bytes: a full disk is then a plain OSError
+    atomic_write(out / "model.safetensors", lambda tmp: Path(tmp).write_bytes(blob))
     return out

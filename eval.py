@@ -11,6 +11,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,7 +25,7 @@ from data import BLAIR_T1, DOCUMENT_FIELDS, DataError, file_sha256, load_dataset
 from encoderec import BackboneError, WeightsError, load_encoder
 from rqvae import collision_stats, embedding_stats
 from tiger import SemanticIDs, Tiger, TigerConfig, recommend
-from trainer import check_device, json_safe, load_checkpoint, load_weights
+from trainer import atomic_write, check_device, digest, json_safe, load_checkpoint, load_weights
 from unisrec import UniSRec, UniSRecConfig, score_fn
 
 KS = (10,)
@@ -238,8 +239,12 @@ def _load(args, task: str, build):
     meta = ck.get("meta", {})
     theirs = (meta.get("dataset"), meta.get("data_fingerprint"), meta.get("n_items", ds.n_items))
     if theirs[1:] != (ds.fingerprint, ds.n_items):
-        raise DataError(f"{run} was trained on {theirs[0]} (fingerprint {theirs[1]}, {theirs[2]} items), not "
+        raise DataError(f"{run / 'best.pt'} was trained on {theirs[0]} (fingerprint {theirs[1]}, {theirs[2]} items), not "
                         f"on {args.dataset} (fingerprint {ds.fingerprint}, {ds.n_items} items); pass its data")
+    key = read_json(run / "run.json", f"delete {run} and train again").get("key")
+    if meta.get("run_key", digest(key)) != digest(key):
+        raise DataError(f"{run / 'best.pt'} belongs to another run folder than {run} (its inputs differ); "
+                        "evaluate the folder that made it")
     try:
         model = build(meta, run)
     except (KeyError, TypeError, ValueError, ArithmeticError) as e:
@@ -309,6 +314,8 @@ def run_collisions(args) -> dict:
     ds = load_dataset(args.dataset, args.data_dir)
     ids, vocab = read_semantic_ids(run / "semantic_ids.npy", ds.n_items)  # (N, 4)
     info, run_json = run_results(run), read_json(run / "run.json", f"delete {run} and train again")
+    if info.get("dataset") != ds.name:
+        raise DataError(f"{run} holds the semantic IDs of {info.get('dataset')}, not of {ds.name}")
     emb = Path(str(info.get("embeddings")))
     same = emb.is_file() and file_sha256(emb) == run_json.get("key", {}).get("embeddings")
     return {"task": "collisions", "dataset": ds.name, "encoder": info.get("encoder"),
@@ -388,7 +395,7 @@ def _records(run: Path, res: dict) -> list[tuple]:
         usage = {f"usage_l{i + 1}": u for i, u in enumerate(col.get("usage", []))}
         return [("collisions", f"{row} / {res['tokenizer']}", "", {**col, **usage},
                  ("items", "unique_prefixes", "collision_rate", "largest_group", *usage))]
-    history = json.loads((run / "history.json").read_text()) if task == "encoder" else []
+    history = read_json(run / "history.json", f"delete {run}") if task == "encoder" else []
     evals = [h for h in history if h.get("valid")]
     return [("retrieval", f"{run.name} (held-out items, epoch {evals[-1]['epoch']:g})", "",
              evals[-1]["valid"], R10)] if evals else []
@@ -403,7 +410,7 @@ def collect_report(runs, names) -> list[dict]:
             try:
                 res = run_results(f.parent)
                 records = _records(f.parent, res)
-            except (DataError, KeyError, TypeError, ValueError, IndexError) as e:
+            except (DataError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
                 print(f"warning: report skips {f.parent}: unreadable results ({type(e).__name__}: {e})",
                       file=sys.stderr)
                 continue
@@ -411,7 +418,7 @@ def collect_report(runs, names) -> list[dict]:
                 print(f"warning: report skips {f.parent}: it trained 0 steps", file=sys.stderr)
                 continue
             for table, row, sched, metrics, keys in records:
-                if not any(isinstance(metrics.get(m), (int, float)) for m in keys):
+                if not any(_number(metrics.get(m)) for m in keys):
                     print(f"warning: report skips {f.parent} ({row}): no {table} metrics (no evaluation "
                           "cases?)", file=sys.stderr)
                     continue
@@ -421,7 +428,11 @@ def collect_report(runs, names) -> list[dict]:
     return [{"table": k[0], "dataset": k[1], "row": k[2], "run": str(run), "schedule": k[3], "metric": m,
              "value": float(metrics[m])}
             for k, (_, run, metrics, keys) in newest.items() for m in keys
-            if isinstance(metrics.get(m), (int, float))]
+            if _number(metrics.get(m))]
+
+
+def _number(v) -> bool:
+    return type(v) in (int, float) and math.isfinite(v)  # not True, not NaN, not a string
 
 
 def report_markdown(recs: list[dict]) -> str:
@@ -460,11 +471,12 @@ def run_report(args) -> dict:
     recs = collect_report(args.runs, names)
     path = Path(args.csv) if args.csv else Path(args.runs) / f"report-{'+'.join(names)}.csv"
     print(report_markdown(recs))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:  # long format: a row per (table, dataset, row, schedule, metric)
-        w = csv.DictWriter(f, fieldnames=["table", "dataset", "row", "schedule", "metric", "value", "run"])
-        w.writeheader()
-        w.writerows(recs)
+    def write(tmp):  # long format: a row per (table, dataset, row, schedule, metric)
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=["table", "dataset", "row", "schedule", "metric", "value", "run"])
+            w.writeheader()
+            w.writerows(recs)
+    atomic_write(path, write)
     return {"task": "report", "datasets": names, "cells": len(recs), "csv": str(path)}
 
 
@@ -496,6 +508,12 @@ def main(argv=None) -> int:
     except (DataError, BackboneError, WeightsError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a last resort, as in train.py
+        if os.environ.get("ENCODEREC_DEBUG"):
+            raise
+        print(f"error: unexpected {type(e).__name__}: {str(e)[:300]} (a file edited by hand, or a bug: rerun "
+              "with ENCODEREC_DEBUG=1 and report the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 

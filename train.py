@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import errno
 import functools
-import hashlib
 import json
 import math
 import os
@@ -81,30 +80,30 @@ def run_folder(args, stage: str, label: str, key: dict) -> Path:
     """runs/<dataset>/<stage>-<label>-<hash of key>, or --out; refused when it is unfinished (without
     --resume) or holds a run of other inputs."""
     key = trainer.json_safe({"stage": stage, **key})
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
-    out = Path(args.out) if args.out else Path(args.runs) / key["dataset"] / f"{stage}-{label}-{digest}"
+    out = Path(args.out) if args.out else Path(args.runs) / key["dataset"] / f"{stage}-{label}-{trainer.digest(key)}"
     info, (rank, world) = out / "run.json", trainer.rank_world()
     if world > 1 and stage in ("embed", "ids") and not done(out):
         raise DataError(f"make the {stage} folder first, in one process: torchrun runs encoder/unisrec/tiger")
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} is a file, not a run folder: choose another --out")
-    if rank > 0 or done(out):  # rank 0 checks and writes the folder; a finished one is only read
+    if rank > 0:  # rank 0 checks and writes the folder
         return out
-    _lock(out)
+    if not done(out):  # a finished folder is only read
+        _lock(out)
     if info.is_file():
         try:
-            old = read_json(info).get("key")
-        except (DataError, AttributeError):
-            old = None
+            old = read_json(info)["key"]
+        except (DataError, KeyError, TypeError) as e:
+            raise DataError(f"{info} is unreadable ({e}): delete {out} to start over") from None
         if old != key:
             raise DataError(f"{out} holds a run of other inputs: choose another --out or delete it")
         if not done(out) and not args.resume:
             raise DataError(f"{out} holds an unfinished run of these inputs: pass --resume to continue it, "
                             f"or delete the folder to start over")
-    elif any(not p.name.startswith(".") for p in out.iterdir()):
+    elif out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
         raise DataError(f"{out} is not empty and holds no run.json: choose another --out")
     else:
-        trainer.write_json(info, {"key": key, "argv": sys.argv[1:], "git_commit": git_commit(),
+        trainer.write_json(info, {"key": key, "argv": args.argv, "git_commit": git_commit(),
                                   "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     return out
 
@@ -172,10 +171,11 @@ def _weights(args, ds, encoder: str) -> tuple[Path, dict]:
     return folder, {"dataset": ds.name, "data": ds.fingerprint, "weights": weights}
 
 
-def _meta(ds, **kw) -> dict:
-    """What a checkpoint records of its making; resume and eval compare it."""
+def _meta(ds, out: Path, **kw) -> dict:
+    """What a checkpoint records of its making (data, catalog size, its run folder's inputs); resume and
+    eval compare it."""
     return {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "n_items": ds.n_items,
-            "git_commit": git_commit(), **kw}
+            "run_key": trainer.digest(read_json(out / "run.json")["key"]), "git_commit": git_commit(), **kw}
 
 
 def _adamw(model, weight_decay: float, no_decay) -> torch.optim.AdamW:
@@ -243,8 +243,8 @@ def stage_encoder(args) -> Path:
                               amp=args.amp, seed=args.seed, max_minutes=args.max_minutes)
     opt = _adamw(enc.bert, 0.01, lambda name: name.endswith("bias") or "LayerNorm" in name)
     summary = trainer.fit(
-        enc, loss_fn, len(pairs), opt, out, cfg, evaluate=evaluate, resume=args.resume, meta=_meta(ds),
-        schedule=lambda s: s / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
+        enc, loss_fn, len(pairs), opt, out, cfg, evaluate=evaluate, resume=args.resume, meta=_meta(ds, out),
+        schedule=lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
         order=order, desc="encoder")
     if rank == 0 and not summary["time_capped"]:
         er.save_pretrained(enc, out)
@@ -267,16 +267,27 @@ def stage_embed(args, ds=None) -> Path:
     key.update(fields=fields, max=args.max_length)
     out = run_folder(args, "embed", ev.encoder_label(args.encoder), key)
     if done(out):
-        return finish(out) or out / "item_emb.npy"
+        return finish(out) or _unchanged(out / "item_emb.npy")
     if missing:
         say(f"warning: {missing} of {ds.n_items} items have none of {', '.join(fields)}: embedded from ''")
     say(f"{ds.name}: embedding {ds.n_items} items with {ev.encoder_label(args.encoder)} into {out}")
     emb = er.load_encoder(folder, device=args.device, max_length=args.max_length).encode(
         [t or "" for t in texts], batch_size=64)                                       # (I, d) float32
+    if not np.isfinite(emb).all():
+        raise DataError(f"{args.encoder} embeds items to NaN or inf; its weights are damaged")
     _save_npy(out / "item_emb.npy", emb)
     finish(out, {"task": "embed", "dataset": ds.name, "encoder": str(args.encoder), "shape": list(emb.shape),
-                 "items_without_text": missing})
+                 "items_without_text": missing, "sha256": content_hash(out / "item_emb.npy")})
     return out / "item_emb.npy"
+
+
+def _unchanged(path: Path) -> Path:
+    """A finished run's output, still the file it made (results.json keeps its sha256)."""
+    want = read_json(path.parent / "results.json").get("sha256")
+    if not path.is_file() or want is not None and content_hash(path) != want:
+        raise DataError(f"{path} was {'changed' if path.is_file() else 'removed'} after its run finished: "
+                        f"delete {path.parent} and run again")
+    return path
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -306,16 +317,17 @@ def stage_rqvae(args, ds=None) -> Path:
            "config": asdict(cfg) if args.tokenizer == "rqvae" else RKMEANS, "seed": args.seed}
     out = run_folder(args, "ids", f"{args.tokenizer}-{ev.encoder_label(source(args))}", key)
     if done(out):
-        return finish(out) or out / "semantic_ids.npy"
+        return finish(out) or _unchanged(out / "semantic_ids.npy")
     say(f"{ds.name}: {args.tokenizer} on {emb.shape[0]} x {emb.shape[1]} embeddings ({emb_path}) into {out}")
     if args.tokenizer == "rqvae":
-        model = fit_rqvae(emb, cfg, out, args.seed, args.device, _meta(ds))
+        model = fit_rqvae(emb, cfg, out, args.seed, args.device, _meta(ds, out))
         codes = rq.tokenize(model, emb)                                              # (N, 3)
     else:
         codes = rq.residual_kmeans(emb, seed=args.seed, progress=True, **RKMEANS)    # (N, 3)
     ids, vocab = rq.semantic_ids(codes, RKMEANS["k"])                                # (N, 4), 4 ints
     _save_npy(out / "semantic_ids.npy", ids)
     finish(out, {"task": "rqvae", "dataset": ds.name, "encoder": source(args),
+                 "sha256": content_hash(out / "semantic_ids.npy"),
                  "tokenizer": args.tokenizer, "embeddings": str(emb_path), "vocab_sizes": list(vocab),
                  "collisions": rq.collision_stats(codes),
                  "ids_unique": len(np.unique(ids, axis=0)) == len(ids)})
@@ -405,7 +417,7 @@ def stage_unisrec(args) -> Path:
     def evaluate(m, cases=ds.splits.valid):
         return ev.evaluate_unisrec(m, ds, cases, args.max_history, args.mask_history)
 
-    meta = _meta(ds, model_config=asdict(model.cfg), item_emb_path=str(emb_path) if text else None)
+    meta = _meta(ds, out, model_config=asdict(model.cfg), item_emb_path=str(emb_path) if text else None)
     summary = trainer.fit(model, loss_fn, len(T), torch.optim.Adam(model.parameters()), out, loop,
                           evaluate=evaluate, resume=args.resume, meta=meta, desc="unisrec")
     if rank == 0 and not summary["time_capped"]:
@@ -483,7 +495,7 @@ def stage_tiger(args) -> Path:
 
     decay = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     opt = _adamw(model, TIGER_WEIGHT_DECAY, lambda k: id(model.get_parameter(k)) not in decay)
-    meta = _meta(ds, model_config=asdict(model.cfg), semantic_ids=torch.as_tensor(codes),
+    meta = _meta(ds, out, model_config=asdict(model.cfg), semantic_ids=torch.as_tensor(codes),
                  semantic_ids_path=str(sem_path))
     summary = trainer.fit(
         model, loss_fn, len(T), opt, out, loop, schedule=lambda s: lr_factor(s, warmup),
@@ -671,6 +683,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         check_args(ap, args)
+        args.argv = list(sys.argv[1:] if argv is None else argv)  # run.json records the command
         if args.dataset is None:
             args.dataset = DEFAULT_DATASET
             say(f"no --dataset given: using {DEFAULT_DATASET} (Amazon 2018 Industrial_and_Scientific 5-core, "
@@ -692,6 +705,12 @@ def main(argv=None) -> int:
                 "from the last checkpoint." if e.errno in WRITE_ERRORS else "")
         say(f"error: {e.filename or 'a file'}: {e.strerror or e}.{hint}")
         return 2
+    except Exception as e:  # a last resort: one line; ENCODEREC_DEBUG=1 shows the traceback
+        if os.environ.get("ENCODEREC_DEBUG"):
+            raise
+        say(f"error: unexpected {type(e).__name__}: {str(e)[:300]} (a file edited by hand, or a bug: rerun with "
+            "ENCODEREC_DEBUG=1 and report the traceback)")
+        return 1
     finally:
         release_locks()
     return 0

@@ -18,6 +18,7 @@ loss, torchrun.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import math
@@ -79,7 +80,7 @@ def atomic_write(path, write) -> Path:
         write(tmp)
         os.replace(tmp, path)
     except OSError as e:  # name the real file, not the temp one
-        raise OSError(e.errno, e.strerror, str(path)) from None
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -98,6 +99,11 @@ def save_torch(path, obj) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_bytes(buf.getbuffer()))
 
 
+def digest(obj) -> str:
+    """A short sha256 of an object's canonical JSON: a run folder's identity."""
+    return hashlib.sha256(json.dumps(json_safe(obj), sort_keys=True).encode()).hexdigest()[:10]
+
+
 def json_safe(obj):
     """A copy with JSON types only (numpy scalars -> numbers, else str; NaN/inf -> None)."""
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)),
@@ -112,9 +118,8 @@ def load_checkpoint(path, keys=("model",)) -> dict:
     """A last.pt / best.pt of `fit`, read without pickle, with `keys`; else a CheckpointError that says
     how to recover."""
     path = Path(path)
-    other = path.with_name({"last.pt": "best.pt", "best.pt": "last.pt"}.get(path.name, path.name))
-    fix = (f"{other} may be intact; else " if other != path and other.is_file() else "") + \
-        f"delete {path.parent} and train again"
+    fix = ("delete it, and --resume starts this run over" if path.name == "last.pt" else
+           f"delete {path.parent} and train again")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found; {fix}")
     try:
@@ -136,6 +141,8 @@ def load_weights(model: torch.nn.Module, ck: dict, path) -> None:
         first = str(e).strip().splitlines()[-1].strip()[:160]
         raise CheckpointError(f"{path} holds weights of another model ({first}); delete it and train "
                               f"again, or evaluate the run it belongs to") from None
+    if bad := next((k for k, v in ck["model"].items() if v.is_floating_point() and not v.isfinite().all()), None):
+        raise CheckpointError(f"{path}: weight {bad} holds NaN or inf; delete the run and train again")
 
 
 def _save_best(out: Path, model, st: TrainState, meta: dict) -> None:
@@ -225,6 +232,8 @@ def fit(model: torch.nn.Module, loss_fn, n_examples: int, optimizer: torch.optim
     out, meta, rank = Path(out_dir), meta or {}, rank_world()[0]
     order = order or (lambda e: np.random.default_rng([cfg.seed, e]).permutation(n_examples))
     n_batches = math.ceil(len(order(1)) / cfg.batch_size)
+    if n_batches == 0:
+        raise ValueError(f"{desc}: no training examples")
     epoch_cap = None if cfg.max_epochs is None else cfg.max_epochs * n_batches
     cap = min((c for c in (cfg.max_steps, epoch_cap) if c is not None), default=None)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
@@ -241,35 +250,37 @@ def fit(model: torch.nn.Module, loss_fn, n_examples: int, optimizer: torch.optim
     t_call, wall0, capped, perm = time.perf_counter(), st.wall_s, False, None
     bar = tqdm(total=cap, initial=min(st.step, cap or st.step), desc=desc, unit="step", disable=rank > 0,
                dynamic_ncols=True)
-    while not st.stopped and (cap is None or st.step < cap):
-        model.train()
-        epoch, batch = divmod(st.step, n_batches)  # epochs done, batches done in this one
-        if perm is None or batch == 0:
-            perm = torch.as_tensor(order(epoch + 1), dtype=torch.int64)
-            bar.set_description(f"{desc} epoch {epoch + 1}")
-        idx = perm[batch * cfg.batch_size:(batch + 1) * cfg.batch_size]  # (B,) the global batch
-        lr = cfg.lr * (schedule(st.step) if schedule else 1.0)
-        with torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext():
-            loss = loss_fn(idx)
-        value = run.step(loss, lr, len(idx))
-        st.step, st.examples = st.step + 1, st.examples + len(idx)
-        end_of_epoch = st.step % n_batches == 0
-        bar.update(1)
-        bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.1e}", refresh=False)
-        done = cap is not None and st.step >= cap
-        st.wall_s = wall0 + time.perf_counter() - t_call
-        if not (done or (st.step % cfg.eval_every == 0 if cfg.eval_every else end_of_epoch)):
-            run.maybe_save_between()
-            continue
-        time_up = run.evaluation_point(evaluate, lr, n_batches, cfg.max_minutes is not None
-                                       and time.perf_counter() - t_call >= 60 * cfg.max_minutes)
-        st = run.st
-        capped = time_up and not st.stopped and not done
-        if capped:
-            if rank == 0:
-                print(f"time cap: stop at step {st.step} ({cfg.max_minutes:g} min/call); --resume continues")
-            break
-    bar.close()
+    try:
+        while not st.stopped and (cap is None or st.step < cap):
+            model.train()
+            epoch, batch = divmod(st.step, n_batches)  # epochs done, batches done in this one
+            if perm is None or batch == 0:
+                perm = torch.as_tensor(order(epoch + 1), dtype=torch.int64)
+                bar.set_description(f"{desc} epoch {epoch + 1}")
+            idx = perm[batch * cfg.batch_size:(batch + 1) * cfg.batch_size]  # (B,) the global batch
+            lr = cfg.lr * (schedule(st.step) if schedule else 1.0)
+            with torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+                loss = loss_fn(idx)
+            value = run.step(loss, lr, len(idx))
+            st.step, st.examples = st.step + 1, st.examples + len(idx)
+            end_of_epoch = st.step % n_batches == 0
+            bar.update(1)
+            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.1e}", refresh=False)
+            done = cap is not None and st.step >= cap
+            st.wall_s = wall0 + time.perf_counter() - t_call
+            if not (done or (st.step % cfg.eval_every == 0 if cfg.eval_every else end_of_epoch)):
+                run.maybe_save_between()
+                continue
+            time_up = run.evaluation_point(evaluate, lr, n_batches, cfg.max_minutes is not None
+                                           and time.perf_counter() - t_call >= 60 * cfg.max_minutes)
+            st = run.st
+            capped = time_up and not st.stopped and not done
+            if capped:
+                if rank == 0:
+                    print(f"time cap: stop at step {st.step} ({cfg.max_minutes:g} min/call); --resume continues")
+                break
+    finally:
+        bar.close()  # before any error message
     if st.stopped and rank == 0:
         print(f"early stop: no better {cfg.metric} for {cfg.patience} evaluations "
               f"(best {st.best:.4f} at step {st.best_step})")
@@ -303,8 +314,8 @@ class _Run:
         value = float(value)
         if not math.isfinite(value):
             last = self.out / "last.pt"
-            kept = (f"{last} holds the state of step {self.st.step}: lower the learning rate or use --amp off, "
-                    f"then --resume" if last.is_file() else "no checkpoint was written yet: lower the "
+            kept = (f"{last} holds the state of step {self.st.step}: lower the learning rate or use --amp "
+                    f"off, then --resume" if last.is_file() else "no checkpoint was written yet: lower the "
                     "learning rate or use --amp off and start again")
             raise FloatingPointError(f"training loss {value} at step {self.st.step + 1}; stopped before the "
                                      f"update. {kept}.")
@@ -422,19 +433,21 @@ def _resume(model, optimizer, scaler, out: Path, cfg: TrainConfig, meta: dict, d
         raise CheckpointError(f"{path} belongs to another run ({changes}); resume with the same data and "
                               f"settings (only {', '.join(keep)} may change) or use a fresh folder")
     load_weights(model, ck, path)
+    rank, world = rank_world()
     try:
         optimizer.load_state_dict(ck["optimizer"])
         if scaler.is_enabled() and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         st = TrainState(**ck["state"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path}: its optimizer or state does not fit this run ({e}); delete it to "
-                              "start over") from None
-    rank, world = rank_world()
-    if len(ck["rng"]) == world:
-        _set_rng_state(dev, ck["rng"][rank])
-    else:  # another world size than last.pt's: fresh, distinct dropout streams
-        torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rank, st.step]).generate_state(1)[0]))
+        if type(st.step) is not int or st.step < 0:
+            raise ValueError(f"step {st.step!r}")
+        if len(ck["rng"]) == world:
+            _set_rng_state(dev, ck["rng"][rank])
+        else:  # another world size than last.pt's: fresh, distinct dropout streams
+            torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rank, st.step]).generate_state(1)[0]))
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError, AttributeError) as e:
+        raise CheckpointError(f"{path}: its optimizer, state or RNG does not fit this run ({type(e).__name__}: "
+                              f"{str(e)[:80]}); delete it, and --resume starts this run over") from None
     if rank == 0:
         print(f"resumed from {path} at step {st.step} (best {cfg.metric} {st.best:.4f} "
               f"at step {st.best_step})")

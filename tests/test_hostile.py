@@ -1,0 +1,686 @@
+"""Hostile input: every kind of file the project reads, malformed or planted; every flag at its edges;
+a full disk; two writers. Each must end in ONE line on stderr naming the file or flag, exit code 2 (or a
+DataError / WeightsError from the library), never a traceback, never a silently wrong result, and no file
+may run code when read.
+
+The cases are built here, on the fixture catalog; none needs the real MiniLM weights."""
+import ast
+import errno
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import amazon_fixture as fx
+import encoderec as er
+import eval as ev
+import train
+import trainer
+from conftest import ROOT
+from data import DataError, load_dataset
+from test_encoderec import make_tiny
+
+TOP_LEVEL = sorted(ROOT.glob("*.py"))
+
+
+def _common(tmp_path):
+    return ["--data-dir", str(tmp_path / "cache"), "--runs", str(tmp_path / "runs"), "--device", "cpu"]
+
+
+def _refused(main, argv, capsys, *needles):
+    """main(argv) exits 2 with one line on stderr that holds every needle."""
+    assert main(argv) == 2
+    out = capsys.readouterr().err.strip()
+    err = out.splitlines()[-1]                             # progress lines may precede it
+    assert err.startswith("error: ") and out.count("error:") == 1 and "Traceback" not in out, out
+    for n in needles:
+        assert n in err, (n, err)
+    return err
+
+
+# ------------------------------------------------------------------------------------------ pickle
+class Payload:
+    """Unpickling it would create the file `marker`."""
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def test_no_loader_in_the_project_can_unpickle():
+    """Every torch.load passes weights_only=True and every np.load allow_pickle=False."""
+    calls = 0
+    for path in TOP_LEVEL:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr == "load" and getattr(node.func.value, "id", "") in ("torch", "np"):
+                kw = {k.arg: getattr(k.value, "value", None) for k in node.keywords}
+                want = ("weights_only", True) if node.func.value.id == "torch" else ("allow_pickle", False)
+                assert kw.get(want[0]) is want[1], f"{path.name}:{node.lineno} {node.func.value.id}.load"
+                calls += 1
+            assert not (isinstance(node, ast.Name) and node.id == "pickle"), f"{path.name}:{node.lineno}"
+    assert calls >= 3
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Finished runs on the fixture catalog: SASRec-ID, RQ-VAE IDs and TIGER on random embeddings."""
+    tmp = tmp_path_factory.mktemp("runs")
+    ds = fx.write_lcrec(tmp / "Fix")
+    emb = tmp / "emb.npy"
+    np.save(emb, np.random.default_rng(0).standard_normal((6, 16)).astype(np.float32))
+    common = _common(tmp)
+    argv = {"unisrec": ["--stage", "unisrec", "--dataset", str(ds), "--encoder", "none", "--max-epochs", "1",
+                        *common],
+            "tiger": ["--stage", "tiger", "--dataset", str(ds), "--emb", str(emb), "--rqvae-epochs", "2",
+                      "--max-steps", "2", "--eval-every", "1", "--warmup-steps", "1", *common]}
+    assert train.main(argv["unisrec"]) == 0 and train.main(argv["tiger"]) == 0
+    folder = tmp / "runs" / "Fix"
+    return {"tmp": tmp, "ds": ds, "emb": emb, "common": common, "argv": argv,
+            "unisrec": next(folder.glob("unisrec-id-*")),
+            "ids": next(folder.glob("ids-rqvae-emb-emb-*")), "tiger": next(folder.glob("tiger-rqvae-*"))}
+
+
+def _copy_run(run: Path, dest: Path) -> Path:
+    import shutil
+    shutil.copytree(run, dest)
+    return dest
+
+
+def _planted(kind, path, tmp):
+    """A bad checkpoint of `kind` at `path`; for 'pickle', the marker its payload would create."""
+    marker = tmp / f"PWNED-{kind}"
+    good = path.read_bytes()
+    if kind == "truncated":
+        path.write_bytes(good[:len(good) // 2])
+    elif kind == "random":
+        path.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "pickle":
+        torch.save({"model": {}, "meta": Payload(marker)}, path)
+    elif kind == "plain-pickle":
+        path.write_bytes(pickle.dumps(Payload(marker)))
+    elif kind == "other-model":
+        torch.save({"model": {"w": torch.zeros(3)}, "meta": {}}, path)
+    elif kind == "not-a-dict":
+        torch.save([1, 2, 3], path)
+    return marker
+
+
+BAD_CHECKPOINTS = ["truncated", "random", "empty", "pickle", "plain-pickle", "other-model", "not-a-dict"]
+
+
+@pytest.mark.parametrize("kind", BAD_CHECKPOINTS)
+@pytest.mark.parametrize("model", ["unisrec", "tiger"])
+def test_bad_best_checkpoint_in_eval(runs, tmp_path, capsys, model, kind):
+    run = _copy_run(runs[model], tmp_path / runs[model].name)
+    marker = _planted(kind, run / "best.pt", tmp_path)
+    _refused(ev.main, ["--task", model, "--dataset", str(runs["ds"]), "--run", str(run), *runs["common"]],
+             capsys, "best.pt")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kind", BAD_CHECKPOINTS)
+@pytest.mark.parametrize("model", ["unisrec", "tiger"])
+def test_bad_last_checkpoint_on_resume(runs, tmp_path, capsys, model, kind):
+    run = _copy_run(runs[model], tmp_path / runs[model].name)
+    (run / "results.json").unlink()                                      # unfinished: --resume reads last.pt
+    marker = _planted(kind, run / "last.pt", tmp_path)
+    assert json.loads((run / "run.json").read_text())["argv"] == runs["argv"][model]   # the command, recorded
+    err = _refused(train.main, [*runs["argv"][model], "--out", str(run), "--resume"], capsys, "last.pt")
+    assert "--resume starts this run over" in err or kind in ("other-model", "not-a-dict")
+    assert not marker.exists()
+
+
+def test_rqvae_and_encoder_checkpoints_refuse_a_payload(runs, tmp_path, capsys):
+    """The RQ-VAE resumes through the same loader; the encoder's last.pt is a fit checkpoint too."""
+    run = _copy_run(runs["ids"], tmp_path / "ids")
+    (run / "results.json").unlink()
+    marker = _planted("pickle", run / "last.pt", tmp_path)
+    with pytest.raises(trainer.CheckpointError, match="not a readable checkpoint"):
+        trainer.load_checkpoint(run / "last.pt")
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------- provenance
+def test_eval_on_other_data_names_both_sides(runs, tmp_path, capsys):
+    other = fx.write_lcrec(tmp_path / "Fix")
+    inter = json.loads((other / "Fix.inter.json").read_text())
+    inter[next(iter(inter))] = list(reversed(inter[next(iter(inter))]))      # same size, other sequences
+    (other / "Fix.inter.json").write_text(json.dumps(inter))
+    err = _refused(ev.main, ["--task", "unisrec", "--dataset", str(other), "--run", str(runs["unisrec"]),
+                             "--data-dir", str(tmp_path / "c"), "--device", "cpu"], capsys, "trained on", "6 items")
+    assert err.count("fingerprint") == 2
+
+
+def test_resume_on_other_data_is_refused(runs, tmp_path, capsys):
+    run = _copy_run(runs["unisrec"], tmp_path / "u")
+    (run / "results.json").unlink()
+    big = tmp_path / "Big"
+    from test_faults import synthetic_lcrec
+    synthetic_lcrec(big / "Fix")
+    argv = ["--stage", "unisrec", "--dataset", str(big / "Fix"), "--encoder", "none", "--max-epochs", "1",
+            "--out", str(run), "--resume", *_common(tmp_path)]
+    _refused(train.main, argv, capsys, str(run), "other inputs")
+
+
+def test_unisrec_eval_rechecks_its_embeddings(runs, tmp_path, capsys):
+    ds, common = runs["ds"], runs["common"]
+    emb = tmp_path / "e.npy"
+    np.save(emb, np.random.default_rng(1).standard_normal((6, 8)).astype(np.float32))
+    assert train.main(["--stage", "unisrec", "--dataset", str(ds), "--emb", str(emb), "--max-epochs", "1",
+                       "--data-dir", str(tmp_path / "c"), "--runs", str(tmp_path / "r"), "--device", "cpu"]) == 0
+    run = next((tmp_path / "r" / "Fix").glob("unisrec-inductive-emb-e-*"))
+    capsys.readouterr()
+    argv = ["--task", "unisrec", "--dataset", str(ds), "--run", str(run), *common]
+    np.save(emb, np.random.default_rng(2).standard_normal((6, 8)).astype(np.float32))
+    _refused(ev.main, argv, capsys, "e.npy", "changed")
+    emb.unlink()
+    _refused(ev.main, argv, capsys, "e.npy", "gone")
+
+
+def test_best_checkpoint_of_another_run_or_with_nan_weights(runs, tmp_path, capsys):
+    ds, common = runs["ds"], runs["common"]
+    assert train.main(["--stage", "unisrec", "--dataset", str(ds), "--encoder", "none", "--max-epochs", "1",
+                       "--max-history", "7", "--data-dir", str(tmp_path / "c"), "--runs", str(tmp_path / "r"),
+                       "--device", "cpu"]) == 0
+    other = next((tmp_path / "r" / "Fix").glob("unisrec-id-*"))
+    run = _copy_run(runs["unisrec"], tmp_path / runs["unisrec"].name)
+    (run / "best.pt").write_bytes((other / "best.pt").read_bytes())          # same model kind, other run
+    argv = ["--task", "unisrec", "--dataset", str(ds), "--run", str(run), *common]
+    _refused(ev.main, argv, capsys, "best.pt belongs to another run folder")
+    ck = torch.load(runs["unisrec"] / "best.pt", weights_only=True)
+    ck["model"] = {k: torch.full_like(v, float("nan")) if v.is_floating_point() else v
+                   for k, v in ck["model"].items()}
+    torch.save(ck, run / "best.pt")
+    _refused(ev.main, argv, capsys, "best.pt: weight", "NaN")
+
+
+def test_outputs_edited_after_their_run_are_refused(runs, tmp_path, capsys):
+    """A finished ids folder keeps its semantic_ids.npy's sha256: TIGER will not train on edited IDs."""
+    tmp = tmp_path / "t"
+    import shutil
+    shutil.copytree(runs["tmp"], tmp, ignore=shutil.ignore_patterns("tiger-*"))
+    ids = next((tmp / "runs" / "Fix").glob("ids-*"))
+    codes = np.load(ids / "semantic_ids.npy")
+    codes[[0, 1]] = codes[[1, 0]]                                     # still valid IDs, other items
+    np.save(ids / "semantic_ids.npy", codes)
+    argv = [a.replace(str(runs["tmp"]), str(tmp)) for a in runs["argv"]["tiger"]]
+    _refused(train.main, argv, capsys, "semantic_ids.npy was changed after its run finished")
+    other = fx.write_lcrec(tmp_path / "Other")
+    _refused(ev.main, ["--task", "collisions", "--dataset", str(other), "--run", str(runs["ids"]),
+                       "--data-dir", str(tmp_path / "c"), "--device", "cpu"], capsys, "not of Other")
+
+
+def test_last_resort_is_one_line(runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("ENCODEREC_DEBUG", raising=False)
+    monkeypatch.setattr(ev, "evaluate_unisrec", lambda *a, **k: {}["boom"])
+    argv = ["--task", "unisrec", "--dataset", str(runs["ds"]), "--run", str(runs["unisrec"]), *runs["common"]]
+    assert ev.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: unexpected KeyError") and "ENCODEREC_DEBUG=1" in err[-1]
+    monkeypatch.setenv("ENCODEREC_DEBUG", "1")
+    with pytest.raises(KeyError):
+        ev.main(argv)
+
+
+# ------------------------------------------------------------------------------------ LC-Rec files
+def _lcrec(tmp_path, inter=None, items=None, raw_inter=None, raw_items=None):
+    folder = fx.write_lcrec(tmp_path / "Fix")
+    if inter is not None or raw_inter is not None:
+        (folder / "Fix.inter.json").write_text(raw_inter if raw_inter is not None else json.dumps(inter))
+    if items is not None or raw_items is not None:
+        (folder / "Fix.item.json").write_text(raw_items if raw_items is not None else json.dumps(items))
+    return folder
+
+
+BAD_SEQUENCES = [5.5, True, "3", None, -1, 6, 2 ** 70, [1], {"i": 1}]
+
+
+@pytest.mark.parametrize("value", BAD_SEQUENCES, ids=repr)
+def test_sequence_values_are_never_coerced(tmp_path, value):
+    folder = _lcrec(tmp_path, inter={"0": [0, 1, value], "1": [2, 3, 4]})
+    with pytest.raises(DataError, match=r"Fix\.inter\.json: user 0, position 2: .* is not an item index"):
+        load_dataset(str(folder), tmp_path / "cache")
+
+
+@pytest.mark.parametrize("raw, pattern", [
+    ('{"0": [0, 1, NaN]}', "NaN is not a JSON number"),
+    ('{"0": [0, 1, Infinity]}', "Infinity is not a JSON number"),
+    ('{"0": [0, 1], "0": [2, 3]}', "key '0' appears twice"),
+    ('{"0": [0, 1], "01": [2, 3]}', "user key '01' is not an index"),
+    ('{" 1": [0, 1]}', "user key ' 1' is not an index"),
+    ('{"1_0": [0, 1]}', "user key '1_0' is not an index"),
+    ('{"0": "0123"}', r'user 0: "0123" is not a non-empty list'),
+    ('{"0": []}', r"user 0: \[\] is not a non-empty list"),
+    ('{}', "no interactions"),
+    ('[[0, 1]]', "must each hold one JSON object"),
+    ('{"0": [0, 1', "malformed JSON"),
+    ('', "malformed JSON"),
+])
+def test_malformed_inter_file(tmp_path, raw, pattern):
+    folder = _lcrec(tmp_path, raw_inter=raw)
+    with pytest.raises(DataError, match=pattern):
+        load_dataset(str(folder), tmp_path / "cache")
+
+
+@pytest.mark.parametrize("items, pattern", [
+    ({"00": {"title": "a"}}, "item key '00' is not an index"),
+    ({"0": {"title": "a"}, "2": {"title": "b"}}, "without gaps"),
+    ({}, "without gaps"),
+    ({str(i): {"title": 5} for i in range(6)}, "item 0: field 'title' is 5"),
+    ({str(i): {"title": True} for i in range(6)}, "item 0: field 'title' is true"),
+    ({str(i): {"title": {"x": 1}} for i in range(6)}, "field 'title' is"),
+    ({str(i): {"categories": 3} for i in range(6)}, "field 'categories' is 3"),
+    ({str(i): {"features": [["a"]]} for i in range(6)}, "field 'features' is"),
+    ({str(i): "title" for i in range(6)}, "item 0 is not a JSON object"),
+])
+def test_malformed_item_file(tmp_path, items, pattern):
+    folder = _lcrec(tmp_path, items=items)
+    with pytest.raises(DataError, match=pattern):
+        load_dataset(str(folder), tmp_path / "cache")
+
+
+def test_not_utf8_and_two_pairs_and_a_file(tmp_path):
+    folder = _lcrec(tmp_path)
+    (folder / "Fix.item.json").write_bytes(b'{"0": {"title": "\xff"}}')
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_dataset(str(folder), tmp_path / "cache")
+    folder = fx.write_lcrec(tmp_path / "Two")
+    for suffix in ("inter", "item"):
+        (folder / f"Other.{suffix}.json").write_text((folder / f"Fix.{suffix}.json").read_text())
+    with pytest.raises(DataError, match="holds 2 LC-Rec pairs"):
+        load_dataset(str(folder), tmp_path / "cache")
+    with pytest.raises(DataError, match="is a file"):
+        load_dataset(str(folder / "Fix.inter.json"), tmp_path / "cache")
+
+
+def test_random_json_in_sequences_never_loads_wrong(tmp_path):
+    """A seeded fuzz: any JSON value in a sequence either loads as exactly that int or is refused."""
+    rng = np.random.default_rng(0)
+    pool = [0, 5, 6, -1, 1.0, 2.5, True, False, None, "1", "", [], {}, 10 ** 20, -0.0, 1e300]
+    for trial in range(40):
+        value = pool[rng.integers(len(pool))]
+        folder = _lcrec(tmp_path / str(trial), inter={"0": [1, 2, value], "1": [3, 4, 5]})
+        try:
+            ds = load_dataset(str(folder), tmp_path / "cache", use_cache=False)
+        except DataError:
+            assert not (type(value) is int and 0 <= value < 6)
+            continue
+        assert type(value) is int and ds.sequence(0).tolist() == [1, 2, value]
+
+
+# ----------------------------------------------------------------------------------- raw Amazon files
+@pytest.mark.parametrize("edit, pattern", [
+    (lambda r: r.update(unixReviewTime=10.5), "an integer unixReviewTime"),
+    (lambda r: r.update(unixReviewTime=True), "an integer unixReviewTime"),
+    (lambda r: r.update(reviewerID=["u4"]), "string reviewerID"),
+    (lambda r: r.update(asin=7), "string reviewerID and asin"),
+    (lambda r: r.pop("asin"), "record lacks asin"),
+])
+def test_raw_reviews_are_never_coerced(tmp_path, edit, pattern):
+    import gzip
+    folder = fx.write_2018(tmp_path / "r18")
+    path = next(folder.glob("*_5.json.gz"))
+    lines = gzip.decompress(path.read_bytes()).decode().splitlines()
+    first = json.loads(lines[0])
+    edit(first)
+    path.write_bytes(gzip.compress(("\n".join([json.dumps(first), *lines[1:]]) + "\n").encode()))
+    with pytest.raises(DataError, match=r":1: .*" + pattern):
+        load_dataset(str(folder), tmp_path / "cache")
+
+
+def test_truncated_gzip(tmp_path):
+    folder = fx.write_2018(tmp_path / "r18")
+    path = next(folder.glob("*_5.json.gz"))
+    path.write_bytes(path.read_bytes()[:-20])
+    with pytest.raises(DataError, match="truncated or corrupt gzip"):
+        load_dataset(str(folder), tmp_path / "cache")
+
+
+# -------------------------------------------------------------------------------- the processed cache
+@pytest.mark.parametrize("damage", ["truncated", "random", "empty", "inconsistent", "directory"])
+def test_a_damaged_cache_is_rebuilt(tmp_path, capsys, damage):
+    folder = fx.write_lcrec(tmp_path / "Fix")
+    good = load_dataset(str(folder), tmp_path / "cache")
+    cache = next((tmp_path / "cache" / "processed").glob("Fix-*.npz"))
+    if damage == "truncated":
+        cache.write_bytes(cache.read_bytes()[:200])
+    elif damage == "random":
+        cache.write_bytes(np.random.default_rng(0).bytes(1000))
+    elif damage == "empty":
+        cache.write_bytes(b"")
+    elif damage == "inconsistent":
+        with np.load(cache) as z:
+            arrays = dict(z)
+        arrays["seq_items"] = arrays["seq_items"] + 100
+        with open(cache, "wb") as f:
+            np.savez(f, **arrays)
+    else:
+        cache.unlink()
+        cache.mkdir()
+    again = load_dataset(str(folder), tmp_path / "cache")
+    assert again.seq_items.tolist() == good.seq_items.tolist() and again.items == good.items
+    if damage != "directory":
+        assert "rebuilding" in capsys.readouterr().err
+        assert load_dataset(str(folder), tmp_path / "cache").seq_items.tolist() == good.seq_items.tolist()
+
+
+# ------------------------------------------------------------------- encoder config / tokenizer / weights
+@pytest.fixture
+def tiny(tmp_path):
+    return make_tiny(tmp_path / "tiny")
+
+
+@pytest.mark.parametrize("edit, pattern", [
+    ({"num_attention_heads": 0}, "num_attention_heads=0 must be a positive integer"),
+    ({"num_attention_heads": 5}, "not divisible by num_attention_heads=5"),
+    ({"num_hidden_layers": -1}, "num_hidden_layers=-1 must be a positive integer"),
+    ({"hidden_size": "32"}, "hidden_size='32' must be a positive integer"),
+    ({"model_type": "t5"}, "model_type='t5' is not supported"),
+])
+def test_bad_config(tiny, edit, pattern):
+    cfg = json.loads((tiny / "config.json").read_text())
+    (tiny / "config.json").write_text(json.dumps({**cfg, **edit}))
+    with pytest.raises(er.WeightsError, match=pattern):
+        er.load_encoder(tiny)
+
+
+@pytest.mark.parametrize("what", ["int8", "nan", "config-not-json", "tokenizer", "max_length"])
+def test_bad_weights_and_tokenizer(tiny, what):
+    from safetensors.torch import load_file, save_file
+    sd = load_file(str(tiny / "model.safetensors"))
+    k = "embeddings.word_embeddings.weight"
+    if what in ("int8", "nan"):
+        sd[k] = sd[k].to(torch.int8) if what == "int8" else torch.full_like(sd[k], float("nan"))
+        save_file(sd, str(tiny / "model.safetensors"))
+        pattern = f"tensor {k} is {'torch.int8' if what == 'int8' else 'not finite'}"
+    elif what == "config-not-json":
+        (tiny / "config.json").write_text("{'hidden_size': 32")
+        pattern = "config.json: not valid JSON"
+    elif what == "tokenizer":
+        (tiny / "tokenizer.json").write_text('{"model": 1')
+        pattern = "tokenizer.json: unreadable"
+    else:
+        with pytest.raises(ValueError, match="max_length=65: this model reads 1 to 64 tokens"):
+            er.load_encoder(tiny, max_length=65)
+        return
+    with pytest.raises(er.WeightsError, match=pattern):
+        er.load_encoder(tiny)
+
+
+# --------------------------------------------------------------------------------- .npy embeddings
+def _npy(path, array=None, raw=None):
+    if raw is not None:
+        path.write_bytes(raw)
+    else:
+        with open(path, "wb") as f:
+            np.save(f, array, allow_pickle=True)
+    return path
+
+
+BAD_EMBEDDINGS = {
+    "int": np.zeros((6, 8), np.int64), "bool": np.ones((6, 8), bool), "complex": np.ones((6, 8), np.complex64),
+    "object": np.array([[object()] * 8] * 6, dtype=object), "1-D": np.ones(6, np.float32),
+    "3-D": np.ones((6, 2, 4), np.float32), "rows": np.ones((5, 8), np.float32),
+    "nan": np.full((6, 8), np.nan, np.float32), "inf": np.full((6, 8), np.inf, np.float32),
+    "zeros": np.zeros((6, 8), np.float32), "semantic-ids": np.arange(24).reshape(6, 4),
+    "empty": np.zeros((6, 0), np.float32),
+}
+
+
+@pytest.mark.parametrize("kind", [*BAD_EMBEDDINGS, "text", "truncated"])
+def test_bad_embedding_files(tmp_path, capsys, kind):
+    folder = fx.write_lcrec(tmp_path / "Fix")
+    path = tmp_path / "bad.npy"
+    if kind == "text":
+        _npy(path, raw=b"not a numpy file")
+    elif kind == "truncated":
+        _npy(path, np.ones((6, 8), np.float32))
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        _npy(path, BAD_EMBEDDINGS[kind])
+    _refused(train.main, ["--stage", "rqvae", "--dataset", str(folder), "--emb", str(path), *_common(tmp_path)],
+             capsys, str(path))
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("results.json"))
+
+
+# ------------------------------------------------------------------------------- semantic-ID files
+@pytest.mark.parametrize("edit", ["negative", "beyond-vocab", "width", "float", "duplicate", "vocab", "results"])
+def test_bad_semantic_ids(runs, tmp_path, capsys, edit):
+    run = _copy_run(runs["ids"], tmp_path / runs["ids"].name)
+    ids = np.load(run / "semantic_ids.npy")
+    res = json.loads((run / "results.json").read_text())
+    if edit == "negative":
+        ids[0, 0] = -1
+    elif edit == "beyond-vocab":
+        ids[0, 1] = 256
+    elif edit == "width":
+        ids = ids[:, :3]
+    elif edit == "float":
+        ids = ids.astype(np.float32)
+    elif edit == "duplicate":
+        ids[1] = ids[0]
+    elif edit == "vocab":
+        res["vocab_sizes"] = [256, 256]
+    if edit == "results":
+        (run / "results.json").write_text('{"task": "rqvae", "vocab_sizes": [256,')
+    else:
+        (run / "results.json").write_text(json.dumps(res))
+    np.save(run / "semantic_ids.npy", ids)
+    _refused(ev.main, ["--task", "collisions", "--dataset", str(runs["ds"]), "--run", str(run), *runs["common"]],
+             capsys, str(run))
+
+
+# ------------------------------------------------------------------------ results / run / history JSON
+@pytest.mark.parametrize("content", ['{"task": "unisrec", "test": {"recall@10": 0.5', '[1, 2]', '{"task": NaN}',
+                                     '{"task": "unisrec", "task": "tiger"}'])
+def test_bad_results_json(runs, tmp_path, capsys, content):
+    run = _copy_run(runs["unisrec"], tmp_path / "runs" / "Fix" / runs["unisrec"].name)
+    (run / "results.json").write_text(content)
+    _refused(ev.main, ["--task", "unisrec", "--dataset", str(runs["ds"]), "--run", str(run), *runs["common"]],
+             capsys, "results.json")
+    assert ev.main(["--report", "--dataset", "Fix", "--runs", str(tmp_path / "runs")]) == 0
+    err = capsys.readouterr().err
+    assert "report skips" in err and str(run) in err
+
+
+def test_report_marks_what_it_skips(tmp_path, capsys):
+    run = tmp_path / "runs" / "Fix" / "unisrec-x"
+    run.mkdir(parents=True)
+    trainer.write_json(run / "results.json", {"task": "unisrec", "encoder": "none", "steps": 3,
+                                              "test": {"recall@10": float("nan"), "ndcg@10": True}})
+    assert "NaN" not in (run / "results.json").read_text()                   # valid JSON: null
+    assert ev.main(["--report", "--dataset", "Fix", "--runs", str(tmp_path / "runs")]) == 0
+    assert "no unisrec metrics" in capsys.readouterr().err
+    _refused(ev.main, ["--report", "--dataset", "/abs/nowhere", "--runs", str(tmp_path / "runs")], capsys,
+             "no run folders for /abs/nowhere", "Fix")
+
+
+def test_unreadable_run_json_is_not_overwritten(runs, tmp_path, capsys):
+    run = _copy_run(runs["unisrec"], tmp_path / "u")
+    (run / "run.json").write_text("{")
+    argv = ["--stage", "unisrec", "--dataset", str(runs["ds"]), "--encoder", "none", "--max-epochs", "1",
+            "--out", str(run), *_common(tmp_path)]
+    _refused(train.main, argv, capsys, "run.json is unreadable", f"delete {run} to start over")
+    assert (run / "run.json").read_text() == "{"
+
+
+# ------------------------------------------------------------------------------------------- flags
+def _ds(tmp_path):
+    return str(fx.write_lcrec(tmp_path / "Fix"))
+
+
+TRAIN_FLAGS = [  # (extra argv after --stage, the flag the error must name)
+    (["encoder", "--batch-size", "1"], "--batch-size 1"),
+    (["encoder", "--batch-size", "-3"], "--batch-size must be > 0"),
+    (["encoder", "--batch-size", "0"], "--batch-size must be > 0"),
+    (["encoder", "--max-length", "0"], "--max-length must be > 0"),
+    (["encoder", "--max-length", "-5"], "--max-length must be > 0"),
+    (["encoder", "--chunk-size", "-2"], "--chunk-size must be > 0"),
+    (["encoder", "--epochs", "0"], "--epochs must be > 0"),
+    (["encoder", "--lr", "nan"], "--lr must be > 0"),
+    (["encoder", "--lr", "0"], "--lr must be > 0"),
+    (["encoder", "--lr", "inf"], "--lr must be > 0"),
+    (["encoder", "--temperature", "0"], "--temperature must be > 0"),
+    (["encoder", "--holdout", "1"], "--holdout must be in [0, 1)"),
+    (["encoder", "--holdout", "nan"], "--holdout must be in [0, 1)"),
+    (["encoder", "--holdout", "-0.1"], "--holdout must be in [0, 1)"),
+    (["encoder", "--max-minutes", "-1"], "--max-minutes must be > 0"),
+    (["encoder", "--seed", "-1"], "--seed must be >= 0"),
+    (["encoder", "--no-eval", "--holdout", "0.1"], "--no-eval and --holdout"),
+    (["encoder", "--beam", "5"], "--beam does not apply to --stage encoder"),
+    (["encoder", "--emb", "x.npy"], "--emb does not apply to --stage encoder"),
+    (["embed", "--epochs", "2"], "--epochs does not apply to --stage embed"),
+    (["embed", "--encoder", "none"], "--encoder none (SASRec on item IDs) is for --stage unisrec"),
+    (["rqvae", "--encoder", "none"], "--encoder none"),
+    (["rqvae", "--tokenizer", "rkmeans", "--rqvae-epochs", "3"], "--rqvae-epochs is an RQ-VAE option"),
+    (["rqvae", "--tokenizer", "rkmeans", "--no-dead-code-restart"], "--no-dead-code-restart is an RQ-VAE"),
+    (["rqvae", "--rqvae-epochs", "-1"], "--rqvae-epochs must be >= 0"),
+    (["rqvae", "--lr", "0.1"], "--lr does not apply to --stage rqvae"),
+    (["unisrec", "--encoder", "none", "--emb", "x.npy"], "--emb does not apply to --encoder none"),
+    (["unisrec", "--encoder", "none", "--mode", "transductive"], "--mode does not apply to --encoder none"),
+    (["unisrec", "--emb", "x.npy", "--encoder", "other"], "--emb replaces the encoder's embeddings: drop --encoder"),
+    (["unisrec", "--emb", "x.npy", "--fields", "title"], "drop --fields"),
+    (["unisrec", "--max-epochs", "0"], "--max-epochs must be > 0"),
+    (["unisrec", "--patience", "0"], "--patience must be > 0"),
+    (["unisrec", "--max-history", "0"], "--max-history must be > 0"),
+    (["unisrec", "--beam", "3"], "--beam does not apply to --stage unisrec"),
+    (["tiger", "--beam", "0"], "--beam must be > 0"),
+    (["tiger", "--eval-every", "0"], "--eval-every must be > 0"),
+    (["tiger", "--warmup-steps", "0"], "--warmup-steps must be > 0"),
+    (["tiger", "--tiger-history", "-1"], "--tiger-history must be > 0"),
+    (["tiger", "--group-by-length", "-1"], "--group-by-length must be >= 0"),
+    (["tiger", "--mode", "transductive"], "--mode does not apply to --stage tiger"),
+    (["all", "--out", "x"], "--out does not apply to --stage all"),
+    (["all", "--lr", "0.1"], "--lr does not apply to --stage all"),
+    (["all", "--emb", "x.npy"], "--emb does not apply to --stage all"),
+    (["unisrec", "--device", "cuda"], "--device cuda: this machine has"),
+    (["unisrec", "--device", "cuda:7"], "--device cuda:7"),
+    (["unisrec", "--device", "gpu"], "--device gpu is not a device"),
+    (["unisrec", "--device", "meta"], "only cpu and cuda"),
+    (["unisrec", "--amp", "fp16", "--device", "cpu"], "--amp fp16 needs a CUDA device"),
+    (["embed", "--weights", "/no/such/dir"], "--weights /no/such/dir: no such folder"),
+]
+
+
+@pytest.mark.parametrize("argv, needle", TRAIN_FLAGS, ids=lambda a: " ".join(a) if isinstance(a, list) else "")
+def test_train_flags(tmp_path, capsys, argv, needle):
+    if torch.cuda.is_available() and "cuda" in " ".join(argv):
+        pytest.skip("this machine has a GPU")
+    common = [a for a in _common(tmp_path) if a != "cpu" and a != "--device"] if "--device" in argv \
+        else _common(tmp_path)
+    _refused(train.main, ["--stage", argv[0], "--dataset", _ds(tmp_path), *argv[1:], *common], capsys, needle)
+    assert not (tmp_path / "runs").exists()                 # refused before anything was written
+
+
+EVAL_FLAGS = [
+    (["retrieval", "--batch-size", "-1"], "--batch-size must be > 0"),
+    (["retrieval", "--max-length", "0"], "--max-length must be > 0"),
+    (["retrieval", "--holdout", "2"], "--holdout must be in [0, 1)"),
+    (["retrieval", "--beam", "3"], "--beam does not apply to --task retrieval"),
+    (["unisrec", "--beam", "3"], "--beam does not apply to --task unisrec"),
+    (["tiger", "--beam", "0"], "--beam must be > 0"),
+    (["tiger", "--mask-history"], "--mask-history does not apply to --task tiger"),
+    (["collisions", "--holdout", "0.5"], "--holdout does not apply"),
+    (["report", "--run", "x"], "--run does not apply to --task report"),
+    (["unisrec", "--device", "gpu"], "--device gpu is not a device"),
+    (["unisrec", "--device", "mps"], "only cpu and cuda"),
+]
+
+
+@pytest.mark.parametrize("argv, needle", EVAL_FLAGS, ids=lambda a: " ".join(a) if isinstance(a, list) else "")
+def test_eval_flags(tmp_path, capsys, argv, needle):
+    _refused(ev.main, ["--task", argv[0], "--dataset", _ds(tmp_path), *argv[1:]], capsys, needle)
+
+
+def test_out_and_runs_that_are_files(tmp_path, capsys):
+    ds, f = _ds(tmp_path), tmp_path / "file"
+    f.write_text("x")
+    base = ["--stage", "unisrec", "--dataset", ds, "--encoder", "none", "--max-epochs", "1", "--device", "cpu",
+            "--data-dir", str(tmp_path / "c")]
+    _refused(train.main, [*base, "--out", str(f)], capsys, "is a file, not a run folder")
+    _refused(train.main, [*base, "--runs", str(f)], capsys, str(f))
+    _refused(train.main, [*base, "--runs", str(tmp_path / "r"), "--dataset", str(f)], capsys, "is a file")
+
+
+def test_no_validation_cases(tmp_path, capsys):
+    folder = _lcrec(tmp_path, inter={"0": [0, 1], "1": [2, 3], "2": [4, 5]})
+    _refused(train.main, ["--stage", "unisrec", "--dataset", str(folder), "--encoder", "none",
+                          *_common(tmp_path)], capsys, "0 validation and 3 test cases")
+
+
+# --------------------------------------------------------------------------------- writers and locks
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS, errno.EDQUOT])
+def test_a_failed_checkpoint_write_names_the_file_and_keeps_the_last_one(tmp_path, capsys, monkeypatch, code):
+    run, real, kept = tmp_path / "u", Path.write_bytes, []
+
+    def fail(self, data):  # the second last.pt fails
+        if self.name.startswith(".last.pt.") and (run / "last.pt").is_file():
+            kept.append((run / "last.pt").read_bytes())
+            raise OSError(code, os.strerror(code))
+        return real(self, data)
+    monkeypatch.setattr(Path, "write_bytes", fail)
+    argv = ["--stage", "unisrec", "--dataset", _ds(tmp_path), "--encoder", "none", "--max-epochs", "2",
+            "--out", str(run), *_common(tmp_path)]
+    _refused(train.main, argv, capsys, f"{run / 'last.pt'}: {os.strerror(code)}", "--resume continues")
+    assert kept and (run / "last.pt").read_bytes() == kept[0] and not list(run.glob(".last.pt*"))
+    assert not (run / "results.json").exists()
+
+
+def test_torch_save_on_a_full_disk_is_an_oserror(tmp_path, monkeypatch):
+    """torch's own file writer raises an opaque RuntimeError; save_torch writes through Python."""
+    def full(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(OSError, match=r"No space left on device: '.*x\.pt'"):
+        trainer.save_torch(tmp_path / "x.pt", {"w": torch.zeros(3)})
+
+
+_HOLDER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import train
+from pathlib import Path
+train._lock(Path(sys.argv[2]))
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_second_writer_is_refused_with_the_owner(tmp_path, capsys):
+    ds, out = _ds(tmp_path), tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(ROOT), str(out)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        argv = ["--stage", "unisrec", "--dataset", ds, "--encoder", "none", "--max-epochs", "1", "--out", str(out),
+                *_common(tmp_path)]
+        _refused(train.main, argv, capsys, f"{out} is being written by pid {holder.pid}")
+        assert not (out / "run.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train.main(argv) == 0                               # the lock dies with its owner
+
+
+def test_nan_stop_says_whether_a_checkpoint_exists(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    cfg = trainer.TrainConfig(batch_size=2, max_epochs=2, metric=None)
+    with pytest.raises(FloatingPointError, match="no checkpoint was written yet"):
+        trainer.fit(model, lambda idx: torch.tensor(float("nan"), requires_grad=True), 4, opt, tmp_path, cfg)
+    calls = iter(range(100))
+
+    def loss(idx):  # finite for the first epoch, then NaN
+        return model(torch.ones(1, 2)).sum() * (1 if next(calls) < 2 else float("nan"))
+    with pytest.raises(FloatingPointError, match=r"last\.pt holds the state of step 2"):
+        trainer.fit(model, loss, 4, opt, tmp_path / "b", cfg)

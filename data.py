@@ -306,7 +306,8 @@ def read_json(path, fix: str = "fix or re-download it"):
         out = {}
         for k, v in pairs:
             if k in out:
-                raise DataError(f"{path}: key {k!r} appears twice in one object (JSON keeps one silently); {fix}")
+                raise DataError(f"{path}: key {k!r} appears twice in one object (JSON keeps one silently); "
+                                f"{fix}")
             out[k] = v
         return out
 
@@ -337,13 +338,15 @@ def read_array(path, what: str, kind: str = "f", rows: int | None = None, cols: 
     want = {"f": "float", "i": "integer"}[kind]
     ok = isinstance(a, np.ndarray) and (a.dtype.kind == "f" if kind == "f" else a.dtype.kind in "iu")
     shape = f"({rows if rows is not None else 'N'}, {cols if cols is not None else 'd'})"
-    if not ok or a.ndim != 2 or rows not in (None, a.shape[0]) or cols not in (None, a.shape[1]) or not a.size:
+    if not ok or a.ndim != 2 or rows not in (None, a.shape[0]) or cols not in (None, a.shape[1]) or \
+            not a.size:
         raise DataError(f"{path} holds {getattr(a, 'dtype', type(a).__name__)} {getattr(a, 'shape', '')}; "
                         f"{what} must be {want} {shape} (row i = catalog item i); {fix}")
     if kind == "f" and not np.isfinite(a).all():
         raise DataError(f"{path}: {what} contain NaN or inf values; {fix}")
     if kind == "f" and len(a) > 1 and (a == a[0]).all():
-        raise DataError(f"{path}: every row is the same vector (all zeros?): {what} that tell no item apart; {fix}")
+        raise DataError(f"{path}: every row is the same vector (all zeros?): {what} that tell no item "
+                        f"apart; {fix}")
     return a
 
 
@@ -373,7 +376,8 @@ def _text_field(r: dict, name: str, where: str):
     v = r.get(name)
     if v is None or isinstance(v, str) or isinstance(v, list) and all(isinstance(x, str) for x in v):
         return v
-    raise DataError(f"{where}: field {name!r} is {json.dumps(v)[:60]}; expected a string or a list of strings")
+    raise DataError(f"{where}: field {name!r} is {json.dumps(v)[:60]}; expected a string or a list of "
+                    "strings")
 
 
 # ---- LC-Rec folders
@@ -406,7 +410,8 @@ def load_lcrec(folder: Path) -> Dataset:
     for u in user_keys:
         seq = raw_inter[str(u)]
         if not isinstance(seq, list) or not seq:
-            raise DataError(f"{inter_path}: user {u}: {json.dumps(seq)[:60]} is not a non-empty list of items")
+            raise DataError(f"{inter_path}: user {u}: {json.dumps(seq)[:60]} is not a non-empty list of "
+                            "items")
         for j, i in enumerate(seq):
             if type(i) is not int or not 0 <= i < n:  # not bool, not 5.5: never coerced
                 raise DataError(f"{inter_path}: user {u}, position {j}: {json.dumps(i)[:40]} is not an item "
@@ -692,8 +697,9 @@ def _load_cache(path: Path) -> Dataset:
              for r in header["items"]]  # JSON lists -> tuples
     ds = Dataset(items=items, seq_offsets=offsets, seq_items=seq, seq_times=times,
                  **{k: header[k] for k in _HEADER})
-    if (offsets[0] != 0 or offsets[-1] != len(seq) or (np.diff(offsets) < 1).any() or len(ds.user_ids) !=
-            ds.n_users or seq.min() < 0 or seq.max() >= ds.n_items or times is not None and len(times) != len(seq)):
+    if (offsets[0] != 0 or offsets[-1] != len(seq) or (np.diff(offsets) < 1).any()
+            or len(ds.user_ids) != ds.n_users or seq.min() < 0 or seq.max() >= ds.n_items
+            or times is not None and len(times) != len(seq)):
         raise ValueError("inconsistent arrays")
     return ds
 

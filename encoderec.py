@@ -60,12 +60,13 @@ class BertConfig:
     pad_token_id: int = 0
 
     def __post_init__(self):
-        for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                  "max_position_embeddings", "type_vocab_size"):
+        for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "intermediate_size", "max_position_embeddings", "type_vocab_size"):
             if type(v := getattr(self, k)) is not int or v < 1:
                 raise WeightsError(f"{k}={v!r} must be a positive integer; fix config.json.")
         if type(self.layer_norm_eps) is not float or not 0 < self.layer_norm_eps < 1:
-            raise WeightsError(f"layer_norm_eps={self.layer_norm_eps!r} must be a small positive float; fix config.json.")
+            raise WeightsError(f"layer_norm_eps={self.layer_norm_eps!r} must be a small positive float; fix "
+                               "config.json.")
         if type(self.pad_token_id) is not int or not 0 <= self.pad_token_id < self.vocab_size:
             raise WeightsError(f"pad_token_id={self.pad_token_id!r} is not a token id; fix config.json.")
         if self.hidden_act != "gelu":
@@ -484,7 +485,8 @@ def load_bert(folder: str | Path) -> BertModel:
                            f"{n_file} layers: different models; use a matching pair.")
     for k, v in sd.items():  # never cast quantised weights or carry NaN into every embedding
         if not v.is_floating_point() or not torch.isfinite(v).all():
-            raise WeightsError(f"{st_path}: tensor {k} is {'not finite' if v.is_floating_point() else v.dtype}; "
+            what = "not finite" if v.is_floating_point() else v.dtype
+            raise WeightsError(f"{st_path}: tensor {k} is {what}; "
                                "expected finite float weights: re-download the model (not a quantised copy).")
     model = BertModel(cfg, add_pooler=any(k.startswith("pooler.") for k in sd))
     expected = model.state_dict()

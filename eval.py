@@ -196,7 +196,9 @@ EVAL_FLAGS = {"common": {"task", "report", "dataset", "data_dir", "runs", "devic
 def encoder_label(encoder: str) -> str:
     """The name of an embedding source in run folders: minilm, a folder's name, emb-<stem> of an .npy."""
     p = Path(encoder)
-    return (f"emb-{p.stem}" if p.suffix == ".npy" else p.resolve().name) if p.exists() else str(encoder).lower()
+    if not p.exists():
+        return str(encoder).lower()
+    return f"emb-{p.stem}" if p.suffix == ".npy" else p.resolve().name
 
 
 def find_run(args, task: str) -> Path:
@@ -239,8 +241,9 @@ def _load(args, task: str, build):
     meta = ck.get("meta", {})
     theirs = (meta.get("dataset"), meta.get("data_fingerprint"), meta.get("n_items", ds.n_items))
     if theirs[1:] != (ds.fingerprint, ds.n_items):
-        raise DataError(f"{run / 'best.pt'} was trained on {theirs[0]} (fingerprint {theirs[1]}, {theirs[2]} items), not "
-                        f"on {args.dataset} (fingerprint {ds.fingerprint}, {ds.n_items} items); pass its data")
+        raise DataError(f"{run / 'best.pt'} was trained on {theirs[0]} (fingerprint {theirs[1]}, {theirs[2]} "
+                        f"items), not on {args.dataset} (fingerprint {ds.fingerprint}, {ds.n_items} items); "
+                        "pass its data")
     key = read_json(run / "run.json", f"delete {run} and train again").get("key")
     if meta.get("run_key", digest(key)) != digest(key):
         raise DataError(f"{run / 'best.pt'} belongs to another run folder than {run} (its inputs differ); "
@@ -260,7 +263,8 @@ def read_semantic_ids(path: Path, n_items: int) -> tuple[np.ndarray, list[int]]:
     vocab = run_results(path.parent).get("vocab_sizes")
     ids = read_array(path, "semantic IDs", "i", rows=n_items, cols=4, fix=fix)
     if not (isinstance(vocab, list) and len(vocab) == 4 and all(type(v) is int and v > 0 for v in vocab)):
-        raise DataError(f"{path.parent}/results.json: vocab_sizes {vocab!r} is not 4 positive integers; {fix}")
+        raise DataError(f"{path.parent}/results.json: vocab_sizes {vocab!r} is not 4 positive integers; "
+                        f"{fix}")
     if (ids < 0).any() or (ids >= np.array(vocab)).any():
         raise DataError(f"{path}: codes outside 0..vocab_sizes {vocab}; {fix}")
     if len(np.unique(ids, axis=0)) != len(ids):
@@ -473,7 +477,7 @@ def run_report(args) -> dict:
     print(report_markdown(recs))
     def write(tmp):  # long format: a row per (table, dataset, row, schedule, metric)
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["table", "dataset", "row", "schedule", "metric", "value", "run"])
+            w = csv.DictWriter(f, ["table", "dataset", "row", "schedule", "metric", "value", "run"])
             w.writeheader()
             w.writerows(recs)
     atomic_write(path, write)
@@ -497,7 +501,8 @@ def main(argv=None) -> int:
         if task is None:
             raise DataError("pass --task TASK (or --report)")
         check_flags(ap, args, f"--task {task}", EVAL_FLAGS["common"] | EVAL_FLAGS[task],
-                    positive=("max_length", "batch_size", "beam"), non_negative=("seed",), fractions=("holdout",))
+                    positive=("max_length", "batch_size", "beam"), non_negative=("seed",),
+                    fractions=("holdout",))
         if task != "report":
             if len(args.dataset) != 1:
                 raise DataError("--task takes one --dataset (several are for the report)")

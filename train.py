@@ -80,7 +80,8 @@ def run_folder(args, stage: str, label: str, key: dict) -> Path:
     """runs/<dataset>/<stage>-<label>-<hash of key>, or --out; refused when it is unfinished (without
     --resume) or holds a run of other inputs."""
     key = trainer.json_safe({"stage": stage, **key})
-    out = Path(args.out) if args.out else Path(args.runs) / key["dataset"] / f"{stage}-{label}-{trainer.digest(key)}"
+    name = f"{stage}-{label}-{trainer.digest(key)}"
+    out = Path(args.out) if args.out else Path(args.runs) / key["dataset"] / name
     info, (rank, world) = out / "run.json", trainer.rank_world()
     if world > 1 and stage in ("embed", "ids") and not done(out):
         raise DataError(f"make the {stage} folder first, in one process: torchrun runs encoder/unisrec/tiger")
@@ -300,7 +301,7 @@ def _save_npy(path: Path, array: np.ndarray) -> None:
 def _embeddings(args, ds) -> tuple[np.ndarray, Path]:
     """--emb or the --encoder's item embeddings (made on the way), and the file."""
     path = Path(args.emb) if args.emb else stage_embed(with_(args, out=None, resume=True), ds)
-    emb = read_array(path, "item embeddings", rows=ds.n_items, fix="pass a float (items, d) .npy, row i = item i")
+    emb = read_array(path, "item embeddings", rows=ds.n_items, fix="pass a float (items, d) .npy")
     return emb.astype(np.float32, copy=False), path
 
 
@@ -475,7 +476,8 @@ def stage_tiger(args) -> Path:
     loop = _loop(args, max_steps=args.max_steps, eval_every=args.eval_every, grad_clip=TIGER_GRAD_CLIP)
     key = {"semantic_ids": content_hash(sem_path), "history": args.tiger_history, "warmup": warmup,
            "beam": args.beam, "grouping": args.group_by_length}
-    out = _recommender_folder(args, ds, "tiger", f"{args.tokenizer}-{ev.encoder_label(source(args))}", loop, key)
+    label = f"{args.tokenizer}-{ev.encoder_label(source(args))}"
+    out = _recommender_folder(args, ds, "tiger", label, loop, key)
     if done(out):
         return finish(out) or out
     torch.manual_seed(args.seed)
@@ -636,31 +638,36 @@ STAGE_FLAGS = {
 }
 # --stage all: the budget sets the schedules, each stage its defaults; the other options go through
 STAGE_FLAGS["all"] = " ".join(set(" ".join(STAGE_FLAGS.values()).split()) - set(
-    "encoder emb out lr batch_size max_length epochs max_epochs rqvae_epochs max_steps eval_every warmup_steps "
-    "holdout no_eval".split())) + " budget"
+    "encoder emb out lr batch_size max_length epochs max_epochs rqvae_epochs max_steps eval_every "
+    "warmup_steps holdout no_eval".split())) + " budget"
 
 
 def check_args(ap: argparse.ArgumentParser, args) -> None:
     """Every flag in its range and meaningful for the stage, before anything runs."""
     allowed = set(f"{COMMON} {STAGE_FLAGS[args.stage]}".split()) - ({"out"} if args.stage == "all" else set())
     ev.check_flags(ap, args, f"--stage {args.stage}", allowed, fractions=("holdout",),
-                   positive=("batch_size", "lr", "max_minutes", "max_length", "epochs", "chunk_size", "temperature",
-                             "max_epochs", "patience", "max_history", "max_steps", "eval_every", "warmup_steps",
-                             "beam", "tiger_history"), non_negative=("seed", "rqvae_epochs", "group_by_length"))
+                   positive=("batch_size", "lr", "max_minutes", "max_length", "epochs", "chunk_size",
+                             "temperature", "max_epochs", "patience", "max_history", "max_steps",
+                             "eval_every", "warmup_steps", "beam", "tiger_history"),
+                   non_negative=("seed", "rqvae_epochs", "group_by_length"))
 
     def given(*names):
-        return next((f"--{k.replace('_', '-')}" for k in names if getattr(args, k) != ap.get_default(k)), None)
+        return next((f"--{k.replace('_', '-')}" for k in names if getattr(args, k) != ap.get_default(k)),
+                    None)
     none = str(args.encoder).lower() == "none"
     checks = [
-        (args.stage == "encoder" and args.batch_size == 1, "--batch-size 1 leaves InfoNCE no in-batch negative: "
-                                                           "use >= 2"),
+        (args.stage == "encoder" and args.batch_size == 1,
+         "--batch-size 1 leaves InfoNCE no in-batch negative: use >= 2"),
         (none and args.stage != "unisrec", "--encoder none (SASRec on item IDs) is for --stage unisrec only"),
         (none and given("emb", "mode", "fields", "max_length", "weights"),
-         f"{given('emb', 'mode', 'fields', 'max_length', 'weights')} does not apply to --encoder none (no text)"),
+         f"{given('emb', 'mode', 'fields', 'max_length', 'weights')} does not apply to --encoder none "
+         "(no text)"),
         (args.emb and given("encoder", "fields", "max_length", "weights"),
-         f"--emb replaces the encoder's embeddings: drop {given('encoder', 'fields', 'max_length', 'weights')}"),
+         "--emb replaces the encoder's embeddings: drop "
+         f"{given('encoder', 'fields', 'max_length', 'weights')}"),
         (args.tokenizer == "rkmeans" and given("rqvae_epochs", "no_dead_code_restart"),
-         f"{given('rqvae_epochs', 'no_dead_code_restart')} is an RQ-VAE option; --tokenizer rkmeans has none"),
+         f"{given('rqvae_epochs', 'no_dead_code_restart')} is an RQ-VAE option; --tokenizer rkmeans has "
+         "none"),
         (args.no_eval and given("holdout"), "--no-eval and --holdout contradict each other: pass one"),
         (args.weights and not Path(args.weights).is_dir(), f"--weights {args.weights}: no such folder"),
     ]
@@ -671,11 +678,11 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
 def _has_cases(ds) -> None:
     """Early stopping and the test need validation and test cases."""
     if not len(ds.splits.valid) or not len(ds.splits.test):
-        raise DataError(f"{ds.name}: {len(ds.splits.valid)} validation and {len(ds.splits.test)} test cases; a "
-                        "recommender needs both (leave-one-out: users with >= 3 interactions)")
+        raise DataError(f"{ds.name}: {len(ds.splits.valid)} validation and {len(ds.splits.test)} test "
+                        "cases; a recommender needs both (leave-one-out: users with >= 3 interactions)")
 
 
-WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, None}
 
 
 def main(argv=None) -> int:
@@ -701,15 +708,15 @@ def main(argv=None) -> int:
         say(f"error: {e}")
         return 1
     except OSError as e:  # the machine's, not the code's: one line naming the file
-        hint = (" Free some space or choose a writable --runs / --out; writes are atomic, so --resume continues "
-                "from the last checkpoint." if e.errno in WRITE_ERRORS else "")
+        hint = (" Free some space or choose a writable --runs / --out; writes are atomic, so --resume "
+                "continues from the last checkpoint." if e.errno in WRITE_ERRORS else "")
         say(f"error: {e.filename or 'a file'}: {e.strerror or e}.{hint}")
         return 2
     except Exception as e:  # a last resort: one line; ENCODEREC_DEBUG=1 shows the traceback
         if os.environ.get("ENCODEREC_DEBUG"):
             raise
-        say(f"error: unexpected {type(e).__name__}: {str(e)[:300]} (a file edited by hand, or a bug: rerun with "
-            "ENCODEREC_DEBUG=1 and report the traceback)")
+        say(f"error: unexpected {type(e).__name__}: {str(e)[:300]} (a file edited by hand, or a bug: rerun "
+            "with ENCODEREC_DEBUG=1 and report the traceback)")
         return 1
     finally:
         release_locks()

@@ -141,7 +141,8 @@ def load_weights(model: torch.nn.Module, ck: dict, path) -> None:
         first = str(e).strip().splitlines()[-1].strip()[:160]
         raise CheckpointError(f"{path} holds weights of another model ({first}); delete it and train "
                               f"again, or evaluate the run it belongs to") from None
-    if bad := next((k for k, v in ck["model"].items() if v.is_floating_point() and not v.isfinite().all()), None):
+    weights = ck["model"].items()
+    if bad := next((k for k, v in weights if v.is_floating_point() and not v.isfinite().all()), None):
         raise CheckpointError(f"{path}: weight {bad} holds NaN or inf; delete the run and train again")
 
 
@@ -277,7 +278,8 @@ def fit(model: torch.nn.Module, loss_fn, n_examples: int, optimizer: torch.optim
             capped = time_up and not st.stopped and not done
             if capped:
                 if rank == 0:
-                    print(f"time cap: stop at step {st.step} ({cfg.max_minutes:g} min/call); --resume continues")
+                    print(f"time cap: stop at step {st.step} ({cfg.max_minutes:g} min/call); --resume "
+                          "continues")
                 break
     finally:
         bar.close()  # before any error message
@@ -446,8 +448,9 @@ def _resume(model, optimizer, scaler, out: Path, cfg: TrainConfig, meta: dict, d
         else:  # another world size than last.pt's: fresh, distinct dropout streams
             torch.manual_seed(int(np.random.SeedSequence([cfg.seed, rank, st.step]).generate_state(1)[0]))
     except (ValueError, KeyError, TypeError, RuntimeError, IndexError, AttributeError) as e:
-        raise CheckpointError(f"{path}: its optimizer, state or RNG does not fit this run ({type(e).__name__}: "
-                              f"{str(e)[:80]}); delete it, and --resume starts this run over") from None
+        raise CheckpointError(f"{path}: its optimizer, state or RNG does not fit this run "
+                              f"({type(e).__name__}: {str(e)[:80]}); delete it, and --resume starts this run "
+                              "over") from None
     if rank == 0:
         print(f"resumed from {path} at step {st.step} (best {cfg.metric} {st.best:.4f} "
               f"at step {st.best_step})")

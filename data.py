@@ -620,9 +620,9 @@ def fetch_named(name: str, data_dir: Path) -> Path:
                 raise OSError("ENCODEREC_OFFLINE is set")
             download(url, path)
         except (OSError, ValueError) as e:  # URLError is an OSError; ValueError: bad sha256
-            lines = "\n".join(f"  {p}   <- {u}" for u, p in todo)
-            raise DataError(f"could not download {url} ({e}).\nPlace these files by hand:\n{lines}\n"
-                            f"or pass their folder: --dataset PATH") from None
+            files = "; ".join(f"{p} <- {u}" for u, p in todo)
+            raise DataError(f"could not download {url} ({e}); place these files by hand: {files}; or pass "
+                            f"their folder: --dataset PATH") from None
     return folder
 
 
@@ -781,7 +781,8 @@ def stats_lines(ds: Dataset) -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Load a dataset through the cache and describe it.")
+    ap = argparse.ArgumentParser(description="Load a dataset through the cache and describe it.",
+                                 allow_abbrev=False)
     ap.add_argument("--dataset", required=True, help=f"{' | '.join(REGISTRY)} | PATH")
     ap.add_argument("--data-dir", default="data", help="download and cache folder (default ./data)")
     ap.add_argument("--kcore", type=int, default=5, help="k-core for raw releases (default 5)")
@@ -790,6 +791,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cache", action="store_true", help="ignore and do not write the cache")
     args = ap.parse_args(argv)
     try:
+        if args.kcore < 1:
+            raise DataError(f"--kcore must be >= 1, got {args.kcore}")
         t0 = time.perf_counter()
         ds = load_dataset(args.dataset, args.data_dir, kcore=args.kcore, protocol=args.protocol,
                           use_cache=not args.no_cache)

@@ -654,7 +654,9 @@ def load_encoder(name_or_path="minilm", weights=None, device="cpu", max_length=N
         raise WeightsError(f"{folder / 'tokenizer.json'} has {tok.get_vocab_size()} tokens, the model "
                            f"{bert.config.vocab_size}: they do not belong together.")
     if max_length is None:
-        max_length = (_read_json(folder / "sentence_bert_config.json") or {}).get("max_seq_length")
+        max_length = (_read_json(sb := folder / "sentence_bert_config.json") or {}).get("max_seq_length")
+        if max_length is not None and (type(max_length) is not int or max_length < 1):
+            raise WeightsError(f"{sb}: max_seq_length={max_length!r} is not a positive integer; fix it.")
     pooling = pooling or _pooling_from_folder(folder)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

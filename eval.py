@@ -217,8 +217,8 @@ def find_run(args, task: str) -> Path:
         prefix += f"-{args.tokenizer}-{encoder_label(args.encoder)}"
     runs = [p.parent for r in roots for p in r.glob(f"{prefix}-*/results.json")]
     if not runs:
-        raise DataError(f"no finished {task} run for {args.dataset} under {args.runs}/: train one with\n"
-                        f"  python train.py --stage {stage} --dataset {args.dataset}")
+        raise DataError(f"no finished {task} run for {args.dataset} under {args.runs}/: train one with "
+                        f"`python train.py --stage {stage} --dataset {args.dataset}`")
     run = max(runs, key=lambda p: (p / "results.json").stat().st_mtime)
     print(f"evaluating {run} (the newest of {len(runs)}; --run picks another)", file=sys.stderr)
     return run

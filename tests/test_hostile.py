@@ -394,7 +394,8 @@ def test_bad_config(tiny, edit, pattern):
         er.load_encoder(tiny)
 
 
-@pytest.mark.parametrize("what", ["int8", "nan", "config-not-json", "tokenizer", "max_length"])
+@pytest.mark.parametrize("what", ["int8", "nan", "config-not-json", "tokenizer", "max_length", "sbert",
+                                  "pooling", "vocab"])
 def test_bad_weights_and_tokenizer(tiny, what):
     from safetensors.torch import load_file, save_file
     sd = load_file(str(tiny / "model.safetensors"))
@@ -409,6 +410,19 @@ def test_bad_weights_and_tokenizer(tiny, what):
     elif what == "tokenizer":
         (tiny / "tokenizer.json").write_text('{"model": 1')
         pattern = "tokenizer.json: unreadable"
+    elif what == "sbert":
+        (tiny / "sentence_bert_config.json").write_text('{"max_seq_length": -5}')
+        pattern = "max_seq_length=-5 is not a positive integer"
+    elif what == "pooling":
+        (tiny / "1_Pooling").mkdir()
+        (tiny / "1_Pooling" / "config.json").write_text("[1, 2]")
+        pattern = "holds list, not an object"
+    elif what == "vocab":
+        cfg = json.loads((tiny / "config.json").read_text())
+        (tiny / "config.json").write_text(json.dumps({**cfg, "vocab_size": 6}))
+        sd["embeddings.word_embeddings.weight"] = sd["embeddings.word_embeddings.weight"][:6]
+        save_file(sd, str(tiny / "model.safetensors"))
+        pattern = "tokenizer.json has .* tokens, the model 6"
     else:
         with pytest.raises(ValueError, match="max_length=65: this model reads 1 to 64 tokens"):
             er.load_encoder(tiny, max_length=65)
@@ -600,6 +614,14 @@ EVAL_FLAGS = [
 @pytest.mark.parametrize("argv, needle", EVAL_FLAGS, ids=lambda a: " ".join(a) if isinstance(a, list) else "")
 def test_eval_flags(tmp_path, capsys, argv, needle):
     _refused(ev.main, ["--task", argv[0], "--dataset", _ds(tmp_path), *argv[1:]], capsys, needle)
+
+
+@pytest.mark.parametrize("argv, needle", [(["--kcore", "0"], "--kcore must be >= 1"),
+                                          (["--dataset", "/no/such"], "does not exist")])
+def test_data_cli(tmp_path, capsys, argv, needle):
+    import data
+    base = ["--dataset", _ds(tmp_path), "--data-dir", str(tmp_path / "c")]
+    _refused(data.main, [*base, *argv], capsys, needle)
 
 
 def test_out_and_runs_that_are_files(tmp_path, capsys):

@@ -140,13 +140,21 @@ def test_bad_last_checkpoint_on_resume(runs, tmp_path, capsys, model, kind):
     assert not marker.exists()
 
 
-def test_rqvae_and_encoder_checkpoints_refuse_a_payload(runs, tmp_path, capsys):
-    """The RQ-VAE resumes through the same loader; the encoder's last.pt is a fit checkpoint too."""
-    run = _copy_run(runs["ids"], tmp_path / "ids")
+@pytest.mark.parametrize("stage", ["encoder", "rqvae"])
+def test_encoder_and_rqvae_checkpoints_refuse_a_payload(runs, tmp_path, capsys, stage):
+    """The other two kinds of last.pt: the encoder's (a tiny BERT here) and the RQ-VAE's."""
+    common = _common(tmp_path)
+    if stage == "encoder":
+        argv = ["--stage", "encoder", "--backbone", str(make_tiny(tmp_path / "tiny")), "--dataset",
+                str(runs["ds"]), "--epochs", "1", "--batch-size", "4", "--max-length", "32", *common]
+    else:
+        argv = ["--stage", "rqvae", "--dataset", str(runs["ds"]), "--emb", str(runs["emb"]), "--rqvae-epochs",
+                "1", *common]
+    assert train.main(argv) == 0
+    run = next((tmp_path / "runs" / "Fix").glob(f"{'encoder' if stage == 'encoder' else 'ids'}-*"))
     (run / "results.json").unlink()
     marker = _planted("pickle", run / "last.pt", tmp_path)
-    with pytest.raises(trainer.CheckpointError, match="not a readable checkpoint"):
-        trainer.load_checkpoint(run / "last.pt")
+    _refused(train.main, [*argv, "--resume"], capsys, f"{run / 'last.pt'} is not a readable checkpoint")
     assert not marker.exists()
 
 

@@ -352,6 +352,7 @@ def read_array(path, what: str, kind: str = "f", rows: int | None = None, cols: 
 
 # ---- LC-Rec folders
 _INDEX = re.compile(r"0|[1-9][0-9]*")
+_SURROGATE = re.compile("[\ud800-\udfff]")  # valid JSON escapes, yet no text: no encoder can read them
 
 
 def find_lcrec(folder: Path) -> tuple[Path, Path] | None:
@@ -374,10 +375,11 @@ def _indices(obj: dict, path: Path, what: str) -> list[int]:
 
 def _text_field(r: dict, name: str, where: str):
     v = r.get(name)
-    if v is None or isinstance(v, str) or isinstance(v, list) and all(isinstance(x, str) for x in v):
+    texts = [v] if isinstance(v, str) else v if isinstance(v, list) else [None]
+    if v is None or all(isinstance(x, str) and not _SURROGATE.search(x) for x in texts):
         return v
     raise DataError(f"{where}: field {name!r} is {json.dumps(v)[:60]}; expected a string or a list of "
-                    "strings")
+                    "strings (valid Unicode)")
 
 
 # ---- LC-Rec folders
@@ -658,8 +660,10 @@ def _fingerprint(paths: Sequence[Path], options: dict, memo: Path | None = None)
     h = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "options": options}, sort_keys=True).encode())
     new = False
     for p in sorted(paths, key=lambda q: q.name):
-        st = p.stat()
-        key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+        if not p.is_file():  # a device or a pipe (/dev/zero) would never finish hashing
+            raise DataError(f"{p} is not a regular file")
+        st = p.stat()  # ctime and inode: an edit that restores size and mtime (cp -p, touch -r) still shows
+        key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
         if key not in known:
             known[key], new = file_sha256(p), True
         h.update(f"{p.name}|{known[key]}".encode())
@@ -707,6 +711,9 @@ def _load_cache(path: Path) -> Dataset:
 def resolve_source(dataset: str, data_dir: Path) -> tuple[str, Path]:
     """A registered name or a folder -> (display name, folder)."""
     p = Path(dataset).expanduser()
+    if p.is_dir() and dataset.lower() in REGISTRY:
+        raise DataError(f"--dataset {dataset} is both a registered name and a folder here: pass ./{dataset} "
+                        f"for the folder, or run elsewhere for the registered dataset")
     if p.is_dir():
         if not os.access(p, os.R_OK | os.X_OK):
             raise DataError(f"dataset folder {p}: permission denied")

@@ -286,6 +286,10 @@ class TextEncoder(nn.Module):
         for i, t in enumerate(texts):
             if not isinstance(t, str):
                 raise TypeError(f"texts[{i}] is {type(t).__name__}, not str; clean missing fields first.")
+            try:
+                t.encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate: the tokenizer cannot read it
+                raise ValueError(f"texts[{i}] is not valid Unicode: {t[:60]!r}") from None
         return texts
 
     def _collate(self, encodings, device=None) -> dict[str, torch.Tensor]:

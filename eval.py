@@ -148,8 +148,8 @@ def retrieval_eval(encoder, ds, doc_fields=None, query_items=None, ks: Sequence[
 
 # ---- CLI
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description="Evaluate; the last stdout line is the metrics as JSON.",
-                                 allow_abbrev=False)
+    ap = one_line_errors(argparse.ArgumentParser(
+        description="Evaluate; the last stdout line is the metrics as JSON.", allow_abbrev=False))
     ap.add_argument("--task", choices=list(TASKS), help="; ".join(f"{k}: {v}" for k, (_, v) in TASKS.items()))
     ap.add_argument("--report", action="store_true", help="= --task report")
     ap.add_argument("--dataset", required=True, nargs="+", help="a name or a folder (report: several)")
@@ -175,8 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def check_flags(ap, args, scope: str, allowed, positive=(), non_negative=(), fractions=()) -> None:
-    """Before anything runs: every numeric flag in its range, and no flag given that `scope` ignores."""
+def check_flags(ap, args, scope: str, allowed, positive=(), non_negative=(), fractions=(),
+                upper=None) -> None:
+    """Before anything runs: every numeric flag in its range (`upper`: name -> largest sensible value), and
+    no flag given that `scope` ignores."""
     flag = "--{}".format
     if extra := [k for k, v in vars(args).items() if v != ap.get_default(k) and k not in allowed]:
         raise DataError(f"{flag(extra[0]).replace('_', '-')} does not apply to {scope}; drop it")
@@ -185,6 +187,21 @@ def check_flags(ap, args, scope: str, allowed, positive=(), non_negative=(), fra
         for k in names:
             if (v := getattr(args, k)) is not None and not (ok(v) and math.isfinite(v)):
                 raise DataError(f"{flag(k).replace('_', '-')} must be {want}, got {v}")
+    for k, high in (upper or {}).items():
+        if (v := getattr(args, k)) is not None and v > high:
+            raise DataError(f"{flag(k).replace('_', '-')} must be <= {high}, got {v}")
+
+
+def one_line_errors(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """argparse's own errors as the project's: one line, exit 2."""
+    def error(message):
+        print(f"error: {message} (--help lists the options)", file=sys.stderr)
+        sys.exit(2)
+    ap.error = error
+    return ap
+
+
+SEED_MAX = 2 ** 32 - 1  # numpy's and torch's seeds both take it
 
 
 EVAL_FLAGS = {"common": {"task", "report", "dataset", "data_dir", "runs", "device", "seed"},
@@ -360,7 +377,13 @@ def evaluate_tiger(model, ds, cases, ids, beam: int = 10, constrain: bool = True
 
 def run_tiger(args) -> dict:
     run, ds, model, meta = _load(args, "tiger", lambda meta, run: Tiger(TigerConfig(**meta["model_config"])))
-    ids = SemanticIDs(meta["semantic_ids"].numpy(), model.cfg.vocab_sizes, args.device)
+    try:
+        ids = SemanticIDs(meta["semantic_ids"].numpy(), model.cfg.vocab_sizes, args.device)
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        raise DataError(f"{run / 'best.pt'}: meta.semantic_ids is unusable ({type(e).__name__}: {e}); delete "
+                        f"{run} and train again") from None
+    if args.beam > max(ds.n_items, 10):
+        raise DataError(f"--beam {args.beam} is more than the {ds.n_items} items")
     test = ds.splits.test
     return {"task": "tiger", "dataset": ds.name, "run": str(run), "beam": args.beam,
             "constrained": not args.no_constrain, "semantic_ids": meta.get("semantic_ids_path"),
@@ -465,6 +488,9 @@ def report_markdown(recs: list[dict]) -> str:
     return "\n".join(out) or "(no results found)"
 
 
+CSV_HEADER = "table,dataset,row,schedule,metric,value,run"
+
+
 def run_report(args) -> dict:
     have = {p.name.lower(): p.name for p in Path(args.runs).glob("*") if p.is_dir()}
     names = [Path(d).name.lower() for d in args.dataset]
@@ -474,10 +500,13 @@ def run_report(args) -> dict:
     names = [have[n] for n in names]
     recs = collect_report(args.runs, names)
     path = Path(args.csv) if args.csv else Path(args.runs) / f"report-{'+'.join(names)}.csv"
+    if path.suffix != ".csv" or path.exists() and (not path.is_file() or not path.read_bytes().startswith(
+            CSV_HEADER.encode())):
+        raise DataError(f"--csv {path}: not a .csv, or a file other than a report: choose another path")
     print(report_markdown(recs))
     def write(tmp):  # long format: a row per (table, dataset, row, schedule, metric)
         with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, ["table", "dataset", "row", "schedule", "metric", "value", "run"])
+            w = csv.DictWriter(f, CSV_HEADER.split(","))
             w.writeheader()
             w.writerows(recs)
     atomic_write(path, write)
@@ -502,7 +531,7 @@ def main(argv=None) -> int:
             raise DataError("pass --task TASK (or --report)")
         check_flags(ap, args, f"--task {task}", EVAL_FLAGS["common"] | EVAL_FLAGS[task],
                     positive=("max_length", "batch_size", "beam"), non_negative=("seed",),
-                    fractions=("holdout",))
+                    fractions=("holdout",), upper={"seed": SEED_MAX})
         if task != "report":
             if len(args.dataset) != 1:
                 raise DataError("--task takes one --dataset (several are for the report)")
@@ -513,6 +542,9 @@ def main(argv=None) -> int:
     except (DataError, BackboneError, WeightsError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:  # a last resort, as in train.py
         if os.environ.get("ENCODEREC_DEBUG"):
             raise

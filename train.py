@@ -98,7 +98,8 @@ def run_folder(args, stage: str, label: str, key: dict) -> Path:
             raise DataError(f"{info} is unreadable ({e}): delete {out} to start over") from None
         if old != key:
             raise DataError(f"{out} holds a run of other inputs: choose another --out or delete it")
-        if not done(out) and not args.resume:
+        started = any(p.name != "run.json" and not p.name.startswith(".") for p in out.iterdir())
+        if started and not done(out) and not args.resume:
             raise DataError(f"{out} holds an unfinished run of these inputs: pass --resume to continue it, "
                             f"or delete the folder to start over")
     elif out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
@@ -118,7 +119,10 @@ def _lock(out: Path) -> None:
     if fcntl is None or out in _LOCKS:  # fcntl: POSIX only
         return
     out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # O_NOFOLLOW: a planted symlink never gets our pid written over its target
+        fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise DataError(f"{out / '.lock'} is not a plain file ({e.strerror}): delete it") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -144,9 +148,10 @@ def finish(out: Path, results: dict | None = None) -> None:
     """Write results.json, the folder's finished mark (None: it was up to date); print it on stdout."""
     if results is None:
         say(f"up to date: {out}")
+        results = ev.run_results(out)
     else:
         trainer.write_json(out / "results.json", results)
-    print((out / "results.json").read_text().replace("\n", " "))
+    print(json.dumps(trainer.json_safe(results)))
 
 
 def with_(args, **kw) -> argparse.Namespace:
@@ -168,6 +173,8 @@ def _weights(args, ds, encoder: str) -> tuple[Path, dict]:
     if (Path(encoder) / "run.json").is_file() and not done(Path(encoder)):
         raise DataError(f"{encoder} is an unfinished run: finish it (its command with --resume)")
     folder = er.resolve_backbone(encoder, weights=args.weights)
+    if args.max_length > (n := er.BertConfig.from_json(folder / "config.json").max_position_embeddings):
+        raise DataError(f"--max-length {args.max_length}: {encoder} reads at most {n} tokens")
     weights = content_hash(folder / "model.safetensors")
     return folder, {"dataset": ds.name, "data": ds.fingerprint, "weights": weights}
 
@@ -198,8 +205,9 @@ def stage_encoder(args) -> Path:
     pairs = [(titles[i], docs[i]) for i in sorted(set(range(ds.n_items)) - set(held.tolist()))
              if titles[i] and docs[i]]
     if len(pairs) < 2:
-        raise DataError(f"{ds.name}: only {len(pairs)} items have a title and a document "
-                        f"({', '.join(doc_fields)}); choose other --doc-fields or data with descriptions")
+        cause = f"after --holdout {args.holdout} keeps {len(held)} out" if len(held) else \
+            f"({', '.join(doc_fields)}); choose other --doc-fields or data with descriptions"
+        raise DataError(f"{ds.name}: only {len(pairs)} items have a title and a document {cause}")
     bs, lr = min(args.batch_size or 512, len(pairs)), args.lr or 5e-5
     if bs < 2 or args.epochs < 1 or args.max_length < 1:
         raise DataError("--batch-size must be >= 2 (in-batch negatives), --epochs and --max-length >= 1")
@@ -284,7 +292,7 @@ def stage_embed(args, ds=None) -> Path:
 
 def _unchanged(path: Path) -> Path:
     """A finished run's output, still the file it made (results.json keeps its sha256)."""
-    want = read_json(path.parent / "results.json").get("sha256")
+    want = ev.run_results(path.parent).get("sha256")
     if not path.is_file() or want is not None and content_hash(path) != want:
         raise DataError(f"{path} was {'changed' if path.is_file() else 'removed'} after its run finished: "
                         f"delete {path.parent} and run again")
@@ -389,7 +397,7 @@ def stage_unisrec(args) -> Path:
     """UniSRec on frozen item embeddings, or SASRec on item IDs (--encoder none): Adam, full softmax, early
     stopping on valid NDCG@10 (UniSRec's fine-tuning); the best model tested."""
     ds = load_dataset(args.dataset, args.data_dir)
-    _has_cases(ds)
+    _has_cases(ds, max_history=args.max_history)
     text = str(args.encoder).lower() != "none"
     mode = args.mode if text else "id"
     emb, emb_path = _embeddings(args, ds) if text else (None, None)
@@ -464,7 +472,7 @@ def stage_tiger(args) -> Path:
     """TIGER on the semantic IDs of the --encoder: teacher forcing, early stopping on the valid NDCG@10 of
     constrained beam search; the best checkpoint tested beside popularity."""
     ds = load_dataset(args.dataset, args.data_dir)
-    _has_cases(ds)
+    _has_cases(ds, tiger_history=args.tiger_history, beam=args.beam)
     args = with_(args, lr=args.lr or 1e-3, batch_size=args.batch_size or 256)
     warmup = args.warmup_steps or TIGER_WARMUP
     if min(args.tiger_history, args.beam, args.eval_every, args.max_steps, warmup) < 1:
@@ -561,8 +569,8 @@ STAGES = {"encoder": stage_encoder, "embed": stage_embed, "rqvae": stage_rqvae, 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description="A stage of EncodeRec; the last stdout line: its results.",
-                                 allow_abbrev=False)
+    ap = ev.one_line_errors(argparse.ArgumentParser(
+        description="A stage of EncodeRec; the last stdout line: its results.", allow_abbrev=False))
     ap.add_argument("--stage", required=True, choices=list(STAGES))
     g = ap.add_argument_group("every stage")
     g.add_argument("--dataset", help=f"{' | '.join(REGISTRY)} | a data folder ({DEFAULT_DATASET})")
@@ -619,8 +627,11 @@ def _device(device: str) -> str:
     """The device (joining torchrun's group if any); one this machine lacks is a user error."""
     try:
         return trainer.init_distributed(device)[0]
-    except RuntimeError as e:
-        raise DataError(f"--device {device}: {e}") from None
+    except (RuntimeError, ValueError) as e:
+        if os.environ.get("WORLD_SIZE", "1") == "1":
+            raise
+        raise DataError(f"WORLD_SIZE={os.environ['WORLD_SIZE']}: {str(e).strip()[:200]}; launch with "
+                        "torchrun, or unset it") from None
 
 
 # The options each stage reads beyond COMMON; another one given is an error, never silently ignored.
@@ -646,6 +657,7 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
     """Every flag in its range and meaningful for the stage, before anything runs."""
     allowed = set(f"{COMMON} {STAGE_FLAGS[args.stage]}".split()) - ({"out"} if args.stage == "all" else set())
     ev.check_flags(ap, args, f"--stage {args.stage}", allowed, fractions=("holdout",),
+                   upper={"seed": ev.SEED_MAX, "lr": 1.0, "temperature": 10.0},
                    positive=("batch_size", "lr", "max_minutes", "max_length", "epochs", "chunk_size",
                              "temperature", "max_epochs", "patience", "max_history", "max_steps",
                              "eval_every", "warmup_steps", "beam", "tiger_history"),
@@ -669,17 +681,26 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
          f"{given('rqvae_epochs', 'no_dead_code_restart')} is an RQ-VAE option; --tokenizer rkmeans has "
          "none"),
         (args.no_eval and given("holdout"), "--no-eval and --holdout contradict each other: pass one"),
+        (args.temperature < 1e-3, f"--temperature {args.temperature:g} overflows the logits: use >= 0.001"),
         (args.weights and not Path(args.weights).is_dir(), f"--weights {args.weights}: no such folder"),
     ]
     if msg := next((m for bad, m in checks if bad), None):
         raise DataError(msg)
 
 
-def _has_cases(ds) -> None:
-    """Early stopping and the test need validation and test cases."""
-    if not len(ds.splits.valid) or not len(ds.splits.test):
-        raise DataError(f"{ds.name}: {len(ds.splits.valid)} validation and {len(ds.splits.test)} test "
-                        "cases; a recommender needs both (leave-one-out: users with >= 3 interactions)")
+def _has_cases(ds, **sizes) -> None:
+    """Training, early stopping and the test need examples and cases; histories beyond the longest
+    sequence (or the default) and beams beyond the catalog only cost memory."""
+    longest, ap = int(ds.seq_lengths.max()), build_parser()
+    for name, v in sizes.items():
+        limit = max(ds.n_items if name == "beam" else longest, ap.get_default(name))
+        if v > limit:
+            raise DataError(f"--{name.replace('_', '-')} {v} is more than {ds.name}'s "
+                            f"{'items' if name == 'beam' else 'longest sequence'} ({limit})")
+    if not len(ds.splits.train) or not len(ds.splits.valid) or not len(ds.splits.test):
+        raise DataError(f"{ds.name}: {len(ds.splits.train)} training examples, {len(ds.splits.valid)} "
+                        f"validation and {len(ds.splits.test)} test cases; a recommender needs all three "
+                        "(leave-one-out: users with >= 3 interactions)")
 
 
 WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, None}
@@ -712,6 +733,9 @@ def main(argv=None) -> int:
                 "continues from the last checkpoint." if e.errno in WRITE_ERRORS else "")
         say(f"error: {e.filename or 'a file'}: {e.strerror or e}.{hint}")
         return 2
+    except KeyboardInterrupt:  # checkpoints are atomic: the last complete one stays
+        say("error: interrupted; --resume continues from the last checkpoint")
+        return 130
     except Exception as e:  # a last resort: one line; ENCODEREC_DEBUG=1 shows the traceback
         if os.environ.get("ENCODEREC_DEBUG"):
             raise

@@ -141,9 +141,11 @@ def load_weights(model: torch.nn.Module, ck: dict, path) -> None:
         first = str(e).strip().splitlines()[-1].strip()[:160]
         raise CheckpointError(f"{path} holds weights of another model ({first}); delete it and train "
                               f"again, or evaluate the run it belongs to") from None
-    weights = ck["model"].items()
-    if bad := next((k for k, v in weights if v.is_floating_point() and not v.isfinite().all()), None):
-        raise CheckpointError(f"{path}: weight {bad} holds NaN or inf; delete the run and train again")
+    own = model.state_dict()
+    if bad := next((k for k, v in ck["model"].items() if v.dtype != own[k].dtype or v.is_floating_point()
+                    and not v.isfinite().all()), None):
+        raise CheckpointError(f"{path}: weight {bad} is {ck['model'][bad].dtype} with NaN/inf or of another "
+                              f"dtype than {own[bad].dtype}; delete the run and train again")
 
 
 def _save_best(out: Path, model, st: TrainState, meta: dict) -> None:
@@ -154,7 +156,10 @@ def _save_best(out: Path, model, st: TrainState, meta: dict) -> None:
 # ---- torchrun
 def init_distributed(device: str = "auto") -> tuple[str, int, int]:
     """(device, rank, world); under torchrun, after joining the process group."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from None
     cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     if world <= 1:
         return check_device(device), 0, 1
@@ -441,8 +446,14 @@ def _resume(model, optimizer, scaler, out: Path, cfg: TrainConfig, meta: dict, d
         if scaler.is_enabled() and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         st = TrainState(**ck["state"])
-        if type(st.step) is not int or st.step < 0:
-            raise ValueError(f"step {st.step!r}")
+        types = {"step": int, "best_step": int, "evals_without_improvement": int, "examples": int,
+                 "stopped": bool, "history": list, "best": float, "wall_s": float, "train_s": float}
+        if bad := [k for k, t in types.items() if not isinstance(getattr(st, k), t) or t is int and
+                   getattr(st, k) < 0 or k == "best" and math.isnan(st.best)]:
+            raise ValueError(f"state.{bad[0]} = {getattr(st, bad[0])!r}")
+        if not (isinstance(ck["rng"], list) and ck["rng"] and all(
+                isinstance(r, dict) and isinstance(r.get("cpu"), torch.Tensor) for r in ck["rng"])):
+            raise ValueError("rng is not a list of RNG states")
         if len(ck["rng"]) == world:
             _set_rng_state(dev, ck["rng"][rank])
         else:  # another world size than last.pt's: fresh, distinct dropout streams

@@ -714,3 +714,160 @@ def test_nan_stop_says_whether_a_checkpoint_exists(tmp_path):
         return model(torch.ones(1, 2)).sum() * (1 if next(calls) < 2 else float("nan"))
     with pytest.raises(FloatingPointError, match=r"last\.pt holds the state of step 2"):
         trainer.fit(model, loss, 4, opt, tmp_path / "b", cfg)
+
+
+# ------------------------------------------------------------------- found by a second hostile pass
+def test_a_planted_lock_symlink_is_refused(tmp_path, capsys):
+    victim, out = tmp_path / "victim.txt", tmp_path / "out"
+    victim.write_text("precious")
+    out.mkdir()
+    (out / ".lock").symlink_to(victim)
+    argv = ["--stage", "unisrec", "--dataset", _ds(tmp_path), "--encoder", "none", "--out", str(out),
+            *_common(tmp_path)]
+    _refused(train.main, argv, capsys, ".lock is not a plain file")
+    assert victim.read_text() == "precious"
+
+
+def test_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setitem(train.STAGES, "unisrec", interrupted)
+    assert train.main(["--stage", "unisrec", "--dataset", _ds(tmp_path), *_common(tmp_path)]) == 130
+    assert capsys.readouterr().err.strip() == "error: interrupted; --resume continues from the last checkpoint"
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["unisrec", "--encoder", "none", "--max-history", "99999999999"], "--max-history 99999999999 is more than"),
+    (["tiger", "--beam", "100000"], "--beam 100000 is more than Fix's items"),
+    (["tiger", "--tiger-history", "500"], "--tiger-history 500 is more than Fix's longest sequence"),
+    (["unisrec", "--seed", str(2 ** 40)], "--seed must be <= 4294967295"),
+    (["encoder", "--lr", "2"], "--lr must be <= 1"),
+    (["encoder", "--temperature", "1e-30"], "overflows the logits"),
+    (["encoder", "--max-length", "100000"], "--max-length 100000: minilm reads at most 512 tokens"),
+    (["encoder", "--holdout", "0.99"], "after --holdout 0.99 keeps"),
+    (["unisrec", "--batch-size", "1e3"], "argument --batch-size: invalid int value: '1e3'"),
+    (["unisrec", "--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+    (["unisrec", "--bat", "3"], "unrecognized arguments: --bat"),
+])
+def test_more_flags(tmp_path, capsys, argv, needle):
+    if "--max-length" in argv or "--holdout" in argv:
+        try:
+            er.resolve_backbone("minilm")
+        except er.BackboneError as e:
+            pytest.skip(f"real MiniLM weights unavailable: {e}")
+    with pytest.raises(SystemExit) if "unrecognized" in needle or "invalid" in needle else _no_exit():
+        _refused(train.main, ["--stage", argv[0], "--dataset", _ds(tmp_path), *argv[1:], *_common(tmp_path)],
+                 capsys, needle)
+    if "unrecognized" in needle or "invalid" in needle:  # argparse exits 2 itself: one line too
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err
+    assert not any((tmp_path / "runs").rglob("run.json"))
+
+
+class _no_exit:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_world_size_without_torchrun(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    _refused(train.main, ["--stage", "unisrec", "--dataset", _ds(tmp_path), "--encoder", "none",
+                          *_common(tmp_path)], capsys, "WORLD_SIZE=abc", "torchrun")
+
+
+@pytest.mark.parametrize("edit", ["history", "step", "rng", "best", "int-weights"])
+def test_tampered_checkpoint_internals_on_resume(runs, tmp_path, capsys, edit):
+    run = _copy_run(runs["unisrec"], tmp_path / runs["unisrec"].name)
+    (run / "results.json").unlink()
+    ck = torch.load(run / "last.pt", weights_only=True)
+    if edit == "history":
+        ck["state"]["history"] = "x"
+    elif edit == "step":
+        ck["state"]["step"] = -4
+    elif edit == "rng":
+        ck["rng"] = []
+    elif edit == "best":
+        ck["state"]["best"] = float("nan")
+    else:
+        k = next(k for k, v in ck["model"].items() if v.is_floating_point())
+        ck["model"][k] = ck["model"][k].long()
+    torch.save(ck, run / "last.pt")
+    _refused(train.main, [*runs["argv"]["unisrec"], "--out", str(run), "--resume"], capsys, "last.pt")
+
+
+def test_tampered_semantic_ids_in_a_tiger_checkpoint(runs, tmp_path, capsys):
+    run = _copy_run(runs["tiger"], tmp_path / runs["tiger"].name)
+    ck = torch.load(run / "best.pt", weights_only=True)
+    ck["meta"]["semantic_ids"] = [[1, 2, 3, 4]]
+    torch.save(ck, run / "best.pt")
+    _refused(ev.main, ["--task", "tiger", "--dataset", str(runs["ds"]), "--run", str(run), *runs["common"]],
+             capsys, "best.pt: meta.semantic_ids is unusable")
+
+
+def test_a_finished_folder_with_bad_results_is_not_up_to_date(runs, tmp_path, capsys):
+    tmp = tmp_path / "t"
+    import shutil
+    shutil.copytree(runs["tmp"], tmp)
+    run = next((tmp / "runs" / "Fix").glob("unisrec-id-*"))
+    (run / "results.json").write_text("[]")
+    argv = [a.replace(str(runs["tmp"]), str(tmp)) for a in runs["argv"]["unisrec"]]
+    _refused(train.main, argv, capsys, "results.json holds list")
+
+
+def test_report_csv_never_overwrites_other_files(runs, tmp_path, capsys):
+    victim = tmp_path / "x.csv"
+    victim.write_text("precious,data\n")
+    for path in (victim, runs["ds"] / "Fix.inter.json"):
+        _refused(ev.main, ["--report", "--dataset", "Fix", "--runs", str(runs["tmp"] / "runs"), "--csv",
+                           str(path)], capsys, f"--csv {path}")
+    assert victim.read_text() == "precious,data\n"
+
+
+def test_a_name_that_is_also_a_folder_here(tmp_path, capsys, monkeypatch):
+    fx.write_lcrec(tmp_path / "beauty")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="both a registered name and a folder here"):
+        load_dataset("beauty", tmp_path / "cache")
+
+
+def test_an_edit_that_keeps_size_and_mtime_is_seen(tmp_path):
+    folder = fx.write_lcrec(tmp_path / "Fix")
+    inter = folder / "Fix.inter.json"
+    first = load_dataset(str(folder), tmp_path / "cache")
+    st = inter.stat()
+    text = inter.read_text()
+    swapped = text.replace("[0,", "[9,", 1).replace("[1,", "[0,", 1).replace("[9,", "[1,", 1)
+    assert swapped != text and len(swapped) == len(text)
+    inter.write_text(swapped)
+    os.utime(inter, ns=(st.st_atime_ns, st.st_mtime_ns))              # as cp -p / touch -r would
+    again = load_dataset(str(folder), tmp_path / "cache")
+    assert again.fingerprint != first.fingerprint and again.seq_items.tolist() != first.seq_items.tolist()
+
+
+def test_lone_surrogates_and_devices(tmp_path):
+    folder = _lcrec(tmp_path, raw_items=json.dumps({str(i): {"title": "a\ud800"} for i in range(6)}))
+    with pytest.raises(DataError, match="item 0: field 'title'.*valid Unicode"):
+        load_dataset(str(folder), tmp_path / "cache")
+    folder = fx.write_lcrec(tmp_path / "Dev")
+    (folder / "Fix.inter.json").unlink()
+    (folder / "Fix.inter.json").symlink_to("/dev/zero")
+    with pytest.raises(DataError, match="is not a regular file"):
+        load_dataset(str(folder), tmp_path / "cache")
+
+
+def test_no_training_examples_and_a_failed_start_does_not_block(tmp_path, capsys):
+    folder = _lcrec(tmp_path, inter={"0": [0, 1, 2], "1": [2, 3, 4]})     # 3 items each: no training prefix
+    _refused(train.main, ["--stage", "unisrec", "--dataset", str(folder), "--encoder", "none",
+                          *_common(tmp_path)], capsys, "0 training examples")
+    out = tmp_path / "out"                                  # a stage that failed after making its folder
+    good = _ds(tmp_path / "g")
+    argv = ["--stage", "unisrec", "--dataset", good, "--encoder", "none", "--max-epochs", "1", "--out", str(out),
+            *_common(tmp_path)]
+    assert train.main(argv) == 0
+    for f in out.iterdir():
+        if f.name != "run.json":
+            f.unlink() if f.is_file() else None
+    assert train.main(argv) == 0                            # run.json alone: nothing to resume, no --resume

@@ -452,10 +452,22 @@ def collect_report(runs, names) -> list[dict]:
                 key, t = (table, name, row, sched), f.stat().st_mtime
                 if key not in newest or t > newest[key][0]:
                     newest[key] = (t, f.parent, metrics, keys)
+    for name in names:  # the tables compare runs on one catalog: say when a folder mixes data versions
+        data = {_data_fingerprint(run) for k, (_, run, _, _) in newest.items() if k[1] == name} - {None}
+        if len(data) > 1:
+            print(f"warning: the {name} tables mix runs on {len(data)} versions of its data (fingerprints "
+                  f"{', '.join(sorted(data))}): retrain the older runs or move them away", file=sys.stderr)
     return [{"table": k[0], "dataset": k[1], "row": k[2], "run": str(run), "schedule": k[3], "metric": m,
              "value": float(metrics[m])}
             for k, (_, run, metrics, keys) in newest.items() for m in keys
             if _number(metrics.get(m))]
+
+
+def _data_fingerprint(run: Path) -> str | None:
+    try:
+        return read_json(run / "run.json")["key"].get("data")
+    except (DataError, OSError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _number(v) -> bool:

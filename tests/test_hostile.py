@@ -871,3 +871,14 @@ def test_no_training_examples_and_a_failed_start_does_not_block(tmp_path, capsys
         if f.name != "run.json":
             f.unlink() if f.is_file() else None
     assert train.main(argv) == 0                            # run.json alone: nothing to resume, no --resume
+
+
+def test_report_warns_when_a_folder_mixes_data_versions(runs, tmp_path, capsys):
+    import shutil
+    shutil.copytree(runs["tmp"] / "runs", tmp_path / "runs")
+    run = next((tmp_path / "runs" / "Fix").glob("unisrec-id-*"))
+    info = json.loads((run / "run.json").read_text())
+    info["key"]["data"] = "0123456789abcdef"
+    (run / "run.json").write_text(json.dumps(info))
+    assert ev.main(["--report", "--dataset", "Fix", "--runs", str(tmp_path / "runs")]) == 0
+    assert "the Fix tables mix runs on 2 versions of its data" in capsys.readouterr().err

@@ -306,23 +306,25 @@ class TextEncoder(nn.Module):
         """Truncated, padded to the longest text: input_ids, attention_mask (B, L)."""
         return self._collate(self.tokenizer.encode_batch(self._check_texts(texts)), device)
 
-    def _pool(self, h, mask):
+    def _pool(self, h, mask, normalize: bool = True):
         if self.pooling == "cls":
             e = h[:, 0]  # (B, L, H) -> (B, H)
         else:
             m = mask.unsqueeze(-1).to(h.dtype)  # (B, L) -> (B, L, 1)
             e = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (B, H)
-        return F.normalize(e, p=2, dim=-1)
+        return F.normalize(e, p=2, dim=-1) if normalize else e
 
-    def forward(self, batch) -> torch.Tensor:
-        """Differentiable unit-norm embeddings (B, d) of texts or a `tokenize` batch."""
+    def forward(self, batch, normalize: bool = True) -> torch.Tensor:
+        """Differentiable embeddings (B, d) of texts or a `tokenize` batch: unit-norm, or the raw pooled
+        vectors (normalize=False: what UniSRec's preprocessing feeds it)."""
         if not isinstance(batch, dict):
             batch = self.tokenize(batch)
         bert = self.__dict__.get("_compiled_bert", self.bert)
         h = bert(batch["input_ids"], batch["attention_mask"])  # (B, L, H)
-        return self._pool(h.float(), batch["attention_mask"])
+        return self._pool(h.float(), batch["attention_mask"], normalize)
 
-    def encode(self, texts, batch_size: int = 64, show_progress: bool = True, device=None) -> np.ndarray:
+    def encode(self, texts, batch_size: int = 64, show_progress: bool = True, device=None,
+               normalize: bool = True) -> np.ndarray:
         """float32 (N, d), rows in input order; batched by length (less padding)."""
         texts = self._check_texts(texts)
         if device is not None:
@@ -339,7 +341,8 @@ class TextEncoder(nn.Module):
                 for s in tqdm(range(0, len(texts), batch_size), desc="encode", unit="batch",
                               disable=not show_progress):
                     idx = order[s : s + batch_size]
-                    out[idx] = self.forward(self._collate([encodings[i] for i in idx])).cpu().numpy()
+                    batch = self._collate([encodings[i] for i in idx])
+                    out[idx] = self.forward(batch, normalize).cpu().numpy()
         finally:
             self.train(was_training)
         return out

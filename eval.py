@@ -25,7 +25,8 @@ from data import BLAIR_T1, DOCUMENT_FIELDS, DataError, file_sha256, load_dataset
 from encoderec import BackboneError, WeightsError, load_encoder
 from rqvae import collision_stats, embedding_stats
 from tiger import SemanticIDs, Tiger, TigerConfig, recommend
-from trainer import atomic_write, check_device, digest, json_safe, load_checkpoint, load_weights
+from trainer import atomic_write, check_device, digest, json_safe, load_checkpoint, load_weights, \
+    save_npy
 from unisrec import UniSRec, UniSRecConfig, score_fn
 
 KS = (10,)
@@ -108,6 +109,61 @@ def summarize(ranks: np.ndarray, ks: Sequence[int] = KS, cold: np.ndarray | None
         for name, m in (("in_set", ~cold), ("cold_start", cold)):
             out[name] = {**metrics_from_ranks(ranks[m], ks), "n": int(m.sum())}
     return out
+
+
+# ---- significance (the paper marks p < 0.05)
+def per_user(ranks: np.ndarray, k: int = 10) -> dict[str, np.ndarray]:
+    """Each case's Recall@k (hit) and NDCG@k, the values metrics_from_ranks averages."""
+    ranks = np.asarray(ranks)
+    hit = ranks < k
+    return {f"recall@{k}": hit.astype(float), f"ndcg@{k}": np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)}
+
+
+def paired_test(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: int = 0) -> dict:
+    """b vs a on the same cases: the mean difference, a two-sided paired t-test and a percentile bootstrap
+    95 % interval of the mean difference (cases resampled with replacement)."""
+    d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    n, mean = len(d), float(d.mean())
+    sd = float(d.std(ddof=1)) if n > 1 else 0.0
+    t = mean / (sd / math.sqrt(n)) if sd > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
+    p = 2 * student_t_sf(abs(t), n - 1) if n > 1 else math.nan
+    rng, means = np.random.default_rng(seed), [np.empty(0)]
+    for s in range(0, n_boot, 500):  # 500 resamples at a time: (500, n) indices
+        means.append(d[rng.integers(0, n, (min(500, n_boot - s), n))].mean(1))
+    ci = np.percentile(np.concatenate(means), [2.5, 97.5]).tolist() if n_boot else None
+    return {"diff": mean, "t": t, "p": p, "ci95": ci, "n": n}
+
+
+def student_t_sf(t: float, df: int) -> float:
+    """P(T > t) for Student's t with df degrees of freedom (t >= 0): I_x(df/2, 1/2) / 2, x = df/(df + t^2)."""
+    return 0.5 * _betainc(df / 2, 0.5, df / (df + t * t)) if math.isfinite(t) else 0.0
+
+
+def _betainc(a: float, b: float, x: float) -> float:
+    """The regularised incomplete beta I_x(a, b), by its continued fraction (modified Lentz)."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast below the mean: use the symmetry
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    front = math.exp(a * math.log(x) + b * math.log1p(-x) + math.lgamma(a + b) - math.lgamma(a)
+                     - math.lgamma(b))
+    tiny, f, c, d = 1e-300, 1.0, 1.0, 0.0
+    for i in range(400):
+        m = i // 2
+        if i == 0:
+            num = 1.0
+        elif i % 2:
+            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        else:
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        d = 1.0 + num * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + num / c
+        c = c if abs(c) > tiny else tiny
+        f *= c * d
+        if abs(c * d - 1.0) < 1e-14:
+            break
+    return front * (f - 1.0) / a
 
 
 def print_json(metrics: dict) -> None:
@@ -289,6 +345,10 @@ def read_semantic_ids(path: Path, n_items: int) -> tuple[np.ndarray, list[int]]:
     return ids.astype(np.int64), vocab
 
 
+def l2_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+
+
 def read_run_embeddings(run: Path, path, n_items: int) -> np.ndarray:
     """The item embeddings a run was trained on: at their recorded path and with its content hash."""
     key = read_json(run / "run.json", f"delete {run} and train again").get("key", {})
@@ -311,10 +371,14 @@ def run_retrieval(args) -> dict:
             "holdout": args.holdout, "max_length": enc.max_length, **out}
 
 
-def evaluate_unisrec(model, ds, cases, max_len: int, mask_history: bool = False, ks=(10, 50)) -> dict:
+def evaluate_unisrec(model, ds, cases, max_len: int, mask_history: bool = False, ks=(10, 50),
+                     ranks_to=None) -> dict:
+    """summarize() of UniSRec's full ranking; ranks_to: also save each case's rank there (.npy, (C,))."""
     hist, _ = ds.histories(cases, max_len)  # (C, L), -1 = padding
     masked = ds.histories(cases, int(ds.seq_lengths.max()))[0] if mask_history else None
     ranks = full_ranking_ranks(score_fn(model, hist), len(cases), cases.target, histories=masked)
+    if ranks_to:
+        save_npy(ranks_to, ranks)
     return summarize(ranks, ks, cold=cases.cold)
 
 
@@ -322,7 +386,7 @@ def run_unisrec(args) -> dict:
     def build(meta, run):
         cfg = UniSRecConfig(**meta["model_config"])
         emb = read_run_embeddings(run, meta["item_emb_path"], meta["n_items"]) if cfg.mode != "id" else None
-        return UniSRec(cfg, emb)
+        return UniSRec(cfg, l2_rows(emb) if emb is not None and meta.get("normalize_input") else emb)
     run, ds, model, _ = _load(args, "unisrec", build)
     return {"task": "unisrec", "dataset": ds.name, "run": str(run), "mask_history": args.mask_history,
             **{s: evaluate_unisrec(model, ds, getattr(ds.splits, s), model.cfg.max_seq_len, args.mask_history)
@@ -364,12 +428,16 @@ def popularity_ranks(ds, cases, chunk_size: int = 1024) -> np.ndarray:
 
 
 def evaluate_tiger(model, ds, cases, ids, beam: int = 10, constrain: bool = True,
-                   ks=(5, 10), progress: bool = True, batch_size: int = 256) -> dict:
-    """summarize() of TIGER's top-`beam` items; unconstrained: + the invalid share."""
+                   ks=(5, 10), progress: bool = True, batch_size: int = 256, ranks_to=None) -> dict:
+    """summarize() of TIGER's top-`beam` items; unconstrained: + the invalid share; ranks_to: as in
+    evaluate_unisrec (MISS beyond the beam)."""
     hist, _ = ds.histories(cases, model.cfg.max_items)  # (C, L), -1 = padding
     items, _ = recommend(model, hist, ids, beam=beam, constrain=constrain, batch_size=batch_size,
                          progress=progress)  # (C, beam), -1 = invalid
-    out = summarize(ranks_from_topk(items, cases.target), ks, cold=cases.cold)
+    ranks = ranks_from_topk(items, cases.target)
+    if ranks_to:
+        save_npy(ranks_to, ranks)
+    out = summarize(ranks, ks, cold=cases.cold)
     if not constrain:
         out["invalid_share"] = float((items < 0).mean()) if items.size else math.nan
     return out
@@ -402,36 +470,45 @@ TABLES = {  # table -> (title, metrics shown per dataset)
 }
 
 
+def _label(enc: str) -> str:
+    return {"none": "no text (SASRec-ID)", "minilm": "all-MiniLM-L6-v2"}.get(enc.lower(), Path(enc).name)
+
+
 def _records(run: Path, res: dict) -> list[tuple]:
-    """(table, row, schedule: how long it trained, metrics, CSV keys) of a run's results.json."""
+    """(table, row, schedule: how long it trained, metrics, CSV keys, the row it is tested against) of a
+    run's results.json. A fine-tuned encoder's run folder is encoder-<backbone>-<hash>: its rows are tested
+    against the off-the-shelf backbone's."""
     task, enc, early = res.get("task"), str(res.get("encoder", "?")), res.get("stopped_early")
-    row = {"none": "no text (SASRec-ID)", "minilm": "all-MiniLM-L6-v2"}.get(enc.lower(), Path(enc).name)
+    row, name = _label(enc), Path(enc).name
+    base = _label(name.split("-")[1]) if name.startswith("encoder-") and name.count("-") >= 2 else None
     if task == "unisrec":
-        row += " + item IDs" if res.get("mode") == "transductive" else ""
-        row += f" ({Path(res['custom_emb']).name})" if res.get("custom_emb") else ""
+        ids = " + item IDs" if res.get("mode") == "transductive" else ""
         sched = f"capped at {res['max_epochs']} epochs" if res.get("max_epochs") and not early else ""
-        return [("unisrec", row, sched, res["test"], R10 + R50)]
+        return [("unisrec", row + ids, sched, res["test"], R10 + R50, base and base + ids)]
     if task == "tiger":
-        sched = f"{res.get('steps')} steps" + (", early stop" if early else "")
-        return [("tiger", f"{row} / {res.get('tokenizer')}", sched, res["test"], R5 + R10),
-                ("tiger", "popularity", "", res["popularity"], R5 + R10)]
+        sched, tok = f"{res.get('steps')} steps" + (", early stop" if early else ""), res.get("tokenizer")
+        return [("tiger", f"{row} / {tok}", sched, res["test"], R5 + R10, base and f"{base} / {tok}"),
+                ("tiger", "popularity", "", res["popularity"], R5 + R10, None)]
     if task == "retrieval":
-        return [("retrieval", f"{row} (all items, {res.get('max_length')} tokens)", "", res, R10)]
+        return [("retrieval", f"{row} (all items, {res.get('max_length')} tokens)", "", res, R10, None)]
     if task == "rqvae":
         col = res["collisions"]
         usage = {f"usage_l{i + 1}": u for i, u in enumerate(col.get("usage", []))}
         return [("collisions", f"{row} / {res['tokenizer']}", "", {**col, **usage},
-                 ("items", "unique_prefixes", "collision_rate", "largest_group", *usage))]
+                 ("items", "unique_prefixes", "collision_rate", "largest_group", *usage), None)]
     history = read_json(run / "history.json", f"delete {run}") if task == "encoder" else []
     evals = [h for h in history if h.get("valid")]
     return [("retrieval", f"{run.name} (held-out items, epoch {evals[-1]['epoch']:g})", "",
-             evals[-1]["valid"], R10)] if evals else []
+             evals[-1]["valid"], R10, None)] if evals else []
 
 
 def collect_report(runs, names) -> list[dict]:
-    """CSV records {table, dataset, row, run, schedule, metric, value} of the datasets `names` (folders
-    under runs/); of runs with the same (table, row, schedule) the newest counts."""
-    newest = {}
+    """CSV records {table, dataset, row, schedule, metric, value, std, n, p, run} of the datasets `names`
+    (folders under runs/). Runs of one (table, row, schedule) that differ by seed are averaged (the newest
+    run per seed); p: paired t-test over test cases against the `base` row (per-case metric averaged over
+    seeds), where both have test_ranks.npy."""
+    groups: dict[tuple, dict] = {}  # (table, dataset, row, schedule) -> {seed: (mtime, run, metrics, keys,
+    #                                                                            base)}
     for name in names:
         for f in sorted((Path(runs) / name).glob("*/results.json")):
             try:
@@ -444,23 +521,47 @@ def collect_report(runs, names) -> list[dict]:
             if res.get("steps") == 0:
                 print(f"warning: report skips {f.parent}: it trained 0 steps", file=sys.stderr)
                 continue
-            for table, row, sched, metrics, keys in records:
+            for table, row, sched, metrics, keys, base in records:
                 if not any(_number(metrics.get(m)) for m in keys):
                     print(f"warning: report skips {f.parent} ({row}): no {table} metrics (no evaluation "
                           "cases?)", file=sys.stderr)
                     continue
-                key, t = (table, name, row, sched), f.stat().st_mtime
-                if key not in newest or t > newest[key][0]:
-                    newest[key] = (t, f.parent, metrics, keys)
+                seeds, t = groups.setdefault((table, name, row, sched), {}), f.stat().st_mtime
+                if res.get("seed") not in seeds or t > seeds[res.get("seed")][0]:
+                    seeds[res.get("seed")] = (t, f.parent, metrics, keys, base)
     for name in names:  # the tables compare runs on one catalog: say when a folder mixes data versions
-        data = {_data_fingerprint(run) for k, (_, run, _, _) in newest.items() if k[1] == name} - {None}
+        data = {_data_fingerprint(v[1]) for k, g in groups.items() if k[1] == name for v in g.values()}
+        data -= {None}
         if len(data) > 1:
             print(f"warning: the {name} tables mix runs on {len(data)} versions of its data (fingerprints "
                   f"{', '.join(sorted(data))}): retrain the older runs or move them away", file=sys.stderr)
-    return [{"table": k[0], "dataset": k[1], "row": k[2], "run": str(run), "schedule": k[3], "metric": m,
-             "value": float(metrics[m])}
-            for k, (_, run, metrics, keys) in newest.items() for m in keys
-            if _number(metrics.get(m))]
+    out = []
+    for (table, name, row, sched), g in groups.items():
+        runs_, keys, base = [v[1] for v in g.values()], next(iter(g.values()))[3], next(iter(g.values()))[4]
+        other = groups.get((table, name, base, sched)) if base else None
+        for m in keys:
+            vals = [v[2][m] for v in g.values() if _number(v[2].get(m))]
+            if not vals:
+                continue
+            p = _significance(runs_, [v[1] for v in other.values()], m) if other and m in R10 else None
+            out.append({"table": table, "dataset": name, "row": row, "schedule": sched, "metric": m,
+                        "value": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1
+                        else 0.0, "n": len(vals), "p": p, "run": "; ".join(map(str, runs_))})
+    return out
+
+
+def _significance(runs_: list[Path], base_runs: list[Path], metric: str) -> float | None:
+    """p of the paired t-test of runs_ vs base_runs on each test case's `metric` (mean over seeds)."""
+    def per_case(rs):
+        try:
+            ranks = [np.load(r / "test_ranks.npy", allow_pickle=False) for r in rs]
+        except (OSError, ValueError):
+            return None
+        if len({x.shape for x in ranks}) != 1:
+            return None
+        return np.mean([per_user(x)[metric] for x in ranks], axis=0)
+    a, b = per_case(base_runs), per_case(runs_)
+    return None if a is None or b is None or a.shape != b.shape else paired_test(a, b, n_boot=0)["p"]
 
 
 def _data_fingerprint(run: Path) -> str | None:
@@ -485,22 +586,31 @@ def report_markdown(recs: list[dict]) -> str:
         if not rs:
             continue
         datasets = list(dict.fromkeys(r["dataset"] for r in rs))
-        cell = {(r["dataset"], r["row"], r["schedule"], r["metric"]): r["value"] for r in rs}
+        cell = {(r["dataset"], r["row"], r["schedule"], r["metric"]): r for r in rs}
         head = ["encoder"] + [f"{d} {m}" for d in datasets for m in metrics]
         out += [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for row, sched in sorted(dict.fromkeys((r["row"], r["schedule"]) for r in rs), key=order):
-            vals = [cell.get((d, row, sched, m)) for d in datasets for m in metrics]
-            vals = ["–" if v is None else f"{v:.0f}" if m == "largest_group" else f"{v:.4f}"
-                    for v, m in zip(vals, metrics * len(datasets))]
+            vals = [_cell(cell.get((d, row, sched, m)), m) for d in datasets for m in metrics]
             label = f"{row} ({sched})" if sched and table != "retrieval" else row
             out.append("| " + " | ".join([label, *vals]) + " |")
         srcs = sorted({(r["dataset"], r["row"], r["schedule"], r["run"]) for r in rs})
+        if any(r["n"] > 1 or r["p"] is not None for r in rs):
+            out += ["", "Mean ± standard deviation over seeds (n); * p < 0.05, paired t-test over test "
+                        "users against the off-the-shelf encoder's row (README, evaluation protocol)."]
         out += ["", "Sources: " + "; ".join(f"{d} / {row}{f' ({s})' if s else ''}: `{run}`"
                                             for d, row, s, run in srcs), ""]
     return "\n".join(out) or "(no results found)"
 
 
-CSV_HEADER = "table,dataset,row,schedule,metric,value,run"
+def _cell(r: dict | None, metric: str) -> str:
+    if r is None:
+        return "–"
+    text = f"{r['value']:.0f}" if metric == "largest_group" else f"{r['value']:.4f}"
+    text += f" ± {r['std']:.4f} ({r['n']})" if r["n"] > 1 else ""
+    return text + (f"{'*' if r['p'] < 0.05 else ''} (p {r['p']:.2g})" if r["p"] is not None else "")
+
+
+CSV_HEADER = "table,dataset,row,schedule,metric,value,std,n,p,run"
 
 
 def run_report(args) -> dict:

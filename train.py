@@ -264,7 +264,8 @@ def stage_encoder(args) -> Path:
 
 # ----------------------------------------------------------------------------- embeddings and semantic IDs
 def stage_embed(args, ds=None) -> Path:
-    """Item embeddings of a frozen encoder: embed-<encoder>-<hash>/item_emb.npy, row i = item i."""
+    """Item embeddings of a frozen encoder: embed-<encoder>-<hash>/item_emb.npy, row i = item i: the RAW
+    mean-pooled vectors, as UniSRec's own preprocessing writes them (each consumer normalises if it wants)."""
     ds = ds or load_dataset(args.dataset, args.data_dir)
     fields = parse_fields(args.fields, ITEM_TEXT_FIELDS)
     texts = ds.item_texts(fields)
@@ -273,7 +274,7 @@ def stage_embed(args, ds=None) -> Path:
         raise DataError(f"{ds.name}: no item has any of the fields {', '.join(fields)}; choose other "
                         f"--fields (python data.py --dataset {args.dataset} --stats lists them)")
     folder, key = _weights(args, ds, args.encoder)
-    key.update(fields=fields, max=args.max_length)
+    key.update(fields=fields, max=args.max_length, pooled="raw")
     out = run_folder(args, "embed", ev.encoder_label(args.encoder), key)
     if done(out):
         return finish(out) or _unchanged(out / "item_emb.npy")
@@ -281,12 +282,13 @@ def stage_embed(args, ds=None) -> Path:
         say(f"warning: {missing} of {ds.n_items} items have none of {', '.join(fields)}: embedded from ''")
     say(f"{ds.name}: embedding {ds.n_items} items with {ev.encoder_label(args.encoder)} into {out}")
     emb = er.load_encoder(folder, device=args.device, max_length=args.max_length).encode(
-        [t or "" for t in texts], batch_size=64)                                       # (I, d) float32
+        [t or "" for t in texts], batch_size=64, normalize=False)                      # (I, d) float32
     if not np.isfinite(emb).all():
         raise DataError(f"{args.encoder} embeds items to NaN or inf; its weights are damaged")
-    _save_npy(out / "item_emb.npy", emb)
+    trainer.save_npy(out / "item_emb.npy", emb)
     finish(out, {"task": "embed", "dataset": ds.name, "encoder": str(args.encoder), "shape": list(emb.shape),
-                 "items_without_text": missing, "sha256": content_hash(out / "item_emb.npy")})
+                 "items_without_text": missing, "normalized": False,
+                 "sha256": content_hash(out / "item_emb.npy")})
     return out / "item_emb.npy"
 
 
@@ -297,13 +299,6 @@ def _unchanged(path: Path) -> Path:
         raise DataError(f"{path} was {'changed' if path.is_file() else 'removed'} after its run finished: "
                         f"delete {path.parent} and run again")
     return path
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    def save(tmp):
-        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name
-            np.save(f, array)
-    trainer.atomic_write(path, save)
 
 
 def _embeddings(args, ds) -> tuple[np.ndarray, Path]:
@@ -320,6 +315,7 @@ def stage_rqvae(args, ds=None) -> Path:
     if str(args.encoder).lower() == "none":
         raise DataError("semantic IDs are made from item text embeddings: --encoder minilm or a run folder")
     emb, emb_path = _embeddings(args, ds)
+    emb = ev.l2_rows(emb)  # unit rows, as TIGER's Sentence-T5 embeddings are
     cfg = rq.RQVAEConfig(input_dim=emb.shape[1], dead_code_restart=not args.no_dead_code_restart)
     cfg = cfg if args.rqvae_epochs is None else replace(cfg, epochs=args.rqvae_epochs)
     key = {"dataset": ds.name, "embeddings": content_hash(emb_path), "tokenizer": args.tokenizer,
@@ -334,7 +330,7 @@ def stage_rqvae(args, ds=None) -> Path:
     else:
         codes = rq.residual_kmeans(emb, seed=args.seed, progress=True, **RKMEANS)    # (N, 3)
     ids, vocab = rq.semantic_ids(codes, RKMEANS["k"])                                # (N, 4), 4 ints
-    _save_npy(out / "semantic_ids.npy", ids)
+    trainer.save_npy(out / "semantic_ids.npy", ids)
     finish(out, {"task": "rqvae", "dataset": ds.name, "encoder": source(args),
                  "sha256": content_hash(out / "semantic_ids.npy"),
                  "tokenizer": args.tokenizer, "embeddings": str(emb_path), "vocab_sizes": list(vocab),
@@ -401,9 +397,10 @@ def stage_unisrec(args) -> Path:
     text = str(args.encoder).lower() != "none"
     mode = args.mode if text else "id"
     emb, emb_path = _embeddings(args, ds) if text else (None, None)
+    emb = ev.l2_rows(emb) if text and args.normalize else emb  # default: raw, as UniSRec's preprocessing
     args = with_(args, lr=args.lr or 1e-3, batch_size=args.batch_size or 2048)   # UniSRec's finetune.yaml
     key = {"embeddings": content_hash(emb_path) if text else None, "mode": mode,
-           "max_history": args.max_history, "mask_history": args.mask_history}
+           "max_history": args.max_history, "mask_history": args.mask_history, "normalize": args.normalize}
     label = f"{mode}-{ev.encoder_label(source(args))}" if text else "id"
     loop = _loop(args)
     out = _recommender_folder(args, ds, "unisrec", label, loop, key)
@@ -423,16 +420,18 @@ def stage_unisrec(args) -> Path:
         share, w = trainer.rank_share(idx.to(device))
         return w * model.loss(H[share], T[share])
 
-    def evaluate(m, cases=ds.splits.valid):
-        return ev.evaluate_unisrec(m, ds, cases, args.max_history, args.mask_history)
+    def evaluate(m, cases=ds.splits.valid, ranks_to=None):
+        return ev.evaluate_unisrec(m, ds, cases, args.max_history, args.mask_history, ranks_to=ranks_to)
 
-    meta = _meta(ds, out, model_config=asdict(model.cfg), item_emb_path=str(emb_path) if text else None)
+    meta = _meta(ds, out, model_config=asdict(model.cfg), item_emb_path=str(emb_path) if text else None,
+                 normalize_input=args.normalize)
     summary = trainer.fit(model, loss_fn, len(T), torch.optim.Adam(model.parameters()), out, loop,
                           evaluate=evaluate, resume=args.resume, meta=meta, desc="unisrec")
     if rank == 0 and not summary["time_capped"]:
         finish(out, {"task": "unisrec", "dataset": ds.name, "encoder": source(args), "mode": mode,
-                     "run": str(out), "max_epochs": args.max_epochs, **summary,
-                     "valid": evaluate(model), "test": evaluate(model, ds.splits.test)})
+                     "run": str(out), "seed": args.seed, "max_epochs": args.max_epochs, **summary,
+                     "valid": evaluate(model),
+                     "test": evaluate(model, ds.splits.test, ranks_to=out / "test_ranks.npy")})
     return out
 
 
@@ -516,7 +515,9 @@ def stage_tiger(args) -> Path:
         test = ds.splits.test
         finish(out, {"task": "tiger", "dataset": ds.name, "encoder": source(args),
                      "tokenizer": args.tokenizer, "semantic_ids": str(sem_path), "run": str(out),
-                     "beam": args.beam, **summary, "test": ev.evaluate_tiger(model, ds, test, ids, args.beam),
+                     "seed": args.seed, "beam": args.beam, **summary,
+                     "test": ev.evaluate_tiger(model, ds, test, ids, args.beam,
+                                               ranks_to=out / "test_ranks.npy"),
                      "popularity": ev.summarize(ev.popularity_ranks(ds, test), (5, 10), cold=test.cold)})
     return out
 
@@ -580,6 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the unfinished run in the folder")
     g.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda[:N]")
     g.add_argument("--seed", type=int, default=0, help="(0; CPU runs are deterministic)")
+    g.add_argument("--seeds", type=int, nargs="+", help="the stage once per seed (the report averages them)")
     g.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="CUDA autocast (off)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument("--batch-size", type=int, help="encoder: pairs (512); unisrec 2048; tiger 256")
@@ -611,6 +613,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unisrec: text only (the paper's) or text + item-ID embedding")
     u.add_argument("--max-history", type=int, default=50, help="unisrec: history length (50)")
     u.add_argument("--mask-history", action="store_true", help="unisrec: mask history items when ranking")
+    u.add_argument("--normalize", action="store_true", help="unisrec: L2-normalise the item embeddings "
+                   "(default: the raw pooled vectors, as UniSRec's preprocessing)")
     t = ap.add_argument_group("tiger")
     t.add_argument("--max-steps", type=int, default=200_000, help="training steps (200k, TIGER's)")
     t.add_argument("--eval-every", type=int, default=1000, help="steps between validations (1000)")
@@ -635,7 +639,7 @@ def _device(device: str) -> str:
 
 
 # The options each stage reads beyond COMMON; another one given is an error, never silently ignored.
-COMMON = "stage dataset data_dir runs out resume device seed amp compile max_minutes"
+COMMON = "stage dataset data_dir runs out resume device seed seeds amp compile max_minutes"
 _EMB = "encoder weights fields max_length emb"
 _IDS = f"{_EMB} tokenizer rqvae_epochs no_dead_code_restart"
 _LOOP = "batch_size lr max_epochs patience"
@@ -644,7 +648,7 @@ STAGE_FLAGS = {
                "doc_fields no_eval",
     "embed": "encoder weights fields max_length",
     "rqvae": _IDS,
-    "unisrec": f"{_EMB} {_LOOP} mode max_history mask_history",
+    "unisrec": f"{_EMB} {_LOOP} mode max_history mask_history normalize",
     "tiger": f"{_IDS} {_LOOP} max_steps eval_every warmup_steps beam tiger_history group_by_length",
 }
 # --stage all: the budget sets the schedules, each stage its defaults; the other options go through
@@ -682,6 +686,10 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
          "none"),
         (args.no_eval and given("holdout"), "--no-eval and --holdout contradict each other: pass one"),
         (args.temperature < 1e-3, f"--temperature {args.temperature:g} overflows the logits: use >= 0.001"),
+        (args.seeds and given("seed"), "--seed and --seeds: pass one"),
+        (args.seeds and not all(0 <= x <= ev.SEED_MAX for x in args.seeds),
+         f"--seeds must be in 0..{ev.SEED_MAX}"),
+        (args.seeds and args.out, "--out names one folder; --seeds makes one per seed: drop --out"),
         (args.weights and not Path(args.weights).is_dir(), f"--weights {args.weights}: no such folder"),
     ]
     if msg := next((m for bad, m in checks if bad), None):
@@ -721,7 +729,10 @@ def main(argv=None) -> int:
         args.device = _device(args.device)
         if args.amp == "fp16" and not args.device.startswith("cuda"):
             raise DataError(f"--amp fp16 needs a CUDA device, not {args.device}: use --amp off or bf16")
-        STAGES[args.stage](args)
+        for seed in args.seeds or [args.seed]:
+            if args.seeds:
+                say(f"--- seed {seed}")
+            STAGES[args.stage](with_(args, seed=seed))
     except (DataError, er.BackboneError, er.WeightsError, ValueError) as e:
         say(f"error: {e}")
         return 2

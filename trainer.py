@@ -104,6 +104,13 @@ def digest(obj) -> str:
     return hashlib.sha256(json.dumps(json_safe(obj), sort_keys=True).encode()).hexdigest()[:10]
 
 
+def save_npy(path, array: np.ndarray) -> Path:
+    def save(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.save would append ".npy" to a name
+            np.save(f, array)
+    return atomic_write(path, save)
+
+
 def json_safe(obj):
     """A copy with JSON types only (numpy scalars -> numbers, else str; NaN/inf -> None)."""
     return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item") else str(o)),

@@ -50,7 +50,10 @@ def test_embed_rows_follow_the_catalog(tmp_path, fixture_ds, minilm, capsys):
     ds = load_dataset(str(fixture_ds), tmp_path / "cache")
     texts = ds.item_texts(("title", "categories"))
     assert emb.shape == (6, 384) and emb.dtype == np.float32
-    np.testing.assert_allclose(emb, minilm.encode(texts, show_progress=False), atol=1e-5)
+    raw = minilm.encode(texts, show_progress=False, normalize=False)                # UniSRec's input: raw
+    np.testing.assert_allclose(emb, raw, atol=1e-5)
+    np.testing.assert_allclose(ev.l2_rows(emb), minilm.encode(texts, show_progress=False), atol=1e-5)
+    assert not np.allclose(np.linalg.norm(emb, axis=1), 1)
     assert json.loads((run / "run.json").read_text())["key"]["fields"] == ["title", "categories"]
     assert json.loads((run / "results.json").read_text())["shape"] == [6, 384]
     assert train.main(argv) == 0                       # second run: nothing to do
@@ -196,3 +199,19 @@ def test_eval_without_a_run_names_the_command_that_makes_it(tmp_path):
                         "--runs", str(tmp_path / "runs")], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "python train.py --stage tiger --dataset beauty" in r.stderr
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_unisrec_input_scale_is_kept_by_eval(tmp_path, fixture_ds, capsys, normalize):
+    """Raw embeddings (UniSRec's own input) or --normalize: eval rebuilds the same model and ranks."""
+    emb = tmp_path / "e.npy"
+    np.save(emb, 5 * np.random.default_rng(0).standard_normal((6, 8)).astype(np.float32))
+    flag = ["--normalize"] if normalize else []
+    assert train.main(["--stage", "unisrec", "--dataset", str(fixture_ds), "--emb", str(emb), *flag,
+                       "--max-epochs", "2", *_common(tmp_path)]) == 0
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    run = Path(trained["run"])
+    assert np.load(run / "test_ranks.npy").shape == (6,) and trained["seed"] == 0
+    assert ev.main(["--task", "unisrec", "--dataset", str(fixture_ds), "--run", str(run),
+                    "--data-dir", str(tmp_path / "cache"), "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["test"] == trained["test"]

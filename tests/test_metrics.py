@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 import torch
 
+import eval as ev
+
 from conftest import ROOT
 from eval import (full_ranking_ranks, mask_history, metrics_from_ranks, ranks_from_scores,
                   ranks_from_topk, summarize)
@@ -112,3 +114,31 @@ def test_ranks_with_repeated_entries():
     assert ranks.tolist() == [3, 3, 2]
     expanded = torch.tensor([[0.5, 0.9, 0.9, 0.9, 0.1, 0.1]])  # row 0 written out in full
     assert ranks_from_scores(expanded, torch.tensor([0])).tolist() == [3]
+
+
+# ---- significance
+def test_paired_t_test_and_incomplete_beta_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    special = pytest.importorskip("scipy.special")
+    for a, b, x in [(0.5, 0.5, 0.3), (2, 3, 0.7), (10, 0.5, 0.99), (1000, 0.5, 0.999), (3.5, 0.5, 0.01)]:
+        assert ev._betainc(a, b, x) == pytest.approx(special.betainc(a, b, x), rel=1e-9, abs=1e-15)
+    rng = np.random.default_rng(0)
+    for n, shift in [(5, 0.3), (500, 0.02), (20_000, 0.001)]:
+        x = rng.random(n)
+        y = x + rng.normal(shift, 0.2, n)
+        ours, ref = ev.paired_test(x, y, n_boot=2000), stats.ttest_rel(y, x)
+        assert ours["t"] == pytest.approx(ref.statistic, rel=1e-9)
+        assert ours["p"] == pytest.approx(ref.pvalue, rel=1e-6, abs=1e-12)
+        lo, hi = ours["ci95"]
+        assert lo < ours["diff"] < hi
+
+
+def test_paired_test_edges_and_per_user_metrics():
+    same = ev.paired_test(np.ones(10), np.ones(10))
+    assert same["diff"] == 0 and same["t"] == 0 and same["p"] == 1.0 and same["ci95"] == [0.0, 0.0]
+    better = ev.paired_test(np.zeros(10), np.ones(10))                 # constant gain: t = inf, p = 0
+    assert better["t"] == float("inf") and better["p"] == 0.0
+    u = ev.per_user(np.array([0, 1, 9, 10, ev.MISS]))
+    np.testing.assert_allclose(u["recall@10"], [1, 1, 1, 0, 0])
+    np.testing.assert_allclose(u["ndcg@10"], [1, 1 / np.log2(3), 1 / np.log2(11), 0, 0])
+    assert u["ndcg@10"].mean() == pytest.approx(ev.metrics_from_ranks(np.array([0, 1, 9, 10, ev.MISS]))["ndcg@10"])

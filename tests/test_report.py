@@ -1,6 +1,9 @@
 """eval.py --task report: every kind of finished run lands in its table, with its run folder."""
 import json
 import os
+from pathlib import Path
+
+import numpy as np
 
 import eval as ev
 
@@ -57,10 +60,30 @@ def test_report_keeps_the_newest_of_equal_rows_and_names_custom_embeddings(tmp_p
     _write(root / "unisrec-inductive-minilm-b" / "results.json",
            {"task": "unisrec", "encoder": "minilm", "test": {**M, "recall@10": 0.9}})
     os.utime(root / "unisrec-inductive-minilm-a" / "results.json", (1, 1))   # a is older
-    _write(root / "unisrec-custom" / "results.json",
-           {"task": "unisrec", "encoder": "minilm", "custom_emb": "/x/bge.npy", "test": {**M, "recall@10": 0.7}})
+    _write(root / "unisrec-custom" / "results.json",                          # --emb: the file is the source
+           {"task": "unisrec", "encoder": "/x/bge.npy", "test": {**M, "recall@10": 0.7}})
     _write(root / "tiger-unfinished" / "last.pt", {})                        # no results.json: not reported
     got = {(r["row"], r["metric"]): r["value"] for r in ev.collect_report(tmp_path / "runs", ["Fix"])}
     assert got[("all-MiniLM-L6-v2", "recall@10")] == 0.9
-    assert got[("all-MiniLM-L6-v2 (bge.npy)", "recall@10")] == 0.7         # not mixed into MiniLM's row
+    assert got[("bge.npy", "recall@10")] == 0.7                                # not mixed into MiniLM's row
     assert not any(r.startswith("tiger") for r, _ in got)
+
+
+def test_seeds_are_averaged_and_encoderec_is_tested_against_its_backbone(tmp_path):
+    """Three seeds per row; per-user ranks from test_ranks.npy; the paired t-test against the off-the-shelf
+    row; the cell shows mean ± std (n) and the asterisk."""
+    root, rng = tmp_path / "runs" / "Fix", np.random.default_rng(0)
+    base_ranks = rng.integers(0, 40, 300)
+    for seed in range(3):
+        for enc, ranks in (("minilm", base_ranks + rng.integers(0, 2, 300)),
+                           ("/r/encoder-minilm-abc", np.maximum(base_ranks - 3 - rng.integers(0, 2, 300), 0))):
+            run = root / f"unisrec-{Path(enc).name}-{seed}"
+            test = ev.summarize(ranks, (10, 50))
+            _write(run / "results.json", {"task": "unisrec", "encoder": enc, "seed": seed, "test": test})
+            np.save(run / "test_ranks.npy", ranks)
+    recs = {(r["row"], r["metric"]): r for r in ev.collect_report(tmp_path / "runs", ["Fix"])}
+    tuned, base = recs[("encoder-minilm-abc", "ndcg@10")], recs[("all-MiniLM-L6-v2", "ndcg@10")]
+    assert tuned["n"] == base["n"] == 3 and tuned["std"] > 0 and tuned["value"] > base["value"]
+    assert tuned["p"] < 1e-6 and base["p"] is None and recs[("encoder-minilm-abc", "ndcg@50")]["p"] is None
+    md = ev.report_markdown(list(recs.values()))
+    assert f"{tuned['value']:.4f} ± {tuned['std']:.4f} (3)* (p " in md and "paired t-test" in md

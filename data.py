@@ -301,6 +301,8 @@ def read_json(path, fix: str = "fix or re-download it"):
     """A JSON file read strictly: a repeated key, NaN/Infinity, bad UTF-8 or a syntax error is a DataError
     naming the file (and line) and `fix`."""
     path = Path(path)
+    if path.exists() and not path.is_file():  # a device or a pipe would never end
+        raise DataError(f"{path} is not a regular file; {fix}")
 
     def unique(pairs):
         out = {}

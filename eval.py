@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -257,6 +258,10 @@ def one_line_errors(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return ap
 
 
+def sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (a scheduler's kill) ends like Ctrl-C: one line
+
+
 SEED_MAX = 2 ** 32 - 1  # numpy's and torch's seeds both take it
 
 
@@ -290,8 +295,9 @@ def find_run(args, task: str) -> Path:
         prefix += f"-{args.tokenizer}-{encoder_label(args.encoder)}"
     runs = [p.parent for r in roots for p in r.glob(f"{prefix}-*/results.json")]
     if not runs:
+        which = f" --encoder {args.encoder} --tokenizer {args.tokenizer}" if task == "collisions" else ""
         raise DataError(f"no finished {task} run for {args.dataset} under {args.runs}/: train one with "
-                        f"`python train.py --stage {stage} --dataset {args.dataset}`")
+                        f"`python train.py --stage {stage} --dataset {args.dataset}{which}`")
     run = max(runs, key=lambda p: (p / "results.json").stat().st_mtime)
     print(f"evaluating {run} (the newest of {len(runs)}; --run picks another)", file=sys.stderr)
     return run
@@ -648,6 +654,7 @@ def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     task = "report" if args.report else args.task
+    sigterm = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     try:
         if task is None:
             raise DataError("pass --task TASK (or --report)")
@@ -673,6 +680,8 @@ def main(argv=None) -> int:
         print(f"error: unexpected {type(e).__name__}: {str(e)[:300]} (a file edited by hand, or a bug: rerun "
               "with ENCODEREC_DEBUG=1 and report the traceback)", file=sys.stderr)
         return 1
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
     return 0
 
 

@@ -20,6 +20,7 @@ import functools
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -97,7 +98,10 @@ def run_folder(args, stage: str, label: str, key: dict) -> Path:
         except (DataError, KeyError, TypeError) as e:
             raise DataError(f"{info} is unreadable ({e}): delete {out} to start over") from None
         if old != key:
-            raise DataError(f"{out} holds a run of other inputs: choose another --out or delete it")
+            diff = sorted(k for k in {*old, *key} if old.get(k) != key.get(k)) if isinstance(old, dict) \
+                else []
+            raise DataError(f"{out} holds a run of other inputs ({', '.join(diff) or 'its key'} differ): "
+                            "choose another --out or delete it")
         started = any(p.name != "run.json" and not p.name.startswith(".") for p in out.iterdir())
         if started and not done(out) and not args.resume:
             raise DataError(f"{out} holds an unfinished run of these inputs: pass --resume to continue it, "
@@ -285,6 +289,9 @@ def stage_embed(args, ds=None) -> Path:
         [t or "" for t in texts], batch_size=64, normalize=False)                      # (I, d) float32
     if not np.isfinite(emb).all():
         raise DataError(f"{args.encoder} embeds items to NaN or inf; its weights are damaged")
+    if len(emb) > 1 and (emb == emb[0]).all():
+        raise DataError(f"{ds.name}: every item's {', '.join(fields)} text is the same: choose other "
+                        "--fields")
     trainer.save_npy(out / "item_emb.npy", emb)
     finish(out, {"task": "embed", "dataset": ds.name, "encoder": str(args.encoder), "shape": list(emb.shape),
                  "items_without_text": missing, "normalized": False,
@@ -476,6 +483,9 @@ def stage_tiger(args) -> Path:
     warmup = args.warmup_steps or TIGER_WARMUP
     if min(args.tiger_history, args.beam, args.eval_every, args.max_steps, warmup) < 1:
         raise DataError("--tiger-history, --beam, --eval-every, --max-steps and --warmup-steps must be >= 1")
+    if warmup > args.max_steps:
+        raise DataError(f"--warmup-steps {warmup} > --max-steps {args.max_steps}: the peak lr would never be "
+                        "reached")
     device, (rank, world) = args.device, trainer.rank_world()
     sem_path = stage_rqvae(with_(args, out=None, resume=True), ds)
     codes, vocab = ev.read_semantic_ids(sem_path, ds.n_items)
@@ -717,6 +727,7 @@ WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPE
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    sigterm = signal.signal(signal.SIGTERM, ev.sigterm_as_interrupt)
     try:
         check_args(ap, args)
         args.argv = list(sys.argv[1:] if argv is None else argv)  # run.json records the command
@@ -740,12 +751,13 @@ def main(argv=None) -> int:
         say(f"error: {e}")
         return 1
     except OSError as e:  # the machine's, not the code's: one line naming the file
-        hint = (" Free some space or choose a writable --runs / --out; writes are atomic, so --resume "
-                "continues from the last checkpoint." if e.errno in WRITE_ERRORS else "")
+        hint = (" Free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, None) else
+                " Choose a writable --runs / --out" if e.errno in WRITE_ERRORS else "")
+        hint += "; writes are atomic, so --resume continues from the last checkpoint." if hint else ""
         say(f"error: {e.filename or 'a file'}: {e.strerror or e}.{hint}")
         return 2
-    except KeyboardInterrupt:  # checkpoints are atomic: the last complete one stays
-        say("error: interrupted; --resume continues from the last checkpoint")
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM; checkpoints are atomic: the last complete one stays
+        say("error: interrupted; --resume continues from the last checkpoint, if one was written")
         return 130
     except Exception as e:  # a last resort: one line; ENCODEREC_DEBUG=1 shows the traceback
         if os.environ.get("ENCODEREC_DEBUG"):
@@ -755,6 +767,7 @@ def main(argv=None) -> int:
         return 1
     finally:
         release_locks()
+        signal.signal(signal.SIGTERM, sigterm)
     return 0
 
 

@@ -163,13 +163,17 @@ def _save_best(out: Path, model, st: TrainState, meta: dict) -> None:
 # ---- torchrun
 def init_distributed(device: str = "auto") -> tuple[str, int, int]:
     """(device, rank, world); under torchrun, after joining the process group."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from None
+    env = {k: os.environ.get(k, d) for k, d in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"))}
+    if not all(v.isdigit() for v in env.values()) or int(env["RANK"]) >= int(env["WORLD_SIZE"]) > 0 or \
+            int(env["LOCAL_RANK"]) >= int(env["WORLD_SIZE"]):
+        raise ValueError(f"{env}: ranks must be whole numbers below WORLD_SIZE")
+    world = int(env["WORLD_SIZE"])
     cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     if world <= 1:
         return check_device(device), 0, 1
+    if env["RANK"] == "0":  # the rendezvous blocks until every rank has joined
+        print(f"waiting for {world} ranks at {os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}",
+              flush=True)
     device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if cuda else "cpu"
     if cuda:
         torch.cuda.set_device(device)

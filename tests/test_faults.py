@@ -153,7 +153,7 @@ def test_full_disk_is_a_clear_error(tmp_path, monkeypatch, capsys):
     code = train.main(["--stage", "unisrec", "--dataset", str(ds), "--encoder", "none", "--max-epochs", "1",
                        "--data-dir", str(tmp_path / "cache"), "--runs", str(tmp_path / "runs"), "--device", "cpu"])
     err = capsys.readouterr().err
-    assert code == 2 and "No space left on device" in err and "writable --runs" in err
+    assert code == 2 and "No space left on device" in err and "Free some space" in err
 
 
 _WRITER = """

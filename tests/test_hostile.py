@@ -733,7 +733,7 @@ def test_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
         raise KeyboardInterrupt
     monkeypatch.setitem(train.STAGES, "unisrec", interrupted)
     assert train.main(["--stage", "unisrec", "--dataset", _ds(tmp_path), *_common(tmp_path)]) == 130
-    assert capsys.readouterr().err.strip() == "error: interrupted; --resume continues from the last checkpoint"
+    assert capsys.readouterr().err.strip().startswith("error: interrupted; --resume continues from the last")
 
 
 @pytest.mark.parametrize("argv, needle", [
@@ -882,3 +882,46 @@ def test_report_warns_when_a_folder_mixes_data_versions(runs, tmp_path, capsys):
     (run / "run.json").write_text(json.dumps(info))
     assert ev.main(["--report", "--dataset", "Fix", "--runs", str(tmp_path / "runs")]) == 0
     assert "the Fix tables mix runs on 2 versions of its data" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- found by a third hostile pass
+def test_run_json_that_is_a_device_or_a_pipe(runs, tmp_path, capsys):
+    import shutil
+    shutil.copytree(runs["tmp"] / "runs", tmp_path / "runs")
+    run = next((tmp_path / "runs" / "Fix").glob("unisrec-id-*"))
+    (run / "run.json").unlink()
+    os.mkfifo(run / "run.json")                                 # reading it would block forever
+    _refused(ev.main, ["--task", "unisrec", "--dataset", str(runs["ds"]), "--run", str(run), *runs["common"]],
+             capsys, "run.json is not a regular file")
+
+
+@pytest.mark.parametrize("env, needle", [({"WORLD_SIZE": "2", "RANK": "5"}, "below WORLD_SIZE"),
+                                         ({"WORLD_SIZE": "2", "RANK": "-1"}, "whole numbers")])
+def test_rank_variables_are_checked(tmp_path, capsys, monkeypatch, env, needle):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    _refused(train.main, ["--stage", "unisrec", "--dataset", _ds(tmp_path), "--encoder", "none",
+                          *_common(tmp_path)], capsys, needle, "torchrun")
+
+
+def test_sigterm_is_one_line_and_resumable(tmp_path):
+    from test_faults import ENV, synthetic_lcrec
+    ds = synthetic_lcrec(tmp_path / "Syn")
+    argv = [sys.executable, str(ROOT / "train.py"), "--stage", "unisrec", "--dataset", str(ds), "--encoder",
+            "none", "--max-epochs", "400", "--batch-size", "8", *_common(tmp_path)]
+    proc = subprocess.Popen(argv, env=ENV, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "runs" / "Syn"
+    for _ in range(600):                                       # until the first epoch's checkpoint
+        if list(run_dir.glob("*/last.pt")):
+            break
+        import time
+        time.sleep(0.1)
+    proc.terminate()
+    err = proc.communicate(timeout=60)[1].strip().splitlines()
+    assert proc.returncode == 130 and err[-1].startswith("error: interrupted; --resume continues"), err[-3:]
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_warmup_beyond_the_run(tmp_path, capsys):
+    _refused(train.main, ["--stage", "tiger", "--dataset", _ds(tmp_path), "--warmup-steps", "100",
+                          "--max-steps", "2", *_common(tmp_path)], capsys, "--warmup-steps 100 > --max-steps 2")

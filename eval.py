@@ -224,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     u = ap.add_argument_group("unisrec / tiger / collisions")
     u.add_argument("--run", help="a run folder (default: the newest finished one)")
     u.add_argument("--mask-history", action="store_true", help="unisrec: mask history items")
+    u.add_argument("--ranks", help="unisrec / tiger: save each test case's rank to this .npy")
     u.add_argument("--beam", type=int, default=10, help="tiger: beam width = returned IDs")
     u.add_argument("--no-constrain", action="store_true", help="tiger: free decoding (invalid IDs counted)")
     u.add_argument("--tokenizer", choices=["rqvae", "rkmeans"], default="rqvae", help="collisions: which IDs")
@@ -267,7 +268,7 @@ SEED_MAX = 2 ** 32 - 1  # numpy's and torch's seeds both take it
 
 EVAL_FLAGS = {"common": {"task", "report", "dataset", "data_dir", "runs", "device", "seed"},
               "retrieval": {"encoder", "weights", "doc_fields", "holdout", "max_length", "batch_size"},
-              "unisrec": {"run", "mask_history"}, "tiger": {"run", "beam", "no_constrain"},
+              "unisrec": {"run", "mask_history", "ranks"}, "tiger": {"run", "beam", "no_constrain", "ranks"},
               "collisions": {"run", "encoder", "tokenizer"}, "report": {"csv"}}
 
 
@@ -395,8 +396,8 @@ def run_unisrec(args) -> dict:
         return UniSRec(cfg, l2_rows(emb) if emb is not None and meta.get("normalize_input") else emb)
     run, ds, model, _ = _load(args, "unisrec", build)
     return {"task": "unisrec", "dataset": ds.name, "run": str(run), "mask_history": args.mask_history,
-            **{s: evaluate_unisrec(model, ds, getattr(ds.splits, s), model.cfg.max_seq_len, args.mask_history)
-               for s in ("valid", "test")}}
+            **{s: evaluate_unisrec(model, ds, getattr(ds.splits, s), model.cfg.max_seq_len, args.mask_history,
+                                   ranks_to=args.ranks if s == "test" else None) for s in ("valid", "test")}}
 
 
 def run_collisions(args) -> dict:
@@ -461,7 +462,8 @@ def run_tiger(args) -> dict:
     test = ds.splits.test
     return {"task": "tiger", "dataset": ds.name, "run": str(run), "beam": args.beam,
             "constrained": not args.no_constrain, "semantic_ids": meta.get("semantic_ids_path"),
-            "test": evaluate_tiger(model, ds, test, ids, args.beam, not args.no_constrain),
+            "test": evaluate_tiger(model, ds, test, ids, args.beam, not args.no_constrain,
+                                   ranks_to=args.ranks),
             "popularity": summarize(popularity_ranks(ds, test), (5, 10), cold=test.cold)}
 
 

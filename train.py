@@ -338,7 +338,7 @@ def stage_rqvae(args, ds=None) -> Path:
         codes = rq.residual_kmeans(emb, seed=args.seed, progress=True, **RKMEANS)    # (N, 3)
     ids, vocab = rq.semantic_ids(codes, RKMEANS["k"])                                # (N, 4), 4 ints
     trainer.save_npy(out / "semantic_ids.npy", ids)
-    finish(out, {"task": "rqvae", "dataset": ds.name, "encoder": source(args),
+    finish(out, {"task": "rqvae", "dataset": ds.name, "encoder": source(args), "seed": args.seed,
                  "sha256": content_hash(out / "semantic_ids.npy"),
                  "tokenizer": args.tokenizer, "embeddings": str(emb_path), "vocab_sizes": list(vocab),
                  "collisions": rq.collision_stats(codes),

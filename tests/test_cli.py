@@ -212,6 +212,7 @@ def test_unisrec_input_scale_is_kept_by_eval(tmp_path, fixture_ds, capsys, norma
     trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     run = Path(trained["run"])
     assert np.load(run / "test_ranks.npy").shape == (6,) and trained["seed"] == 0
-    assert ev.main(["--task", "unisrec", "--dataset", str(fixture_ds), "--run", str(run),
-                    "--data-dir", str(tmp_path / "cache"), "--device", "cpu"]) == 0
+    assert ev.main(["--task", "unisrec", "--dataset", str(fixture_ds), "--run", str(run), "--ranks",
+                    str(tmp_path / "r.npy"), "--data-dir", str(tmp_path / "cache"), "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["test"] == trained["test"]
+    np.testing.assert_array_equal(np.load(tmp_path / "r.npy"), np.load(run / "test_ranks.npy"))

@@ -376,15 +376,15 @@ def _indices(obj: dict, path: Path, what: str) -> list[int]:
 
 
 def _text_field(r: dict, name: str, where: str):
-    v = r.get(name)
-    texts = [v] if isinstance(v, str) else v if isinstance(v, list) else [None]
+    v = r.get(name)  # a string, or a list of strings or of lists of strings (2014 category paths)
+    texts = [v] if isinstance(v, str) else [x for y in v for x in (y if isinstance(y, list) else [y])] \
+        if isinstance(v, list) else [None]
     if v is None or all(isinstance(x, str) and not _SURROGATE.search(x) for x in texts):
         return v
     raise DataError(f"{where}: field {name!r} is {json.dumps(v)[:60]}; expected a string or a list of "
                     "strings (valid Unicode)")
 
 
-# ---- LC-Rec folders
 def load_lcrec(folder: Path) -> Dataset:
     """`X.inter.json` ({user: [item, ...]}, chronological) + `X.item.json` ({item: {field: value}}).
     Already processed: loaded as is, never re-filtered."""
@@ -461,7 +461,7 @@ def _parse_csv_rating(line: str):
     parts = line.rstrip("\n").split(",")
     if len(parts) != 4:
         raise ValueError(f"expected 4 fields item,user,rating,timestamp, got {len(parts)}")
-    return {"asin": parts[0], "reviewerID": parts[1], "unixReviewTime": int(parts[3])}  # "10.5": ValueError
+    return {"asin": parts[0], "reviewerID": parts[1], "unixReviewTime": int(parts[3])}  # never float("10.5")
 
 
 def read_reviews(files: RawFiles) -> tuple[list[str], list[str], np.ndarray]:

@@ -128,9 +128,9 @@ def paired_test(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: int = 
     sd = float(d.std(ddof=1)) if n > 1 else 0.0
     t = mean / (sd / math.sqrt(n)) if sd > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
     p = 2 * student_t_sf(abs(t), n - 1) if n > 1 else math.nan
-    rng, means = np.random.default_rng(seed), [np.empty(0)]
-    for s in range(0, n_boot, 500):  # 500 resamples at a time: (500, n) indices
-        means.append(d[rng.integers(0, n, (min(500, n_boot - s), n))].mean(1))
+    rng, means, step = np.random.default_rng(seed), [np.empty(0)], max(1, 2 ** 22 // max(n, 1))
+    for s in range(0, n_boot, step):  # `step` resamples at a time: (step, n) indices, ~32 MB
+        means.append(d[rng.integers(0, n, (min(step, n_boot - s), n))].mean(1))
     ci = np.percentile(np.concatenate(means), [2.5, 97.5]).tolist() if n_boot else None
     return {"diff": mean, "t": t, "p": p, "ci95": ci, "n": n}
 
@@ -392,7 +392,8 @@ def evaluate_unisrec(model, ds, cases, max_len: int, mask_history: bool = False,
 def run_unisrec(args) -> dict:
     def build(meta, run):
         cfg = UniSRecConfig(**meta["model_config"])
-        emb = read_run_embeddings(run, meta["item_emb_path"], meta["n_items"]) if cfg.mode != "id" else None
+        emb = read_run_embeddings(run, meta["item_emb_path"], meta.get("n_items")) if cfg.mode != "id" \
+            else None
         return UniSRec(cfg, l2_rows(emb) if emb is not None and meta.get("normalize_input") else emb)
     run, ds, model, _ = _load(args, "unisrec", build)
     return {"task": "unisrec", "dataset": ds.name, "run": str(run), "mask_history": args.mask_history,
@@ -414,7 +415,7 @@ def run_collisions(args) -> dict:
             "tokenizer": info.get("tokenizer"), "semantic_ids": str(run / "semantic_ids.npy"),
             **collision_stats(ids[:, :3], vocab[0]), "ids_unique": True, "vocab_sizes": vocab,
             "max_dedup_code": int(ids[:, 3].max()),
-            "embeddings": embedding_stats(read_array(emb, "item embeddings")) if same else None}
+            "embeddings": embedding_stats(l2_rows(read_array(emb, "item embeddings"))) if same else None}
 
 
 def training_counts(ds) -> np.ndarray:
@@ -482,84 +483,125 @@ def _label(enc: str) -> str:
     return {"none": "no text (SASRec-ID)", "minilm": "all-MiniLM-L6-v2"}.get(enc.lower(), Path(enc).name)
 
 
+def _source(enc: str) -> tuple[str, str | None, dict | None]:
+    """(row label, the label of the backbone it was tuned from, the tuning recipe) of an embedding source.
+    A fine-tuned encoder is a run folder encoder-<backbone>-<hash>: its rows read 'EncodeRec (<backbone>)',
+    whatever its seed, and are tested against the backbone's rows."""
+    path, name = Path(enc), Path(enc).name
+    if not (name.startswith("encoder-") and name.count("-") >= 2):
+        return _label(enc), None, None
+    try:
+        res, key = run_results(path), read_json(path / "run.json")["key"]
+        backbone = str(res["backbone"])
+        recipe = {k: v for k, v in key.items() if k not in ("seed", "weights")}
+    except (DataError, OSError, KeyError, TypeError):  # moved away: its name still says the backbone
+        backbone, recipe = name[len("encoder-"):].rsplit("-", 1)[0], None
+    base = _label(encoder_label(backbone))
+    return f"EncodeRec ({base})", base, recipe
+
+
 def _records(run: Path, res: dict) -> list[tuple]:
-    """(table, row, schedule: how long it trained, metrics, CSV keys, the row it is tested against) of a
-    run's results.json. A fine-tuned encoder's run folder is encoder-<backbone>-<hash>: its rows are tested
-    against the off-the-shelf backbone's."""
-    task, enc, early = res.get("task"), str(res.get("encoder", "?")), res.get("stopped_early")
-    row, name = _label(enc), Path(enc).name
-    base = _label(name.split("-")[1]) if name.startswith("encoder-") and name.count("-") >= 2 else None
+    """(table, row, the row it is tested against, metrics, CSV keys) of a run's results.json."""
+    task, (row, base, _) = res.get("task"), _source(str(res.get("encoder", "?")))
     if task == "unisrec":
         ids = " + item IDs" if res.get("mode") == "transductive" else ""
-        sched = f"capped at {res['max_epochs']} epochs" if res.get("max_epochs") and not early else ""
-        return [("unisrec", row + ids, sched, res["test"], R10 + R50, base and base + ids)]
+        ids += " (L2-normalised input)" if res.get("normalize") else ""
+        return [("unisrec", row + ids, base and base + ids, res["test"], R10 + R50)]
     if task == "tiger":
-        sched, tok = f"{res.get('steps')} steps" + (", early stop" if early else ""), res.get("tokenizer")
-        return [("tiger", f"{row} / {tok}", sched, res["test"], R5 + R10, base and f"{base} / {tok}"),
-                ("tiger", "popularity", "", res["popularity"], R5 + R10, None)]
+        tok = res.get("tokenizer")
+        return [("tiger", f"{row} / {tok}", base and f"{base} / {tok}", res["test"], R5 + R10),
+                ("tiger", "popularity", None, res["popularity"], R5 + R10)]
     if task == "retrieval":
-        return [("retrieval", f"{row} (all items, {res.get('max_length')} tokens)", "", res, R10, None)]
+        return [("retrieval", f"{row} (all items, {res.get('max_length')} tokens)", None, res, R10)]
     if task == "rqvae":
         col = res["collisions"]
         usage = {f"usage_l{i + 1}": u for i, u in enumerate(col.get("usage", []))}
-        return [("collisions", f"{row} / {res['tokenizer']}", "", {**col, **usage},
-                 ("items", "unique_prefixes", "collision_rate", "largest_group", *usage), None)]
+        return [("collisions", f"{row} / {res['tokenizer']}", None, {**col, **usage},
+                 ("items", "unique_prefixes", "collision_rate", "largest_group", *usage))]
     history = read_json(run / "history.json", f"delete {run}") if task == "encoder" else []
     evals = [h for h in history if h.get("valid")]
-    return [("retrieval", f"{run.name} (held-out items, epoch {evals[-1]['epoch']:g})", "",
-             evals[-1]["valid"], R10, None)] if evals else []
+    label = f"{run.name.rsplit('-', 1)[0]} (held-out items, epoch {evals[-1]['epoch']:g})" if evals else ""
+    return [("retrieval", label, None, evals[-1]["valid"], R10)] if evals else []
+
+
+def _setting(run: Path, res: dict) -> tuple[str, str]:
+    """(schedule, tag) of a run from its run.json key: the caps it trained under, and a digest of every
+    input but the seed and the embeddings / IDs / weights (so that the seeds of one setting group, and a
+    tuned encoder's row pairs with its backbone's)."""
+    try:
+        key = dict(read_json(run / "run.json")["key"])
+    except (DataError, OSError, KeyError, TypeError):
+        return "", "?"
+    loop = {k: v for k, v in (key.pop("loop", None) or {}).items() if k != "seed"}
+    sched = (f"capped at {loop['max_epochs']} epochs" if loop.get("max_epochs") else "") if \
+        res.get("task") == "unisrec" else f"{loop['max_steps']} steps max" if loop.get("max_steps") else ""
+    rest = {k: v for k, v in key.items()
+            if k not in ("seed", "embeddings", "semantic_ids", "weights", "data")}
+    return sched, digest({**rest, "loop": loop})
 
 
 def collect_report(runs, names) -> list[dict]:
-    """CSV records {table, dataset, row, schedule, metric, value, std, n, p, run} of the datasets `names`
-    (folders under runs/). Runs of one (table, row, schedule) that differ by seed are averaged (the newest
-    run per seed); p: paired t-test over test cases against the `base` row (per-case metric averaged over
-    seeds), where both have test_ranks.npy."""
-    groups: dict[tuple, dict] = {}  # (table, dataset, row, schedule) -> {seed: (mtime, run, metrics, keys,
-    #                                                                            base)}
+    """CSV records {table, dataset, row, schedule, metric, value, std, n, p, diff, run} of the datasets
+    `names` (folders under runs/). Runs of one setting that differ by seed are averaged (mean, std, n; the
+    newest run per seed). p, diff: paired t-test over test cases against the `base` row of the same
+    setting (per-case metric averaged over its seeds), where both saved test_ranks.npy."""
+    groups: dict[tuple, dict] = {}  # (table, dataset, row, schedule, tag, recipe) -> {seed: (mtime, run,
+    #                                                                                   metrics, keys)}
+    bases: dict[tuple, tuple] = {}  # group -> its base group
     for name in names:
         for f in sorted((Path(runs) / name).glob("*/results.json")):
             try:
                 res = run_results(f.parent)
-                records = _records(f.parent, res)
-            except (DataError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+                records, (sched, tag) = _records(f.parent, res), _setting(f.parent, res)
+            except (DataError, OSError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
                 print(f"warning: report skips {f.parent}: unreadable results ({type(e).__name__}: {e})",
                       file=sys.stderr)
                 continue
             if res.get("steps") == 0:
                 print(f"warning: report skips {f.parent}: it trained 0 steps", file=sys.stderr)
                 continue
-            for table, row, sched, metrics, keys, base in records:
+            recipe = _source(str(res.get("encoder", "?")))[2]
+            for table, row, base, metrics, keys in records:
                 if not any(_number(metrics.get(m)) for m in keys):
                     print(f"warning: report skips {f.parent} ({row}): no {table} metrics (no evaluation "
                           "cases?)", file=sys.stderr)
                     continue
-                seeds, t = groups.setdefault((table, name, row, sched), {}), f.stat().st_mtime
+                pop = row == "popularity"  # the same for every seed and setting
+                g = (table, name, row, "" if pop else sched, "" if pop else tag,
+                     digest(recipe) if recipe else "")
+                seeds, t = groups.setdefault(g, {}), f.stat().st_mtime
                 if res.get("seed") not in seeds or t > seeds[res.get("seed")][0]:
-                    seeds[res.get("seed")] = (t, f.parent, metrics, keys, base)
+                    seeds[res.get("seed")] = (t, f.parent, metrics, keys)
+                if base:
+                    bases[g] = (table, name, base, g[3], g[4], "")
     for name in names:  # the tables compare runs on one catalog: say when a folder mixes data versions
         data = {_data_fingerprint(v[1]) for k, g in groups.items() if k[1] == name for v in g.values()}
         data -= {None}
         if len(data) > 1:
             print(f"warning: the {name} tables mix runs on {len(data)} versions of its data (fingerprints "
                   f"{', '.join(sorted(data))}): retrain the older runs or move them away", file=sys.stderr)
+    labels = {}  # a row label shared by several settings gets the setting's tag
+    for g in groups:
+        labels.setdefault(g[:4], set()).add(g[4:])
     out = []
-    for (table, name, row, sched), g in groups.items():
-        runs_, keys, base = [v[1] for v in g.values()], next(iter(g.values()))[3], next(iter(g.values()))[4]
-        other = groups.get((table, name, base, sched)) if base else None
+    for g, seeds in groups.items():
+        runs_, keys = [v[1] for v in seeds.values()], next(iter(seeds.values()))[3]
+        other = groups.get(bases.get(g))
+        row = g[2] + (f" [{g[4][:6]}{'/' + g[5][:6] if g[5] else ''}]" if len(labels[g[:4]]) > 1 else "")
         for m in keys:
-            vals = [v[2][m] for v in g.values() if _number(v[2].get(m))]
+            vals = [v[2][m] for v in seeds.values() if _number(v[2].get(m))]
             if not vals:
                 continue
-            p = _significance(runs_, [v[1] for v in other.values()], m) if other and m in R10 else None
-            out.append({"table": table, "dataset": name, "row": row, "schedule": sched, "metric": m,
+            test = _significance(runs_, [v[1] for v in other.values()], m) if other and m in R10 else None
+            out.append({"table": g[0], "dataset": g[1], "row": row, "schedule": g[3], "metric": m,
                         "value": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1
-                        else 0.0, "n": len(vals), "p": p, "run": "; ".join(map(str, runs_))})
+                        else 0.0, "n": len(vals), "p": test and test["p"], "diff": test and test["diff"],
+                        "run": "; ".join(map(str, runs_))})
     return out
 
 
-def _significance(runs_: list[Path], base_runs: list[Path], metric: str) -> float | None:
-    """p of the paired t-test of runs_ vs base_runs on each test case's `metric` (mean over seeds)."""
+def _significance(runs_: list[Path], base_runs: list[Path], metric: str) -> dict | None:
+    """paired_test of runs_ vs base_runs on each case's `metric` (mean over seeds), if both have ranks."""
     def per_case(rs):
         try:
             ranks = [np.load(r / "test_ranks.npy", allow_pickle=False) for r in rs]
@@ -569,7 +611,7 @@ def _significance(runs_: list[Path], base_runs: list[Path], metric: str) -> floa
             return None
         return np.mean([per_user(x)[metric] for x in ranks], axis=0)
     a, b = per_case(base_runs), per_case(runs_)
-    return None if a is None or b is None or a.shape != b.shape else paired_test(a, b, n_boot=0)["p"]
+    return None if a is None or b is None or a.shape != b.shape else paired_test(a, b, n_boot=0)
 
 
 def _data_fingerprint(run: Path) -> str | None:
@@ -615,10 +657,11 @@ def _cell(r: dict | None, metric: str) -> str:
         return "–"
     text = f"{r['value']:.0f}" if metric == "largest_group" else f"{r['value']:.4f}"
     text += f" ± {r['std']:.4f} ({r['n']})" if r["n"] > 1 else ""
-    return text + (f"{'*' if r['p'] < 0.05 else ''} (p {r['p']:.2g})" if r["p"] is not None else "")
+    better = r["p"] is not None and r["p"] < 0.05 and r["diff"] > 0  # the paper stars improvements
+    return text + (f"{'*' if better else ''} (p {r['p']:.2g})" if r["p"] is not None else "")
 
 
-CSV_HEADER = "table,dataset,row,schedule,metric,value,std,n,p,run"
+CSV_HEADER = "table,dataset,row,schedule,metric,value,std,n,p,diff,run"
 
 
 def run_report(args) -> dict:
@@ -631,8 +674,8 @@ def run_report(args) -> dict:
     recs = collect_report(args.runs, names)
     path = Path(args.csv) if args.csv else Path(args.runs) / f"report-{'+'.join(names)}.csv"
     if path.suffix != ".csv" or path.exists() and (not path.is_file() or not path.read_bytes().startswith(
-            CSV_HEADER.encode())):
-        raise DataError(f"--csv {path}: not a .csv, or a file other than a report: choose another path")
+            b"table,dataset,row,")):  # this version's or an older report
+        raise DataError(f"{path}: not a .csv, or a file other than a report: choose another --csv")
     print(report_markdown(recs))
     def write(tmp):  # long format: a row per (table, dataset, row, schedule, metric)
         with open(tmp, "w", newline="") as f:

@@ -84,12 +84,15 @@ def run_folder(args, stage: str, label: str, key: dict) -> Path:
     name = f"{stage}-{label}-{trainer.digest(key)}"
     out = Path(args.out) if args.out else Path(args.runs) / key["dataset"] / name
     info, (rank, world) = out / "run.json", trainer.rank_world()
+    RUN_KEYS[out] = trainer.digest(key)  # every rank: checkpoints record it (_meta)
     if world > 1 and stage in ("embed", "ids") and not done(out):
         raise DataError(f"make the {stage} folder first, in one process: torchrun runs encoder/unisrec/tiger")
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} is a file, not a run folder: choose another --out")
     if rank > 0:  # rank 0 checks and writes the folder
         return out
+    if out.is_dir() and not info.is_file() and any(not p.name.startswith(".") for p in out.iterdir()):
+        raise DataError(f"{out} is not empty and holds no run.json: choose another --out")
     if not done(out):  # a finished folder is only read
         _lock(out)
     if info.is_file():
@@ -106,14 +109,13 @@ def run_folder(args, stage: str, label: str, key: dict) -> Path:
         if started and not done(out) and not args.resume:
             raise DataError(f"{out} holds an unfinished run of these inputs: pass --resume to continue it, "
                             f"or delete the folder to start over")
-    elif out.is_dir() and any(not p.name.startswith(".") for p in out.iterdir()):
-        raise DataError(f"{out} is not empty and holds no run.json: choose another --out")
     else:
         trainer.write_json(info, {"key": key, "argv": args.argv, "git_commit": git_commit(),
                                   "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     return out
 
 
+RUN_KEYS: dict[Path, str] = {}  # run folder -> the digest of its key
 _LOCKS: dict[Path, int] = {}  # run folders this process writes -> their locked .lock file
 
 
@@ -177,7 +179,8 @@ def _weights(args, ds, encoder: str) -> tuple[Path, dict]:
     if (Path(encoder) / "run.json").is_file() and not done(Path(encoder)):
         raise DataError(f"{encoder} is an unfinished run: finish it (its command with --resume)")
     folder = er.resolve_backbone(encoder, weights=args.weights)
-    if args.max_length > (n := er.BertConfig.from_json(folder / "config.json").max_position_embeddings):
+    n = er.BertConfig.from_json(folder / "config.json").max_position_embeddings
+    if (args.max_length or 0) > n:
         raise DataError(f"--max-length {args.max_length}: {encoder} reads at most {n} tokens")
     weights = content_hash(folder / "model.safetensors")
     return folder, {"dataset": ds.name, "data": ds.fingerprint, "weights": weights}
@@ -187,7 +190,7 @@ def _meta(ds, out: Path, **kw) -> dict:
     """What a checkpoint records of its making (data, catalog size, its run folder's inputs); resume and
     eval compare it."""
     return {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "n_items": ds.n_items,
-            "run_key": trainer.digest(read_json(out / "run.json")["key"]), "git_commit": git_commit(), **kw}
+            "run_key": RUN_KEYS[out], "git_commit": git_commit(), **kw}
 
 
 def _adamw(model, weight_decay: float, no_decay) -> torch.optim.AdamW:
@@ -213,8 +216,6 @@ def stage_encoder(args) -> Path:
             f"({', '.join(doc_fields)}); choose other --doc-fields or data with descriptions"
         raise DataError(f"{ds.name}: only {len(pairs)} items have a title and a document {cause}")
     bs, lr = min(args.batch_size or 512, len(pairs)), args.lr or 5e-5
-    if bs < 2 or args.epochs < 1 or args.max_length < 1:
-        raise DataError("--batch-size must be >= 2 (in-batch negatives), --epochs and --max-length >= 1")
     folder, key = _weights(args, ds, args.backbone)
     key.update(doc_fields=doc_fields, holdout=args.holdout, batch_size=bs, lr=lr, epochs=args.epochs,
                amp=args.amp, temperature=args.temperature, symmetric=args.symmetric, max=args.max_length,
@@ -257,7 +258,7 @@ def stage_encoder(args) -> Path:
     opt = _adamw(enc.bert, 0.01, lambda name: name.endswith("bias") or "LayerNorm" in name)
     summary = trainer.fit(
         enc, loss_fn, len(pairs), opt, out, cfg, evaluate=evaluate, resume=args.resume, meta=_meta(ds, out),
-        schedule=lambda s: (s + 1) / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
+        schedule=lambda s: s / warmup if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
         order=order, desc="encoder")
     if rank == 0 and not summary["time_capped"]:
         er.save_pretrained(enc, out)
@@ -325,7 +326,7 @@ def stage_rqvae(args, ds=None) -> Path:
     emb = ev.l2_rows(emb)  # unit rows, as TIGER's Sentence-T5 embeddings are
     cfg = rq.RQVAEConfig(input_dim=emb.shape[1], dead_code_restart=not args.no_dead_code_restart)
     cfg = cfg if args.rqvae_epochs is None else replace(cfg, epochs=args.rqvae_epochs)
-    key = {"dataset": ds.name, "embeddings": content_hash(emb_path), "tokenizer": args.tokenizer,
+    key = {"dataset": ds.name, "embeddings": content_hash(emb_path), "l2": True, "tokenizer": args.tokenizer,
            "config": asdict(cfg) if args.tokenizer == "rqvae" else RKMEANS, "seed": args.seed}
     out = run_folder(args, "ids", f"{args.tokenizer}-{ev.encoder_label(source(args))}", key)
     if done(out):
@@ -436,7 +437,8 @@ def stage_unisrec(args) -> Path:
                           evaluate=evaluate, resume=args.resume, meta=meta, desc="unisrec")
     if rank == 0 and not summary["time_capped"]:
         finish(out, {"task": "unisrec", "dataset": ds.name, "encoder": source(args), "mode": mode,
-                     "run": str(out), "seed": args.seed, "max_epochs": args.max_epochs, **summary,
+                     "run": str(out), "seed": args.seed, "normalize": args.normalize,
+                     "max_epochs": args.max_epochs, **summary,
                      "valid": evaluate(model),
                      "test": evaluate(model, ds.splits.test, ranks_to=out / "test_ranks.npy")})
     return out
@@ -481,8 +483,6 @@ def stage_tiger(args) -> Path:
     _has_cases(ds, tiger_history=args.tiger_history, beam=args.beam)
     args = with_(args, lr=args.lr or 1e-3, batch_size=args.batch_size or 256)
     warmup = args.warmup_steps or TIGER_WARMUP
-    if min(args.tiger_history, args.beam, args.eval_every, args.max_steps, warmup) < 1:
-        raise DataError("--tiger-history, --beam, --eval-every, --max-steps and --warmup-steps must be >= 1")
     if warmup > args.max_steps:
         raise DataError(f"--warmup-steps {warmup} > --max-steps {args.max_steps}: the peak lr would never be "
                         "reached")
@@ -601,7 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--backbone", default="minilm", help="encoder: minilm | a BERT folder (minilm)")
     e.add_argument("--encoder", default="minilm", help="minilm | a run or BERT folder | none (SASRec-ID)")
     e.add_argument("--weights", help="folder with a named backbone's files (offline)")
-    e.add_argument("--max-length", type=int, default=256, help="token limit (256, MiniLM's card)")
+    e.add_argument("--max-length", type=int, help="token limit (the model folder's sentence_bert_config: "
+                   "MiniLM 256)")
     e.add_argument("--epochs", type=int, default=3, help="encoder: epochs (3)")
     e.add_argument("--chunk-size", type=int, default=64, help="encoder: GradCache chunk (64)")
     e.add_argument("--temperature", type=float, default=0.05, help="encoder: InfoNCE tau (0.05)")
@@ -708,20 +709,22 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
 
 def _has_cases(ds, **sizes) -> None:
     """Training, early stopping and the test need examples and cases; histories beyond the longest
-    sequence (or the default) and beams beyond the catalog only cost memory."""
-    longest, ap = int(ds.seq_lengths.max()), build_parser()
-    for name, v in sizes.items():
-        limit = max(ds.n_items if name == "beam" else longest, ap.get_default(name))
+    sequence and beams beyond the catalog only cost memory."""
+    longest = int(ds.seq_lengths.max())
+    for name, v in sizes.items():  # room for longer histories than this catalog's, not for typos
+        limit = max(ds.n_items, 10) if name == "beam" else max(4 * longest, 200)
         if v > limit:
-            raise DataError(f"--{name.replace('_', '-')} {v} is more than {ds.name}'s "
-                            f"{'items' if name == 'beam' else 'longest sequence'} ({limit})")
+            what = f"{ds.n_items} items" if name == "beam" else \
+                f"longest sequence ({longest}); the limit is {limit}"
+            raise DataError(f"--{name.replace('_', '-')} {v} is more than {ds.name}'s {what}")
     if not len(ds.splits.train) or not len(ds.splits.valid) or not len(ds.splits.test):
+        need = "leave-one-out: users with >= 3 interactions" if ds.protocol == "loo" else "the time split"
         raise DataError(f"{ds.name}: {len(ds.splits.train)} training examples, {len(ds.splits.valid)} "
                         f"validation and {len(ds.splits.test)} test cases; a recommender needs all three "
-                        "(leave-one-out: users with >= 3 interactions)")
+                        f"({need})")
 
 
-WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, None}
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def main(argv=None) -> int:
@@ -751,7 +754,7 @@ def main(argv=None) -> int:
         say(f"error: {e}")
         return 1
     except OSError as e:  # the machine's, not the code's: one line naming the file
-        hint = (" Free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, None) else
+        hint = (" Free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else
                 " Choose a writable --runs / --out" if e.errno in WRITE_ERRORS else "")
         hint += "; writes are atomic, so --resume continues from the last checkpoint." if hint else ""
         say(f"error: {e.filename or 'a file'}: {e.strerror or e}.{hint}")

@@ -444,8 +444,9 @@ def _resume(model, optimizer, scaler, out: Path, cfg: TrainConfig, meta: dict, d
     ck = load_checkpoint(path, ("model", "optimizer", "state", "rng", "train_config", "meta"))
     old, old_meta = ck.get("train_config", {}), ck.get("meta", {})
     pairs = [(k, old.get(k), v) for k, v in json_safe(asdict(cfg)).items() if k not in keep]
-    pairs += [(f"meta.{k}", old_meta.get(k), v) for k, v in meta.items()
-              if k != "git_commit" and not k.endswith("_path")]  # where files lie may change
+    pairs += [(f"meta.{k}", old_meta.get(k), v) for k, v in meta.items()  # where files lie may change;
+              if k != "git_commit" and not k.endswith("_path")                # keys newer than last.pt:
+              and (k in old_meta or k == "data_fingerprint")]                 # nothing to compare
     changes = ", ".join(f"{k}: {a} -> {b}" for k, a, b in pairs if not _equal(a, b))
     if changes:
         raise CheckpointError(f"{path} belongs to another run ({changes}); resume with the same data and "

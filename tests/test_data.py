@@ -318,3 +318,12 @@ def test_fingerprint_follows_content_not_path_or_mtime(tmp_path):
     inter = next(b.glob("*.inter.json"))
     inter.write_text(inter.read_text() + " ")                              # any edit of the bytes
     assert data.load_dataset(str(b), tmp_path / "cache2").fingerprint != fp
+
+
+def test_lcrec_category_paths_may_nest_one_level(tmp_path):
+    """LC-Rec folders made from 2014 metadata keep categories as a list of paths."""
+    folder = fx.write_lcrec(tmp_path / "lc")
+    items = json.loads((folder / "Fix.item.json").read_text())
+    items["0"]["categories"] = [["Beauty", "Makeup"], ["Beauty", "Nails"]]
+    (folder / "Fix.item.json").write_text(json.dumps(items))
+    assert _load(folder, tmp_path).items[0].categories == ("Beauty", "Makeup", "Nails")

@@ -6,6 +6,7 @@ may run code when read.
 The cases are built here, on the fixture catalog; none needs the real MiniLM weights."""
 import ast
 import errno
+from contextlib import nullcontext
 import json
 import os
 import pickle
@@ -288,7 +289,7 @@ def test_malformed_inter_file(tmp_path, raw, pattern):
     ({str(i): {"title": True} for i in range(6)}, "item 0: field 'title' is true"),
     ({str(i): {"title": {"x": 1}} for i in range(6)}, "field 'title' is"),
     ({str(i): {"categories": 3} for i in range(6)}, "field 'categories' is 3"),
-    ({str(i): {"features": [["a"]]} for i in range(6)}, "field 'features' is"),
+    ({str(i): {"features": [[["a"]]]} for i in range(6)}, "field 'features' is"),   # one level nests
     ({str(i): "title" for i in range(6)}, "item 0 is not a JSON object"),
 ])
 def test_malformed_item_file(tmp_path, items, pattern):
@@ -738,7 +739,7 @@ def test_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize("argv, needle", [
     (["unisrec", "--encoder", "none", "--max-history", "99999999999"], "--max-history 99999999999 is more than"),
-    (["tiger", "--beam", "100000"], "--beam 100000 is more than Fix's items"),
+    (["tiger", "--beam", "100000"], "--beam 100000 is more than Fix's 6 items"),
     (["tiger", "--tiger-history", "500"], "--tiger-history 500 is more than Fix's longest sequence"),
     (["unisrec", "--seed", str(2 ** 40)], "--seed must be <= 4294967295"),
     (["encoder", "--lr", "2"], "--lr must be <= 1"),
@@ -750,26 +751,18 @@ def test_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
     (["unisrec", "--bat", "3"], "unrecognized arguments: --bat"),
 ])
 def test_more_flags(tmp_path, capsys, argv, needle):
-    if "--max-length" in argv or "--holdout" in argv:
+    if "--max-length" in argv:
         try:
             er.resolve_backbone("minilm")
         except er.BackboneError as e:
             pytest.skip(f"real MiniLM weights unavailable: {e}")
-    with pytest.raises(SystemExit) if "unrecognized" in needle or "invalid" in needle else _no_exit():
+    with pytest.raises(SystemExit) if "unrecognized" in needle or "invalid" in needle else nullcontext():
         _refused(train.main, ["--stage", argv[0], "--dataset", _ds(tmp_path), *argv[1:], *_common(tmp_path)],
                  capsys, needle)
     if "unrecognized" in needle or "invalid" in needle:  # argparse exits 2 itself: one line too
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err
     assert not any((tmp_path / "runs").rglob("run.json"))
-
-
-class _no_exit:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def test_world_size_without_torchrun(tmp_path, capsys, monkeypatch):
@@ -822,7 +815,7 @@ def test_report_csv_never_overwrites_other_files(runs, tmp_path, capsys):
     victim.write_text("precious,data\n")
     for path in (victim, runs["ds"] / "Fix.inter.json"):
         _refused(ev.main, ["--report", "--dataset", "Fix", "--runs", str(runs["tmp"] / "runs"), "--csv",
-                           str(path)], capsys, f"--csv {path}")
+                           str(path)], capsys, f"{path}: not a .csv, or a file other than a report")
     assert victim.read_text() == "precious,data\n"
 
 
@@ -907,9 +900,9 @@ def test_rank_variables_are_checked(tmp_path, capsys, monkeypatch, env, needle):
 def test_sigterm_is_one_line_and_resumable(tmp_path):
     from test_faults import ENV, synthetic_lcrec
     ds = synthetic_lcrec(tmp_path / "Syn")
-    argv = [sys.executable, str(ROOT / "train.py"), "--stage", "unisrec", "--dataset", str(ds), "--encoder",
-            "none", "--max-epochs", "400", "--batch-size", "8", *_common(tmp_path)]
-    proc = subprocess.Popen(argv, env=ENV, stderr=subprocess.PIPE, text=True)
+    base = [sys.executable, str(ROOT / "train.py"), "--stage", "unisrec", "--dataset", str(ds), "--encoder",
+            "none", "--max-epochs", "400", "--batch-size", "8"]
+    proc = subprocess.Popen([*base, *_common(tmp_path)], env=ENV, stderr=subprocess.PIPE, text=True)
     run_dir = tmp_path / "runs" / "Syn"
     for _ in range(600):                                       # until the first epoch's checkpoint
         if list(run_dir.glob("*/last.pt")):
@@ -920,6 +913,9 @@ def test_sigterm_is_one_line_and_resumable(tmp_path):
     err = proc.communicate(timeout=60)[1].strip().splitlines()
     assert proc.returncode == 130 and err[-1].startswith("error: interrupted; --resume continues"), err[-3:]
     assert "Traceback" not in "\n".join(err)
+    again = subprocess.run([*base, "--max-minutes", "0.01", "--resume", *_common(tmp_path)], env=ENV,
+                           capture_output=True, text=True)
+    assert again.returncode == 0 and "resumed from" in again.stdout + again.stderr
 
 
 def test_warmup_beyond_the_run(tmp_path, capsys):

@@ -22,9 +22,11 @@ def test_report_collects_every_table(tmp_path, capsys):
     _write(root / "unisrec-inductive-minilm-2" / "results.json",
            {"task": "unisrec", "encoder": "minilm", "max_epochs": 1, "stopped_early": False,
             "test": {**M, "recall@10": 0.61}})
+    _write(root / "unisrec-inductive-minilm-2" / "run.json", {"key": {"loop": {"max_epochs": 1}}})
     _write(root / "tiger-rqvae-minilm-3" / "results.json",
            {"task": "tiger", "encoder": "minilm", "tokenizer": "rqvae", "steps": 30, "stopped_early": False,
             "test": {**M, "recall@10": 0.07}, "popularity": {**M, "recall@10": 0.02}})
+    _write(root / "tiger-rqvae-minilm-3" / "run.json", {"key": {"loop": {"max_steps": 30}}})
     _write(root / "ids-rqvae-minilm-4" / "results.json",
            {"task": "rqvae", "encoder": "minilm", "tokenizer": "rqvae",
             "collisions": {"items": 10, "unique_prefixes": 9, "collision_rate": 0.1, "largest_group": 2,
@@ -38,11 +40,11 @@ def test_report_collects_every_table(tmp_path, capsys):
     got = {(r["table"], r["row"], r["schedule"], r["metric"]): r["value"] for r in recs}
     assert got[("unisrec", "no text (SASRec-ID)", "", "recall@10")] == 0.5
     assert got[("unisrec", "all-MiniLM-L6-v2", "capped at 1 epochs", "recall@10")] == 0.61
-    assert got[("tiger", "all-MiniLM-L6-v2 / rqvae", "30 steps", "recall@10")] == 0.07
+    assert got[("tiger", "all-MiniLM-L6-v2 / rqvae", "30 steps max", "recall@10")] == 0.07
     assert got[("tiger", "popularity", "", "recall@10")] == 0.02
     assert got[("collisions", "all-MiniLM-L6-v2 / rqvae", "", "usage_l3")] == 0.8
     assert got[("retrieval", "all-MiniLM-L6-v2 (all items, 32 tokens)", "", "ndcg@10")] == 0.25
-    assert got[("retrieval", "encoder-minilm-6 (held-out items, epoch 1)", "", "recall@10")] == 0.9
+    assert got[("retrieval", "encoder-minilm (held-out items, epoch 1)", "", "recall@10")] == 0.9
     md = ev.report_markdown(recs)
     for title in ("Table 1 shape", "Table 2 shape", "Table 3 shape", "collisions"):
         assert title in md
@@ -70,20 +72,28 @@ def test_report_keeps_the_newest_of_equal_rows_and_names_custom_embeddings(tmp_p
 
 
 def test_seeds_are_averaged_and_encoderec_is_tested_against_its_backbone(tmp_path):
-    """Three seeds per row; per-user ranks from test_ranks.npy; the paired t-test against the off-the-shelf
-    row; the cell shows mean ± std (n) and the asterisk."""
+    """As train.py writes them: per seed an EncodeRec encoder folder (its own hash) and UniSRec runs that
+    stop at different steps; per-user ranks in test_ranks.npy. The seeds of a row average, the tuned row is
+    tested against all-MiniLM-L6-v2's with a paired t-test, the cell shows mean ± std (n) and the star."""
     root, rng = tmp_path / "runs" / "Fix", np.random.default_rng(0)
     base_ranks = rng.integers(0, 40, 300)
+    loop = {"max_epochs": None, "patience": 10, "lr": 0.001}
     for seed in range(3):
-        for enc, ranks in (("minilm", base_ranks + rng.integers(0, 2, 300)),
-                           ("/r/encoder-minilm-abc", np.maximum(base_ranks - 3 - rng.integers(0, 2, 300), 0))):
-            run = root / f"unisrec-{Path(enc).name}-{seed}"
-            test = ev.summarize(ranks, (10, 50))
-            _write(run / "results.json", {"task": "unisrec", "encoder": enc, "seed": seed, "test": test})
+        enc = root / f"encoder-minilm-{seed}aa"
+        _write(enc / "results.json", {"task": "encoder", "backbone": "minilm"})
+        _write(enc / "run.json", {"key": {"temperature": 0.05, "seed": seed, "weights": "w"}})
+        for source, ranks in (("minilm", base_ranks + rng.integers(0, 2, 300)),
+                              (str(enc), np.maximum(base_ranks - 3 - rng.integers(0, 2, 300), 0))):
+            run = root / f"unisrec-{Path(source).name}-{seed}"
+            _write(run / "results.json", {"task": "unisrec", "encoder": source, "seed": seed, "steps": 100 + seed,
+                                          "stopped_early": True, "test": ev.summarize(ranks, (10, 50))})
+            _write(run / "run.json", {"key": {"mode": "inductive", "embeddings": f"{source}{seed}",
+                                              "loop": {**loop, "seed": seed}}})
             np.save(run / "test_ranks.npy", ranks)
     recs = {(r["row"], r["metric"]): r for r in ev.collect_report(tmp_path / "runs", ["Fix"])}
-    tuned, base = recs[("encoder-minilm-abc", "ndcg@10")], recs[("all-MiniLM-L6-v2", "ndcg@10")]
+    tuned, base = recs[("EncodeRec (all-MiniLM-L6-v2)", "ndcg@10")], recs[("all-MiniLM-L6-v2", "ndcg@10")]
     assert tuned["n"] == base["n"] == 3 and tuned["std"] > 0 and tuned["value"] > base["value"]
-    assert tuned["p"] < 1e-6 and base["p"] is None and recs[("encoder-minilm-abc", "ndcg@50")]["p"] is None
+    assert tuned["p"] < 1e-6 and tuned["diff"] > 0 and base["p"] is None
+    assert recs[("EncodeRec (all-MiniLM-L6-v2)", "ndcg@50")]["p"] is None        # tested: @10 only
     md = ev.report_markdown(list(recs.values()))
     assert f"{tuned['value']:.4f} ± {tuned['std']:.4f} (3)* (p " in md and "paired t-test" in md

@@ -171,3 +171,31 @@ def test_tiger_fit_two_ranks_matches_one_process(two_ranks, tmp_path, one_thread
     assert len(a["rng"]) == WORLD and len(b["rng"]) == 1                # every rank's RNG state is kept
     for k, v in b["model"].items():
         torch.testing.assert_close(a["model"][k], v, atol=2e-6, rtol=1e-5)
+
+
+def _cli_worker(rank, rendezvous, argv, codes):
+    """train.main under a 2-process group, as torchrun would start it."""
+    import os
+    import train
+    os.environ.update(WORLD_SIZE=str(WORLD), RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=WORLD)
+    try:
+        with open(f"{codes}{rank}", "w") as f:
+            f.write(str(train.main(argv)))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_train_cli_on_a_fresh_folder_under_two_ranks(tmp_path):
+    """Rank 0 alone writes run.json; every rank still records the run's key digest in its checkpoints."""
+    import amazon_fixture as fx
+    ds = fx.write_lcrec(tmp_path / "Fix")
+    argv = ["--stage", "unisrec", "--dataset", str(ds), "--encoder", "none", "--max-epochs", "2", "--batch-size",
+            "4", "--data-dir", str(tmp_path / "cache"), "--runs", str(tmp_path / "runs"), "--device", "cpu"]
+    mp.spawn(_cli_worker, args=(str(tmp_path / "rdv"), argv, str(tmp_path / "code")), nprocs=WORLD, join=True)
+    assert [(tmp_path / f"code{r}").read_text() for r in range(WORLD)] == ["0", "0"]
+    run = next((tmp_path / "runs" / "Fix").glob("unisrec-id-*"))
+    key = json.loads((run / "run.json").read_text())["key"]
+    assert trainer.load_checkpoint(run / "best.pt")["meta"]["run_key"] == trainer.digest(key)
+    assert json.loads((run / "results.json").read_text())["steps"] == 2 * 3      # 12 prefixes / batch 4

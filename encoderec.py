@@ -645,6 +645,16 @@ def _pooling_from_folder(folder: Path) -> str:
     raise WeightsError(f"{path}: pooling {modes} is not supported; pass pooling='mean' or 'cls'.")
 
 
+def default_max_length(folder: Path) -> int:
+    """A model folder's token limit: its sentence_bert_config.json's, else 256 (MiniLM's card), at most its
+    position count."""
+    n = BertConfig.from_json(Path(folder) / "config.json").max_position_embeddings
+    value = (_read_json(sb := Path(folder) / "sentence_bert_config.json") or {}).get("max_seq_length")
+    if value is not None and (type(value) is not int or value < 1):
+        raise WeightsError(f"{sb}: max_seq_length={value!r} is not a positive integer; fix it.")
+    return value or min(256, n)
+
+
 def load_encoder(name_or_path="minilm", weights=None, device="cpu", max_length=None, pooling=None,
                  cache_dir=None) -> TextEncoder:
     """Resolve a backbone, load BERT, tokenizer, pooling; max_length: sentence_bert_config.json's, else
@@ -660,10 +670,7 @@ def load_encoder(name_or_path="minilm", weights=None, device="cpu", max_length=N
     if tok.get_vocab_size() > bert.config.vocab_size:
         raise WeightsError(f"{folder / 'tokenizer.json'} has {tok.get_vocab_size()} tokens, the model "
                            f"{bert.config.vocab_size}: they do not belong together.")
-    if max_length is None:
-        max_length = (_read_json(sb := folder / "sentence_bert_config.json") or {}).get("max_seq_length")
-        if max_length is not None and (type(max_length) is not int or max_length < 1):
-            raise WeightsError(f"{sb}: max_seq_length={max_length!r} is not a positive integer; fix it.")
+    max_length = max_length or default_max_length(folder)
     pooling = pooling or _pooling_from_folder(folder)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"

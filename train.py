@@ -174,8 +174,9 @@ def source(args) -> str:
     return str(args.emb or args.encoder)
 
 
-def _weights(args, ds, encoder: str) -> tuple[Path, dict]:
-    """An encoder's folder and the start of a key: the data and the weights' content."""
+def _weights(args, ds, encoder: str) -> tuple[Path, dict, int]:
+    """An encoder's folder, the start of a key (the data and the weights' content) and the token limit
+    (--max-length, else the folder's own)."""
     if (Path(encoder) / "run.json").is_file() and not done(Path(encoder)):
         raise DataError(f"{encoder} is an unfinished run: finish it (its command with --resume)")
     folder = er.resolve_backbone(encoder, weights=args.weights)
@@ -183,7 +184,8 @@ def _weights(args, ds, encoder: str) -> tuple[Path, dict]:
     if (args.max_length or 0) > n:
         raise DataError(f"--max-length {args.max_length}: {encoder} reads at most {n} tokens")
     weights = content_hash(folder / "model.safetensors")
-    return folder, {"dataset": ds.name, "data": ds.fingerprint, "weights": weights}
+    return folder, {"dataset": ds.name, "data": ds.fingerprint, "weights": weights}, \
+        args.max_length or er.default_max_length(folder)
 
 
 def _meta(ds, out: Path, **kw) -> dict:
@@ -211,20 +213,24 @@ def stage_encoder(args) -> Path:
     held = ev.holdout_items(ds, args.holdout, args.seed, doc_fields) if args.holdout > 0 else np.zeros(0, int)
     pairs = [(titles[i], docs[i]) for i in sorted(set(range(ds.n_items)) - set(held.tolist()))
              if titles[i] and docs[i]]
+    if args.corpus < 1:  # an ablation: a seeded share of the training pairs
+        keep = np.random.default_rng(args.seed).permutation(len(pairs))[:round(args.corpus * len(pairs))]
+        pairs = [pairs[i] for i in sorted(keep)]
     if len(pairs) < 2:
         cause = f"after --holdout {args.holdout} keeps {len(held)} out" if len(held) else \
             f"({', '.join(doc_fields)}); choose other --doc-fields or data with descriptions"
         raise DataError(f"{ds.name}: only {len(pairs)} items have a title and a document {cause}")
     bs, lr = min(args.batch_size or 512, len(pairs)), args.lr or 5e-5
-    folder, key = _weights(args, ds, args.backbone)
+    folder, key, max_len = _weights(args, ds, args.backbone)
     key.update(doc_fields=doc_fields, holdout=args.holdout, batch_size=bs, lr=lr, epochs=args.epochs,
-               amp=args.amp, temperature=args.temperature, symmetric=args.symmetric, max=args.max_length,
+               **({"corpus": args.corpus} if args.corpus < 1 else {}),  # earlier runs keep their keys
+               amp=args.amp, temperature=args.temperature, symmetric=args.symmetric, max=max_len,
                seed=args.seed)
     out = run_folder(args, "encoder", ev.encoder_label(args.backbone), key)
     if done(out):
         return finish(out) or out
     device, rank = args.device, trainer.rank_world()[0]
-    enc = er.load_encoder(folder, device=device, max_length=args.max_length)
+    enc = er.load_encoder(folder, device=device, max_length=max_len)
     if args.compile:
         enc.compile_bert(dynamic=True)
     say(f"{ds.name}: {args.backbone} on {len(pairs)} (title, {' + '.join(doc_fields)}) pairs, batch {bs}, "
@@ -278,15 +284,15 @@ def stage_embed(args, ds=None) -> Path:
     if missing == ds.n_items:
         raise DataError(f"{ds.name}: no item has any of the fields {', '.join(fields)}; choose other "
                         f"--fields (python data.py --dataset {args.dataset} --stats lists them)")
-    folder, key = _weights(args, ds, args.encoder)
-    key.update(fields=fields, max=args.max_length, pooled="raw")
+    folder, key, max_len = _weights(args, ds, args.encoder)
+    key.update(fields=fields, max=max_len, pooled="raw")
     out = run_folder(args, "embed", ev.encoder_label(args.encoder), key)
     if done(out):
         return finish(out) or _unchanged(out / "item_emb.npy")
     if missing:
         say(f"warning: {missing} of {ds.n_items} items have none of {', '.join(fields)}: embedded from ''")
     say(f"{ds.name}: embedding {ds.n_items} items with {ev.encoder_label(args.encoder)} into {out}")
-    emb = er.load_encoder(folder, device=args.device, max_length=args.max_length).encode(
+    emb = er.load_encoder(folder, device=args.device, max_length=max_len).encode(
         [t or "" for t in texts], batch_size=64, normalize=False)                      # (I, d) float32
     if not np.isfinite(emb).all():
         raise DataError(f"{args.encoder} embeds items to NaN or inf; its weights are damaged")
@@ -536,7 +542,7 @@ def stage_tiger(args) -> Path:
 def stage_retrieval(args, ds, encoder: str, max_length: int) -> None:
     """Title -> document retrieval of one encoder over all items (Table 1) as a run folder."""
     doc_fields = parse_fields(args.doc_fields, DOCUMENT_FIELDS)
-    folder, key = _weights(args, ds, encoder)
+    folder, key, _ = _weights(args, ds, encoder)
     key.update(docs=doc_fields, max=max_length)
     out = run_folder(args, "retrieval", ev.encoder_label(encoder), key)
     if done(out):
@@ -610,6 +616,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--holdout", type=float, default=0.0, help="encoder: share of items kept out, their "
                    "retrieval evaluated each epoch (0)")
     e.add_argument("--doc-fields", help=f"encoder: the document ({','.join(DOCUMENT_FIELDS)})")
+    e.add_argument("--corpus", type=float, default=1.0, help="encoder: share of the pairs trained on (1)")
     e.add_argument("--no-eval", action="store_true", help="encoder: the same as --holdout 0")
     e.add_argument("--fields", help=f"the item text to embed ({','.join(ITEM_TEXT_FIELDS)})")
     e.add_argument("--emb", help="rqvae / unisrec / tiger: this item-embedding .npy instead")
@@ -656,7 +663,7 @@ _IDS = f"{_EMB} tokenizer rqvae_epochs no_dead_code_restart"
 _LOOP = "batch_size lr max_epochs patience"
 STAGE_FLAGS = {
     "encoder": "backbone weights batch_size lr max_length epochs chunk_size temperature symmetric holdout "
-               "doc_fields no_eval",
+               "doc_fields no_eval corpus",
     "embed": "encoder weights fields max_length",
     "rqvae": _IDS,
     "unisrec": f"{_EMB} {_LOOP} mode max_history mask_history normalize",
@@ -665,17 +672,17 @@ STAGE_FLAGS = {
 # --stage all: the budget sets the schedules, each stage its defaults; the other options go through
 STAGE_FLAGS["all"] = " ".join(set(" ".join(STAGE_FLAGS.values()).split()) - set(
     "encoder emb out lr batch_size max_length epochs max_epochs rqvae_epochs max_steps eval_every "
-    "warmup_steps holdout no_eval".split())) + " budget"
+    "warmup_steps holdout no_eval corpus".split())) + " budget"
 
 
 def check_args(ap: argparse.ArgumentParser, args) -> None:
     """Every flag in its range and meaningful for the stage, before anything runs."""
     allowed = set(f"{COMMON} {STAGE_FLAGS[args.stage]}".split()) - ({"out"} if args.stage == "all" else set())
     ev.check_flags(ap, args, f"--stage {args.stage}", allowed, fractions=("holdout",),
-                   upper={"seed": ev.SEED_MAX, "lr": 1.0, "temperature": 10.0},
+                   upper={"seed": ev.SEED_MAX, "lr": 1.0, "temperature": 10.0, "corpus": 1.0},
                    positive=("batch_size", "lr", "max_minutes", "max_length", "epochs", "chunk_size",
                              "temperature", "max_epochs", "patience", "max_history", "max_steps",
-                             "eval_every", "warmup_steps", "beam", "tiger_history"),
+                             "eval_every", "warmup_steps", "beam", "tiger_history", "corpus"),
                    non_negative=("seed", "rqvae_epochs", "group_by_length"))
 
     def given(*names):

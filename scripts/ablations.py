@@ -70,7 +70,8 @@ def main(argv=None) -> int:
         opts = enc_opts + VARIANTS[name]  # argparse: a later option wins
         enc = stage(["--stage", "encoder", "--backbone", args.backbone, "--dataset", args.dataset, "--holdout",
                      "0.1", *opts, *common])
-        held = [h["valid"] for h in json.loads((Path(enc["run"]) / "history.json").read_text()) if h["valid"]]
+        history = json.loads((Path(enc["run"]) / "history.json").read_text())
+        held = [h["valid"] for h in history if h["valid"]]
         rec = stage(["--stage", "unisrec", "--dataset", args.dataset, "--encoder", enc["run"], *unisrec_opts,
                      *common])
         col = [stage(["--stage", "rqvae", "--dataset", d, "--encoder", enc["run"], *rqvae_opts, *common])

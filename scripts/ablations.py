@@ -68,8 +68,8 @@ def main(argv=None) -> int:
     for name in args.variants:
         print(f"--- {name}", file=sys.stderr, flush=True)
         opts = enc_opts + VARIANTS[name]  # argparse: a later option wins
-        enc = stage(["--stage", "encoder", "--backbone", args.backbone, "--dataset", args.dataset, "--holdout",
-                     "0.1", *opts, *common])
+        enc = stage(["--stage", "encoder", "--backbone", args.backbone, "--dataset", args.dataset,
+                     "--holdout", "0.1", *opts, *common])
         history = json.loads((Path(enc["run"]) / "history.json").read_text())
         held = [h["valid"] for h in history if h["valid"]]
         rec = stage(["--stage", "unisrec", "--dataset", args.dataset, "--encoder", enc["run"], *unisrec_opts,

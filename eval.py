@@ -500,9 +500,10 @@ def _source(enc: str) -> tuple[str, str | None, dict | None]:
     return f"EncodeRec ({base})", base, recipe
 
 
-def _records(run: Path, res: dict) -> list[tuple]:
-    """(table, row, the row it is tested against, metrics, CSV keys) of a run's results.json."""
-    task, (row, base, _) = res.get("task"), _source(str(res.get("encoder", "?")))
+def _records(run: Path, res: dict, source: tuple) -> list[tuple]:
+    """(table, row, the row it is tested against, metrics, CSV keys) of a run's results.json; `source`:
+    _source of its encoder."""
+    task, (row, base, _) = res.get("task"), source
     if task == "unisrec":
         ids = " + item IDs" if res.get("mode") == "transductive" else ""
         ids += " (L2-normalised input)" if res.get("normalize") else ""
@@ -552,7 +553,8 @@ def collect_report(runs, names) -> list[dict]:
         for f in sorted((Path(runs) / name).glob("*/results.json")):
             try:
                 res = run_results(f.parent)
-                records, (sched, tag) = _records(f.parent, res), _setting(f.parent, res)
+                source = _source(str(res.get("encoder", "?")))  # reads the encoder run's files once
+                records, (sched, tag) = _records(f.parent, res, source), _setting(f.parent, res)
             except (DataError, OSError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
                 print(f"warning: report skips {f.parent}: unreadable results ({type(e).__name__}: {e})",
                       file=sys.stderr)
@@ -560,7 +562,7 @@ def collect_report(runs, names) -> list[dict]:
             if res.get("steps") == 0:
                 print(f"warning: report skips {f.parent}: it trained 0 steps", file=sys.stderr)
                 continue
-            recipe = _source(str(res.get("encoder", "?")))[2]
+            recipe = source[2]
             for table, row, base, metrics, keys in records:
                 if not any(_number(metrics.get(m)) for m in keys):
                     print(f"warning: report skips {f.parent} ({row}): no {table} metrics (no evaluation "

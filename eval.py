@@ -135,7 +135,21 @@ def paired_test(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: int = 
     return {"diff": mean, "t": t, "p": p, "ci95": ci, "n": n}
 
 
-def student_t_sf(t: float, df: int) -> float:
+def welch_test(a, b) -> dict | None:
+    """b vs a over independent runs (seeds): the mean difference and Welch's two-sided t-test; None when
+    either side has one run or neither varies."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if min(len(a), len(b)) < 2:
+        return None
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    if va + vb == 0:
+        return None
+    diff = float(b.mean() - a.mean())
+    t, df = diff / math.sqrt(va + vb), (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
+    return {"diff": diff, "t": t, "p": 2 * student_t_sf(abs(t), df), "df": df}
+
+
+def student_t_sf(t: float, df: float) -> float:
     """P(T > t) for Student's t with df degrees of freedom (t >= 0): I_x(df/2, 1/2) / 2, x = df/(df + t^2)."""
     return 0.5 * _betainc(df / 2, 0.5, df / (df + t * t)) if math.isfinite(t) else 0.0
 
@@ -479,6 +493,9 @@ TABLES = {  # table -> (title, metrics shown per dataset)
 }
 
 
+LOWER = ("collision_rate",)  # metrics where less is better
+
+
 def _label(enc: str) -> str:
     return {"none": "no text (SASRec-ID)", "minilm": "all-MiniLM-L6-v2"}.get(enc.lower(), Path(enc).name)
 
@@ -517,7 +534,9 @@ def _records(run: Path, res: dict, source: tuple) -> list[tuple]:
     if task == "rqvae":
         col = res["collisions"]
         usage = {f"usage_l{i + 1}": u for i, u in enumerate(col.get("usage", []))}
-        return [("collisions", f"{row} / {res['tokenizer']}", None, {**col, **usage},
+        tok = res["tokenizer"] + (", unscaled" if res.get("standardize") is False else "") + \
+            (", no dead-code restart" if res.get("dead_code_restart") is False else "")
+        return [("collisions", f"{row} / {tok}", base and f"{base} / {tok}", {**col, **usage},
                  ("items", "unique_prefixes", "collision_rate", "largest_group", *usage))]
     history = read_json(run / "history.json", f"delete {run}") if task == "encoder" else []
     evals = [h for h in history if h.get("valid")]
@@ -594,7 +613,8 @@ def collect_report(runs, names) -> list[dict]:
             vals = [v[2][m] for v in seeds.values() if _number(v[2].get(m))]
             if not vals:
                 continue
-            test = _significance(runs_, [v[1] for v in other.values()], m) if other and m in R10 else None
+            test = (_significance(runs_, [v[1] for v in other.values()], m) if m in R10 else welch_test(
+                [v[2][m] for v in other.values()], vals) if m in LOWER else None) if other else None
             out.append({"table": g[0], "dataset": g[1], "row": row, "schedule": g[3], "metric": m,
                         "value": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1
                         else 0.0, "n": len(vals), "p": test and test["p"], "diff": test and test["diff"],
@@ -647,8 +667,9 @@ def report_markdown(recs: list[dict]) -> str:
             out.append("| " + " | ".join([label, *vals]) + " |")
         srcs = sorted({(r["dataset"], r["row"], r["schedule"], r["run"]) for r in rs})
         if any(r["n"] > 1 or r["p"] is not None for r in rs):
-            out += ["", "Mean ± standard deviation over seeds (n); * p < 0.05, paired t-test over test "
-                        "users against the off-the-shelf encoder's row (README, evaluation protocol)."]
+            out += ["", "Mean ± standard deviation over seeds (n); * p < 0.05 and better than the "
+                        "off-the-shelf encoder's row: paired t-test over test users (collisions: Welch's "
+                        "t-test over seeds; README, evaluation protocol)."]
         out += ["", "Sources: " + "; ".join(f"{d} / {row}{f' ({s})' if s else ''}: `{run}`"
                                             for d, row, s, run in srcs), ""]
     return "\n".join(out) or "(no results found)"
@@ -659,7 +680,7 @@ def _cell(r: dict | None, metric: str) -> str:
         return "–"
     text = f"{r['value']:.0f}" if metric == "largest_group" else f"{r['value']:.4f}"
     text += f" ± {r['std']:.4f} ({r['n']})" if r["n"] > 1 else ""
-    better = r["p"] is not None and r["p"] < 0.05 and r["diff"] > 0  # the paper stars improvements
+    better = r["p"] is not None and r["p"] < 0.05 and (r["diff"] < 0 if metric in LOWER else r["diff"] > 0)
     return text + (f"{'*' if better else ''} (p {r['p']:.2g})" if r["p"] is not None else "")
 
 

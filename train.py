@@ -330,10 +330,12 @@ def stage_rqvae(args, ds=None) -> Path:
         raise DataError("semantic IDs are made from item text embeddings: --encoder minilm or a run folder")
     emb, emb_path = _embeddings(args, ds)
     emb = ev.l2_rows(emb)  # unit rows, as TIGER's Sentence-T5 embeddings are
-    cfg = rq.RQVAEConfig(input_dim=emb.shape[1], dead_code_restart=not args.no_dead_code_restart)
+    std, restart = not args.no_standardize, not args.no_dead_code_restart
+    cfg = rq.RQVAEConfig(input_dim=emb.shape[1], dead_code_restart=restart, standardize=std)
     cfg = cfg if args.rqvae_epochs is None else replace(cfg, epochs=args.rqvae_epochs)
+    rk = {**RKMEANS, "standardize": std}
     key = {"dataset": ds.name, "embeddings": content_hash(emb_path), "l2": True, "tokenizer": args.tokenizer,
-           "config": asdict(cfg) if args.tokenizer == "rqvae" else RKMEANS, "seed": args.seed}
+           "config": asdict(cfg) if args.tokenizer == "rqvae" else rk, "seed": args.seed}
     out = run_folder(args, "ids", f"{args.tokenizer}-{ev.encoder_label(source(args))}", key)
     if done(out):
         return finish(out) or _unchanged(out / "semantic_ids.npy")
@@ -342,12 +344,13 @@ def stage_rqvae(args, ds=None) -> Path:
         model = fit_rqvae(emb, cfg, out, args.seed, args.device, _meta(ds, out))
         codes = rq.tokenize(model, emb)                                              # (N, 3)
     else:
-        codes = rq.residual_kmeans(emb, seed=args.seed, progress=True, **RKMEANS)    # (N, 3)
+        codes = rq.residual_kmeans(emb, seed=args.seed, progress=True, **rk)          # (N, 3)
     ids, vocab = rq.semantic_ids(codes, RKMEANS["k"])                                # (N, 4), 4 ints
     trainer.save_npy(out / "semantic_ids.npy", ids)
     finish(out, {"task": "rqvae", "dataset": ds.name, "encoder": source(args), "seed": args.seed,
                  "sha256": content_hash(out / "semantic_ids.npy"),
                  "tokenizer": args.tokenizer, "embeddings": str(emb_path), "vocab_sizes": list(vocab),
+                 "standardize": std, "dead_code_restart": restart if args.tokenizer == "rqvae" else None,
                  "collisions": rq.collision_stats(codes),
                  "ids_unique": len(np.unique(ids, axis=0)) == len(ids)})
     return out / "semantic_ids.npy"
@@ -624,6 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--tokenizer", choices=["rqvae", "rkmeans"], default="rqvae", help="or residual k-means")
     q.add_argument("--rqvae-epochs", type=int, help=f"({rq.RQVAEConfig.epochs})")
     q.add_argument("--no-dead-code-restart", action="store_true", help="TIGER's plain recipe (rqvae.py)")
+    q.add_argument("--no-standardize", action="store_true", help="unscaled coordinates (rqvae.py)")
     u = ap.add_argument_group("unisrec and tiger")
     u.add_argument("--max-epochs", type=int, help="cap on epochs (none: early stopping only)")
     u.add_argument("--patience", type=int, default=10, help="evaluations without a better valid NDCG@10 (10)")
@@ -659,7 +663,7 @@ def _device(device: str) -> str:
 # The options each stage reads beyond COMMON; another one given is an error, never silently ignored.
 COMMON = "stage dataset data_dir runs out resume device seed seeds amp compile max_minutes"
 _EMB = "encoder weights fields max_length emb"
-_IDS = f"{_EMB} tokenizer rqvae_epochs no_dead_code_restart"
+_IDS = f"{_EMB} tokenizer rqvae_epochs no_dead_code_restart no_standardize"
 _LOOP = "batch_size lr max_epochs patience"
 STAGE_FLAGS = {
     "encoder": "backbone weights batch_size lr max_length epochs chunk_size temperature symmetric holdout "

@@ -4,7 +4,7 @@ RQ-VAE semantic IDs with it (each --collisions dataset); one table of all varian
 
     python scripts/ablations.py --dataset ../shared/data/lcrec/Scientific \
         --collisions ../shared/data/lcrec/Scientific ../shared/data/lcrec/Beauty            # paper settings
-    python scripts/ablations.py ... --budget cpu     # 64 tokens, 1 epoch, UniSRec capped at 5 epochs
+    python scripts/ablations.py ... --budget cpu     # 32 tokens, 1 epoch, UniSRec capped at 1 epoch
 
 Runs are ordinary train.py run folders (finished ones are reused), so the grid can be stopped and rerun.
 """
@@ -25,6 +25,7 @@ VARIANTS = {
     "base": [],
     "temperature 0.02": ["--temperature", "0.02"],
     "temperature 0.1": ["--temperature", "0.1"],
+    "max length 64": ["--max-length", "64"],
     "max length 128": ["--max-length", "128"],
     "max length 256": ["--max-length", "256"],
     "symmetric loss": ["--symmetric"],
@@ -37,7 +38,7 @@ VARIANTS = {
 }
 BUDGETS = {  # (encoder options, unisrec options, rqvae options)
     "paper": (["--max-length", "256", "--epochs", "3"], [], []),
-    "cpu": (["--max-length", "64", "--epochs", "1"], ["--max-epochs", "5"], ["--rqvae-epochs", "50"]),
+    "cpu": (["--max-length", "32", "--epochs", "1"], ["--max-epochs", "1"], ["--rqvae-epochs", "50"]),
 }
 
 

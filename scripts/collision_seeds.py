@@ -1,69 +1,76 @@
-"""Is the collision gap between two encoders larger than the tokenizer's own seed-to-seed spread?
+"""Which tokenizer setting, if any, removes semantic-ID collisions, and does the encoder matter?
 
-For each item-embedding file given, trains the default RQ-VAE (`rqvae.RQVAEConfig()`, the recipe of
-`train.py --stage rqvae`) and runs residual k-means with several seeds, and prints one table row per
-(file, tokenizer): the collision rate of every seed, their mean and range, the largest group, and the
-embeddings' own statistics (`rqvae.embedding_stats`: the collision floor set by identical embeddings,
-mean pairwise cosine, effective rank). Nothing is written; the semantic IDs in runs/ are untouched.
+For each dataset and encoder, makes the semantic IDs with every (tokenizer, setting) of SETTINGS and each
+seed, as ordinary `train.py --stage rqvae` run folders (finished ones are reused), then prints the
+report's collision table (mean ± std over seeds; Welch's t-test of each fine-tuned encoder against its
+backbone) and what the embeddings allow (`rqvae.embedding_stats` of the L2-normalised vectors the
+tokenizers see: the floor set by identical embeddings, mean pairwise cosine, effective rank).
 
-    python scripts/collision_seeds.py runs/Scientific/embed-minilm-*/item_emb.npy \\
-        runs/Scientific/embed-encoder-minilm-*/item_emb.npy --seeds 0 1 2
-
-Seed 0 repeats what `train.py --stage rqvae` (default --seed 0) wrote; on CPU the run is deterministic.
+    python scripts/collision_seeds.py --datasets ../shared/data/lcrec/Scientific \\
+        --encoders minilm runs/Scientific/encoder-minilm-<hash> --seeds 0 1 2
 """
 from __future__ import annotations
 
 import argparse
+import io
+import json
 import sys
-import tempfile
-import time
+from contextlib import redirect_stdout
 from pathlib import Path
 
-import numpy as np
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import eval as ev  # noqa: E402
 import rqvae as rq  # noqa: E402
 import train  # noqa: E402
+from data import read_array  # noqa: E402
+
+SETTINGS = {  # name -> train.py options; the first of each tokenizer is the project's default
+    "rqvae": ["--tokenizer", "rqvae"],
+    "rqvae, no dead-code restart": ["--tokenizer", "rqvae", "--no-dead-code-restart"],
+    "rqvae, unscaled": ["--tokenizer", "rqvae", "--no-standardize"],
+    "rkmeans": ["--tokenizer", "rkmeans"],
+    "rkmeans, unscaled": ["--tokenizer", "rkmeans", "--no-standardize"],
+}
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("embeddings", nargs="+", help="item_emb-*.npy files written by train.py --stage embed")
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    ap.add_argument("--datasets", nargs="+", required=True)
+    ap.add_argument("--encoders", nargs="+", default=["minilm"], help="minilm | encoder run folders")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--tokenizers", nargs="+", default=["rqvae", "rkmeans"], choices=["rqvae", "rkmeans"])
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    ap.add_argument("--fields", nargs="+", help="each dataset's item text (train.py --fields)")
+    ap.add_argument("--runs", default="runs")
+    ap.add_argument("--data-dir", default="data")
+    ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    rows = []
-    for path in args.embeddings:
-        emb = np.load(path)
-        geo = rq.embedding_stats(emb)
-        for tok in args.tokenizers:
-            rates, groups, t0 = [], [], time.time()
-            for seed in args.seeds:
-                if tok == "rqvae":
-                    with tempfile.TemporaryDirectory() as tmp:  # the checkpoints of fit_rqvae
-                        cfg = rq.RQVAEConfig(input_dim=emb.shape[1])
-                        codes = rq.tokenize(train.fit_rqvae(emb, cfg, Path(tmp), seed, "cpu", {}), emb)
-                else:
-                    codes = rq.residual_kmeans(emb, seed=seed)
-                s = rq.collision_stats(codes)
-                rates.append(s["collision_rate"])
-                groups.append(s["largest_group"])
-                print(f"{path} {tok} seed {seed}: collision rate {s['collision_rate']:.4f}, "
-                      f"largest group {s['largest_group']}", file=sys.stderr, flush=True)
-            rows.append((path, tok, rates, groups, geo, time.time() - t0))
-    print(f"\nseeds {args.seeds}\n")
-    print("| embeddings | tokenizer | collision rate per seed | mean | range | largest group | floor "
-          "(identical embeddings) | mean cosine | effective rank |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for path, tok, rates, groups, geo, _ in rows:
-        print(f"| `{path}` | {tok} | {' / '.join(f'{r:.4f}' for r in rates)} | {np.mean(rates):.4f} | "
-              f"{max(rates) - min(rates):.4f} | {min(groups)}–{max(groups)} | {geo['collision_floor']:.4f} "
-              f"({geo['repeated_embeddings']}) | {geo['mean_cosine']:.3f} | {geo['effective_rank']:.1f} |")
+    common = ["--runs", args.runs, "--data-dir", args.data_dir, "--device", args.device]
+    fields = args.fields or [None] * len(args.datasets)
+    geometry, names = [], []
+    for dataset, f in zip(args.datasets, fields):
+        for enc in args.encoders:
+            for setting in args.settings:
+                print(f"--- {dataset} / {enc} / {setting}", file=sys.stderr, flush=True)
+                out = io.StringIO()
+                with redirect_stdout(out):
+                    code = train.main(["--stage", "rqvae", "--dataset", dataset, "--encoder", enc,
+                                       *SETTINGS[setting], "--seeds", *map(str, args.seeds), *common,
+                                       *(["--fields", f] if f else [])])
+                if code:
+                    return code
+            res = json.loads(out.getvalue().strip().splitlines()[-1])  # the last seed's results.json
+            emb = ev.l2_rows(read_array(res["embeddings"], "item embeddings"))
+            geometry.append((res["dataset"], enc, rq.embedding_stats(emb)))
+            names.append(res["dataset"])
+    recs = [r for r in ev.collect_report(args.runs, list(dict.fromkeys(names))) if r["table"] == "collisions"]
+    print(ev.report_markdown(recs))
+    print("| dataset | encoder | floor (identical embeddings) | mean cosine | effective rank |")
+    print("|---|---|---|---|---|")
+    for name, enc, g in geometry:
+        print(f"| {name} | {enc} | {g['collision_floor']:.4f} ({g['repeated_embeddings']}) | "
+              f"{g['mean_cosine']:.3f} | {g['effective_rank']:.1f} |")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -133,6 +133,19 @@ def test_paired_t_test_and_incomplete_beta_match_scipy():
         assert lo < ours["diff"] < hi
 
 
+def test_welch_test_matches_scipy_and_refuses_what_it_cannot_test():
+    stats = pytest.importorskip("scipy.stats")
+    rng = np.random.default_rng(1)
+    for na, nb in [(3, 3), (2, 5), (10, 4)]:
+        a, b = rng.normal(0.09, 0.004, na), rng.normal(0.095, 0.01, nb)
+        ours, ref = ev.welch_test(a, b), stats.ttest_ind(b, a, equal_var=False)
+        assert ours["t"] == pytest.approx(ref.statistic, rel=1e-9)
+        assert ours["p"] == pytest.approx(ref.pvalue, rel=1e-6)
+        assert ours["diff"] == pytest.approx(b.mean() - a.mean())
+    assert ev.welch_test([0.1], [0.2, 0.3]) is None                      # one run: no variance to test
+    assert ev.welch_test([0.1, 0.1], [0.2, 0.2]) is None                 # deterministic: nothing to test
+
+
 def test_paired_test_edges_and_per_user_metrics():
     same = ev.paired_test(np.ones(10), np.ones(10))
     assert same["diff"] == 0 and same["t"] == 0 and same["p"] == 1.0 and same["ci95"] == [0.0, 0.0]

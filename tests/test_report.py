@@ -99,6 +99,57 @@ def test_seeds_are_averaged_and_encoderec_is_tested_against_its_backbone(tmp_pat
     assert f"{tuned['value']:.4f} ± {tuned['std']:.4f} (3)* (p " in md and "paired t-test" in md
 
 
+def test_collision_rows_name_their_setting_and_fewer_collisions_earn_the_star(tmp_path):
+    """Collision rates over seeds: Welch's t-test of the tuned encoder against its backbone in the same
+    setting; a star only where the tuned one collides less; settings are rows of their own."""
+    root = tmp_path / "runs" / "Fix"
+    enc = root / "encoder-minilm-0aa"
+    _write(enc / "results.json", {"task": "encoder", "backbone": "minilm"})
+    _write(enc / "run.json", {"key": {"temperature": 0.05, "seed": 0}})
+    rates = {("minilm", True): [0.080, 0.082, 0.081], (str(enc), True): [0.060, 0.061, 0.059],
+             ("minilm", False): [0.20, 0.21, 0.22], (str(enc), False): [0.30, 0.29, 0.31]}
+    for (source, std), rs in rates.items():
+        for seed, rate in enumerate(rs):
+            run = root / f"ids-rqvae-{Path(source).name}-{std}-{seed}"
+            _write(run / "results.json", {"task": "rqvae", "encoder": source, "seed": seed, "tokenizer": "rqvae",
+                                          "standardize": std, "dead_code_restart": True,
+                                          "collisions": {"collision_rate": rate, "largest_group": 3}})
+            _write(run / "run.json", {"key": {"tokenizer": "rqvae", "config": {"standardize": std},
+                                              "embeddings": source, "seed": seed}})
+    recs = {(r["row"], r["metric"]): r for r in ev.collect_report(tmp_path / "runs", ["Fix"])}
+    fewer = recs[("EncodeRec (all-MiniLM-L6-v2) / rqvae", "collision_rate")]
+    more = recs[("EncodeRec (all-MiniLM-L6-v2) / rqvae, unscaled", "collision_rate")]
+    assert fewer["n"] == 3 and fewer["diff"] < 0 and fewer["p"] < 0.01
+    assert more["diff"] > 0 and more["p"] < 0.05
+    assert recs[("all-MiniLM-L6-v2 / rqvae, unscaled", "collision_rate")]["p"] is None
+    md = ev.report_markdown(list(recs.values()))
+    assert f"{fewer['value']:.4f} ± {fewer['std']:.4f} (3)* (p " in md
+    assert f"{more['value']:.4f} ± {more['std']:.4f} (3) (p " in md and "Welch" in md
+
+
+def test_collision_grid_runs_end_to_end(tmp_path, capsys):
+    """scripts/collision_seeds.py on a random 30-item catalog: a tiny BERT and an encoder tuned from it,
+    residual k-means with and without standardisation, two seeds; every row has both seeds."""
+    import importlib.util
+    from conftest import ROOT
+    from test_encoderec import make_tiny
+    from test_faults import synthetic_lcrec
+    import train
+    spec = importlib.util.spec_from_file_location("collision_seeds", ROOT / "scripts" / "collision_seeds.py")
+    grid = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(grid)
+    ds, tiny, runs = synthetic_lcrec(tmp_path / "Syn"), make_tiny(tmp_path / "tiny"), tmp_path / "runs"
+    common = ["--runs", str(runs), "--data-dir", str(tmp_path / "data"), "--device", "cpu"]
+    assert train.main(["--stage", "encoder", "--backbone", str(tiny), "--dataset", str(ds), "--epochs", "1",
+                       "--batch-size", "8", "--out", str(runs / "Syn" / "encoder-tiny-0"), *common]) == 0
+    capsys.readouterr()
+    assert grid.main(["--datasets", str(ds), "--encoders", str(tiny), str(runs / "Syn" / "encoder-tiny-0"),
+                      "--settings", "rkmeans", "rkmeans, unscaled", "--seeds", "0", "1", *common]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("| tiny /", "| EncodeRec (tiny) /"))]
+    assert len(rows) == 4 and all("(2)" in r for r in rows) and "effective rank" in out
+
+
 def test_ablation_grid_runs_end_to_end(tmp_path, capsys):
     """scripts/ablations.py on a random 30-item catalog with a tiny BERT: every variant's row is filled."""
     import importlib.util

@@ -432,14 +432,19 @@ def run_collisions(args) -> dict:
             "embeddings": embedding_stats(l2_rows(read_array(emb, "item embeddings"))) if same else None}
 
 
-def training_counts(ds) -> np.ndarray:
-    """Training interactions per item (I,)."""
+def training_interactions(ds) -> np.ndarray:
+    """(N,) bool over ds.seq_items: the interactions training may see (no valid or test target)."""
     train = np.ones(ds.n_interactions, dtype=bool)
     for cases in (ds.splits.valid, ds.splits.test):
         train[ds.seq_offsets[cases.user] + cases.pos] = False
     if ds.protocol == "time":
         train &= ds.seq_times < BLAIR_T1
-    return np.bincount(ds.seq_items[train], minlength=ds.n_items)
+    return train
+
+
+def training_counts(ds) -> np.ndarray:
+    """Training interactions per item (I,)."""
+    return np.bincount(ds.seq_items[training_interactions(ds)], minlength=ds.n_items)
 
 
 def popularity_ranks(ds, cases, chunk_size: int = 1024) -> np.ndarray:
@@ -447,6 +452,57 @@ def popularity_ranks(ds, cases, chunk_size: int = 1024) -> np.ndarray:
     counts = torch.as_tensor(training_counts(ds), dtype=torch.float32)  # (I,)
     return full_ranking_ranks(lambda idx: counts.expand(len(idx), -1), len(cases), cases.target,
                               chunk_size=chunk_size)
+
+
+# ---- EASE (Steck, WWW 2019): the linear item-item anchor
+EASE_LAMBDAS = (3.0, 10.0, 30.0, 100.0, 300.0, 1000.0, 3000.0)  # the L2 weights tried on validation
+
+
+def ease_weights(gram: torch.Tensor, lam: float) -> torch.Tensor:
+    """EASE's item-item weights B (I, I), the minimiser of ||X - XB||^2 + lam ||B||^2 with diag(B) = 0:
+    B = I - P diag(1 / diag(P)), P = (X^T X + lam I)^-1; gram = X^T X of the 0/1 user-item matrix X.
+    float32: lam >= 1 keeps the system well conditioned."""
+    g = gram.float().clone()
+    g.diagonal().add_(lam)
+    p = torch.linalg.inv(g)
+    b = p / -p.diagonal()  # (I, I): B_ij = -P_ij / P_jj
+    b.fill_diagonal_(0.0)
+    return b
+
+
+def ease_run(ds, lambdas=EASE_LAMBDAS, ranks_to=None) -> dict:
+    """EASE fitted on the training interactions (each user's training items, 0/1); lam = the best valid
+    NDCG@10 of `lambdas`; a case's scores = its whole history (0/1) times B, ranked like every model's."""
+    need, have = 4 * ds.n_items ** 2 * 4, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > 0.8 * have:
+        raise DataError(f"{ds.name}: EASE's dense inverse over {ds.n_items} items needs ~{need / 2**30:.0f} "
+                        f"GiB, more than this machine's {have / 2**30:.0f} GiB allows")
+    train = training_interactions(ds)
+    user, item = np.repeat(np.arange(ds.n_users), ds.seq_lengths)[train], ds.seq_items[train]
+    gram = torch.zeros(ds.n_items, ds.n_items)  # (I, I) = X^T X, X summed 4,096 users at a time
+    for s in range(0, ds.n_users, 4096):
+        x = torch.zeros(min(4096, ds.n_users - s), ds.n_items)
+        sel = (user >= s) & (user < s + 4096)
+        x[user[sel] - s, item[sel]] = 1.0  # a repeated item counts once
+        gram += x.T @ x
+    longest = int(ds.seq_lengths.max())
+
+    def ranks(b, cases, to=None):
+        def score(idx):
+            hist, _ = ds.histories(cases.subset(idx), longest, pad=ds.n_items)  # (B, L)
+            multi_hot = torch.zeros(len(idx), ds.n_items + 1).scatter_(1, torch.as_tensor(hist), 1.0)
+            return multi_hot[:, :-1] @ b  # (B, I)
+        r = full_ranking_ranks(score, len(cases), cases.target)
+        if to is not None:
+            save_npy(to, r)
+        return r
+    valid = {}
+    for lam in tqdm(lambdas, "EASE: lambda on validation", unit="lambda"):
+        valid[lam] = metrics_from_ranks(ranks(ease_weights(gram, lam), ds.splits.valid), (10,))
+    best = max(lambdas, key=lambda lam: valid[lam]["ndcg@10"])
+    test = ds.splits.test
+    return {"lambda": best, "valid": {f"{lam:g}": v for lam, v in valid.items()},
+            "test": summarize(ranks(ease_weights(gram, best), test, ranks_to), (5, 10, 50), cold=test.cold)}
 
 
 def evaluate_tiger(model, ds, cases, ids, beam: int = 10, constrain: bool = True,
@@ -529,6 +585,9 @@ def _records(run: Path, res: dict, source: tuple) -> list[tuple]:
         tok = res.get("tokenizer")
         return [("tiger", f"{row} / {tok}", base and f"{base} / {tok}", res["test"], R5 + R10),
                 ("tiger", "popularity", None, res["popularity"], R5 + R10)]
+    if task == "ease":  # the anchor of every recommender table, on the same test cases
+        return [("unisrec", "EASE", None, res["test"], R10 + R50),
+                ("tiger", "EASE", None, res["test"], R5 + R10)]
     if task == "retrieval":
         return [("retrieval", f"{row} (all items, {res.get('max_length')} tokens)", None, res, R10)]
     if task == "rqvae":
@@ -650,7 +709,7 @@ def _number(v) -> bool:
 def report_markdown(recs: list[dict]) -> str:
     """A markdown table per TABLES entry, baselines first."""
     def order(row_sched):
-        return next((i for i, p in enumerate(("popularity", "no text", "all-MiniLM"))
+        return next((i for i, p in enumerate(("popularity", "EASE", "no text", "all-MiniLM"))
                      if row_sched[0].startswith(p)), 3), *row_sched
     out = []
     for table, (title, metrics) in TABLES.items():

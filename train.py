@@ -5,6 +5,7 @@
     python train.py --stage rqvae   --dataset D --encoder E  # semantic IDs + collision audit
     python train.py --stage unisrec --dataset D --encoder E  # text-based SASRec (E = none: SASRec-ID)
     python train.py --stage tiger   --dataset D --encoder E  # generative retrieval on semantic IDs
+    python train.py --stage ease    --dataset D              # the linear anchor (Steck, 2019)
     python train.py --stage all     --dataset D --budget smoke   # all of it for both encoders + the report
 
 E = minilm | a run or BERT folder. Run folder = runs/<dataset>/<stage>-<label>-<hash of the inputs: the data
@@ -18,7 +19,6 @@ import argparse
 import errno
 import functools
 import json
-import math
 import os
 import signal
 import socket
@@ -459,30 +459,18 @@ def stage_unisrec(args) -> Path:
 TIGER_WEIGHT_DECAY, TIGER_GRAD_CLIP, TIGER_WARMUP = 0.01, 1.0, 1000
 
 
-def lr_factor(step: int, warmup: int) -> float:
-    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warm-up to 1 over `warmup` steps,
-    then sqrt(warmup / (step + 1)). The decay is scaled by the warm-up, so warmup must be >= 1."""
-    if warmup < 1:
-        raise ValueError(f"warmup_steps must be >= 1 (the decay is sqrt(warmup / step)), got {warmup}")
-    s = step + 1
-    return s / warmup if s < warmup else math.sqrt(warmup / s)
-
-
-def epoch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, buckets: int) -> np.ndarray:
-    """The N examples in epoch `epoch`'s order (consecutive runs of batch_size = the batches): a permutation
-    seeded by (seed, epoch); with buckets > 1 each run of `buckets` batches is sorted by history length
-    (`lengths` (N,)) and the full batches shuffled, so a batch pads little while its users still come from the
-    whole shuffle. A CPU speed path (Tiger.length_buckets); --group-by-length 0 = the plain shuffle."""
-    rng = np.random.default_rng([seed, epoch])
-    perm = rng.permutation(len(lengths))
-    if buckets <= 1 or not len(perm):
-        return perm
-    span = batch_size * buckets
-    order = np.concatenate([c[np.argsort(lengths[c], kind="stable")]
-                            for c in np.array_split(perm, range(span, len(perm), span))])
-    n_full = len(order) // batch_size * batch_size
-    batches = order[:n_full].reshape(-1, batch_size)                       # (n_full / bs, bs)
-    return np.concatenate([batches[rng.permutation(len(batches))].ravel(), order[n_full:]])
+def stage_ease(args) -> Path:
+    """EASE (eval.ease_run): the linear anchor of the recommender tables, its L2 weight chosen on
+    validation."""
+    ds = load_dataset(args.dataset, args.data_dir)
+    _has_cases(ds)
+    key = {"dataset": ds.name, "data": ds.fingerprint, "lambdas": ev.EASE_LAMBDAS}
+    out = run_folder(args, "ease", "items", key)
+    if done(out):
+        return finish(out) or out
+    say(f"{ds.name}: EASE on {ds.n_items} items into {out}")
+    finish(out, {"task": "ease", "dataset": ds.name, **ev.ease_run(ds, ranks_to=out / "test_ranks.npy")})
+    return out
 
 
 def stage_tiger(args) -> Path:
@@ -526,9 +514,9 @@ def stage_tiger(args) -> Path:
     meta = _meta(ds, out, model_config=asdict(model.cfg), semantic_ids=torch.as_tensor(codes),
                  semantic_ids_path=str(sem_path))
     summary = trainer.fit(
-        model, loss_fn, len(T), opt, out, loop, schedule=lambda s: lr_factor(s, warmup),
+        model, loss_fn, len(T), opt, out, loop, schedule=lambda s: trainer.lr_factor(s, warmup),
         evaluate=lambda m: ev.evaluate_tiger(m, ds, ds.splits.valid, ids, args.beam),
-        order=lambda e: epoch_order(lengths, args.batch_size, args.seed, e, args.group_by_length),
+        order=lambda e: trainer.epoch_order(lengths, args.batch_size, args.seed, e, args.group_by_length),
         resume=args.resume, meta=meta, desc="tiger")
     if rank == 0 and not summary["time_capped"]:
         test = ds.splits.test
@@ -557,7 +545,7 @@ def stage_retrieval(args, ds, encoder: str, max_length: int) -> None:
 
 def stage_all(args) -> None:
     """The paper's pipeline: EncodeRec fine-tuning; for the off-the-shelf and the tuned encoder, retrieval,
-    UniSRec (and SASRec-ID), semantic IDs and TIGER; the report. Each stage says what it does."""
+    EASE, UniSRec (and SASRec-ID), semantic IDs and TIGER; the report. Each stage says what it does."""
     b = BUDGETS[args.budget]
     ds = load_dataset(args.dataset, args.data_dir)
     fields = parse_fields(args.fields, ITEM_TEXT_FIELDS)
@@ -575,6 +563,7 @@ def stage_all(args) -> None:
                                                 max_length=b["encoder_max_length"]))))
     for enc in encoders if pairs >= 2 else []:
         stage_retrieval(base, ds, enc, b["encoder_max_length"])
+    stage_ease(base)
     for enc in ["none", *encoders]:
         stage_unisrec(with_(base, encoder=enc, max_epochs=b["max_epochs"]))
     for enc in encoders:
@@ -585,7 +574,7 @@ def stage_all(args) -> None:
 
 # ----------------------------------------------------------------------------- command line
 STAGES = {"encoder": stage_encoder, "embed": stage_embed, "rqvae": stage_rqvae, "unisrec": stage_unisrec,
-          "tiger": stage_tiger, "all": stage_all}
+          "tiger": stage_tiger, "ease": stage_ease, "all": stage_all}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -672,6 +661,7 @@ STAGE_FLAGS = {
     "rqvae": _IDS,
     "unisrec": f"{_EMB} {_LOOP} mode max_history mask_history normalize",
     "tiger": f"{_IDS} {_LOOP} max_steps eval_every warmup_steps beam tiger_history group_by_length",
+    "ease": "",
 }
 # --stage all: the budget sets the schedules, each stage its defaults; the other options go through
 STAGE_FLAGS["all"] = " ".join(set(" ".join(STAGE_FLAGS.values()).split()) - set(

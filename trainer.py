@@ -68,6 +68,33 @@ class TrainState:
     history: list = field(default_factory=list)
 
 
+# ---- schedules and batch orders that models pass to `fit`
+def lr_factor(step: int, warmup: int) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warm-up to 1 over `warmup` steps,
+    then sqrt(warmup / (step + 1)). The decay is scaled by the warm-up, so warmup must be >= 1."""
+    if warmup < 1:
+        raise ValueError(f"warmup_steps must be >= 1 (the decay is sqrt(warmup / step)), got {warmup}")
+    s = step + 1
+    return s / warmup if s < warmup else math.sqrt(warmup / s)
+
+
+def epoch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, buckets: int) -> np.ndarray:
+    """The N examples in epoch `epoch`'s order (consecutive runs of batch_size = the batches): a permutation
+    seeded by (seed, epoch); with buckets > 1 each run of `buckets` batches is sorted by history length
+    (`lengths` (N,)) and the full batches shuffled, so a batch pads little while its users still come from the
+    whole shuffle. A CPU speed path (Tiger.length_buckets); --group-by-length 0 = the plain shuffle."""
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(len(lengths))
+    if buckets <= 1 or not len(perm):
+        return perm
+    span = batch_size * buckets
+    order = np.concatenate([c[np.argsort(lengths[c], kind="stable")]
+                            for c in np.array_split(perm, range(span, len(perm), span))])
+    n_full = len(order) // batch_size * batch_size
+    batches = order[:n_full].reshape(-1, batch_size)                       # (n_full / bs, bs)
+    return np.concatenate([batches[rng.permutation(len(batches))].ravel(), order[n_full:]])
+
+
 # ---- files
 def atomic_write(path, write) -> Path:
     """write(tmp) into a temp file beside `path`, then rename it onto `path`: a crash or a kill never

@@ -155,3 +155,30 @@ def test_paired_test_edges_and_per_user_metrics():
     np.testing.assert_allclose(u["recall@10"], [1, 1, 1, 0, 0])
     np.testing.assert_allclose(u["ndcg@10"], [1, 1 / np.log2(3), 1 / np.log2(11), 0, 0])
     assert u["ndcg@10"].mean() == pytest.approx(ev.metrics_from_ranks(np.array([0, 1, 9, 10, ev.MISS]))["ndcg@10"])
+
+
+def test_ease_weights_solve_each_columns_ridge_regression():
+    """EASE's closed form against a brute force: column j of B is the ridge regression of item j's
+    column of X on the other items' columns (penalty lam), with B_jj = 0."""
+    rng = np.random.default_rng(0)
+    x = (rng.random((40, 9)) < 0.3).astype(np.float64)                   # (U, I) 0/1
+    lam = 2.5
+    b = ev.ease_weights(torch.as_tensor(x.T @ x), lam).double().numpy()
+    for j in range(x.shape[1]):
+        others = np.delete(np.arange(x.shape[1]), j)
+        a = x[:, others]
+        want = np.linalg.solve(a.T @ a + lam * np.eye(len(others)), a.T @ x[:, j])
+        np.testing.assert_allclose(b[others, j], want, rtol=1e-4, atol=1e-5)
+        assert b[j, j] == 0
+
+
+def test_ease_run_picks_lambda_on_validation_and_ranks_the_test(tmp_path):
+    from test_faults import synthetic_lcrec
+    from data import load_dataset
+    ds = load_dataset(str(synthetic_lcrec(tmp_path / "Syn")), tmp_path / "data")
+    res = ev.ease_run(ds, lambdas=(1.0, 100.0), ranks_to=tmp_path / "ranks.npy")
+    best = max((1.0, 100.0), key=lambda lam: res["valid"][f"{lam:g}"]["ndcg@10"])
+    assert res["lambda"] == best and set(res["valid"]) == {"1", "100"}
+    ranks = np.load(tmp_path / "ranks.npy")
+    assert len(ranks) == len(ds.splits.test) == res["test"]["n"]
+    assert res["test"]["ndcg@10"] == pytest.approx(ev.metrics_from_ranks(ranks)["ndcg@10"])

@@ -36,12 +36,14 @@ def test_report_collects_every_table(tmp_path, capsys):
     _write(root / "encoder-minilm-6" / "results.json", {"task": "encoder", "backbone": "minilm"})
     _write(root / "encoder-minilm-6" / "history.json", [{"epoch": 1.0, "valid": {"recall@10": 0.9, "ndcg@10": 0.8}}])
     _write(root / "embed-minilm-7" / "results.json", {"task": "embed", "encoder": "minilm"})   # no table
+    _write(root / "ease-items-8" / "results.json", {"task": "ease", "lambda": 30.0, "test": {**M, "recall@10": 0.3}})
     recs = ev.collect_report(tmp_path / "runs", ["Fix"])
     got = {(r["table"], r["row"], r["schedule"], r["metric"]): r["value"] for r in recs}
     assert got[("unisrec", "no text (SASRec-ID)", "", "recall@10")] == 0.5
     assert got[("unisrec", "all-MiniLM-L6-v2", "capped at 1 epochs", "recall@10")] == 0.61
     assert got[("tiger", "all-MiniLM-L6-v2 / rqvae", "30 steps max", "recall@10")] == 0.07
     assert got[("tiger", "popularity", "", "recall@10")] == 0.02
+    assert got[("tiger", "EASE", "", "recall@10")] == got[("unisrec", "EASE", "", "recall@10")] == 0.3
     assert got[("collisions", "all-MiniLM-L6-v2 / rqvae", "", "usage_l3")] == 0.8
     assert got[("retrieval", "all-MiniLM-L6-v2 (all items, 32 tokens)", "", "ndcg@10")] == 0.25
     assert got[("retrieval", "encoder-minilm (held-out items, epoch 1)", "", "recall@10")] == 0.9

@@ -13,7 +13,6 @@ import torch
 from t5_helpers import exhaustive_scores, random_semantic_ids, t5_config_kwargs, t5_state_dict
 
 import tiger as tg
-import train
 import trainer
 from data import load_dataset
 
@@ -222,8 +221,8 @@ def test_learns_the_toy_task_through_the_loop(tmp_path):
     before = eval_fn(model.eval())["ndcg@10"]
     cfg = trainer.TrainConfig(lr=1e-2, batch_size=16, max_steps=400, eval_every=5, patience=4, grad_clip=1.0)
     s = trainer.fit(model, lambda idx: model.loss(tg.tokenize_histories(H[idx], ids), ids.tokens[T[idx]]), len(T),
-                    torch.optim.AdamW(model.parameters()), tmp_path, cfg, schedule=lambda s: train.lr_factor(s, 5),
-                    evaluate=eval_fn, order=lambda e: train.epoch_order(lengths, 16, 0, e, 2))
+                    torch.optim.AdamW(model.parameters()), tmp_path, cfg, schedule=lambda s: trainer.lr_factor(s, 5),
+                    evaluate=eval_fn, order=lambda e: trainer.epoch_order(lengths, 16, 0, e, 2))
     assert s["stopped_early"] and s["steps"] == s["best_step"] + 4 * 5      # patience 4 validations after the best
     assert s["best_valid"]["ndcg@10"] > before + 0.1
 
@@ -231,12 +230,12 @@ def test_learns_the_toy_task_through_the_loop(tmp_path):
 def test_epoch_order_buckets_by_length():
     rng = np.random.default_rng(0)
     lengths = np.minimum(rng.geometric(0.25, size=1000), 20)              # short-tailed, like Amazon
-    plain = train.epoch_order(lengths, 64, seed=3, epoch=1, buckets=0)
+    plain = trainer.epoch_order(lengths, 64, seed=3, epoch=1, buckets=0)
     assert np.array_equal(plain, np.random.default_rng([3, 1]).permutation(1000))
-    order = train.epoch_order(lengths, 64, seed=3, epoch=1, buckets=5)
+    order = trainer.epoch_order(lengths, 64, seed=3, epoch=1, buckets=5)
     assert np.array_equal(np.sort(order), np.arange(1000))                 # a permutation: every example once
-    assert np.array_equal(order, train.epoch_order(lengths, 64, seed=3, epoch=1, buckets=5))   # deterministic
-    assert not np.array_equal(order, train.epoch_order(lengths, 64, seed=3, epoch=2, buckets=5))
+    assert np.array_equal(order, trainer.epoch_order(lengths, 64, seed=3, epoch=1, buckets=5))   # deterministic
+    assert not np.array_equal(order, trainer.epoch_order(lengths, 64, seed=3, epoch=2, buckets=5))
     pad = lambda o: np.mean([lengths[o[i:i + 64]].max() for i in range(0, len(o), 64)])
     assert pad(order) < 0.6 * pad(plain)                                   # batches pad far less
     firsts = order[:15 * 64:64]                                            # batch order is shuffled, not sorted
@@ -270,7 +269,7 @@ def test_popularity_baseline_by_hand(tmp_path):
 
 
 def test_lr_schedule_warmup_then_inverse_sqrt():
-    assert [train.lr_factor(s, 4) for s in range(3)] == [0.25, 0.5, 0.75]
-    assert train.lr_factor(3, 4) == 1.0 and train.lr_factor(15, 4) == pytest.approx(0.5)   # sqrt(4 / 16)
+    assert [trainer.lr_factor(s, 4) for s in range(3)] == [0.25, 0.5, 0.75]
+    assert trainer.lr_factor(3, 4) == 1.0 and trainer.lr_factor(15, 4) == pytest.approx(0.5)   # sqrt(4 / 16)
     with pytest.raises(ValueError, match="warmup_steps must be >= 1"):
-        train.lr_factor(0, 0)
+        trainer.lr_factor(0, 0)

@@ -283,6 +283,7 @@ SEED_MAX = 2 ** 32 - 1  # numpy's and torch's seeds both take it
 EVAL_FLAGS = {"common": {"task", "report", "dataset", "data_dir", "runs", "device", "seed"},
               "retrieval": {"encoder", "weights", "doc_fields", "holdout", "max_length", "batch_size"},
               "unisrec": {"run", "mask_history", "ranks"}, "tiger": {"run", "beam", "no_constrain", "ranks"},
+              "vqrec": {"run", "mask_history", "ranks"},
               "collisions": {"run", "encoder", "tokenizer"}, "report": {"csv"}}
 
 
@@ -300,12 +301,13 @@ def find_run(args, task: str) -> Path:
         run = Path(args.run)
         if not (run / "results.json").is_file():
             raise DataError(f"{run} is not a finished run of train.py (no results.json)")
-        if run_results(run).get("task") != {"collisions": "rqvae"}.get(task, task):
+        if run_results(run).get("task") != {"collisions": "rqvae", "vqrec": "unisrec"}.get(task, task):
             raise DataError(f"{run} is not a {task} run")
         return run
     name = Path(args.dataset).name.lower()
     roots = [p for p in Path(args.runs).glob("*") if p.name.lower() == name]
-    prefix, stage = ("ids", "rqvae") if task == "collisions" else (task, task)  # run folder, train.py stage
+    prefix, stage = {"collisions": ("ids", "rqvae"), "vqrec": ("unisrec-vqrec", "unisrec --mode vqrec")}.get(
+        task, (task, task))  # run folder, train.py stage
     if task == "collisions":  # the IDs of --tokenizer on --encoder
         prefix += f"-{args.tokenizer}-{encoder_label(args.encoder)}"
     runs = [p.parent for r in roots for p in r.glob(f"{prefix}-*/results.json")]
@@ -370,14 +372,15 @@ def l2_rows(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
 
 
-def read_run_embeddings(run: Path, path, n_items: int) -> np.ndarray:
-    """The item embeddings a run was trained on: at their recorded path and with its content hash."""
+def read_run_embeddings(run: Path, path, n_items: int, what: str = "embeddings") -> np.ndarray:
+    """The item embeddings (or VQ-Rec codes) a run was trained on: at their recorded path and with its
+    content hash."""
     key = read_json(run / "run.json", f"delete {run} and train again").get("key", {})
     path = Path(path)
-    if not path.is_file() or file_sha256(path) != key.get("embeddings"):
-        raise DataError(f"{run} was trained on the embeddings {path}, which are "
+    if not path.is_file() or file_sha256(path) != key.get(what):
+        raise DataError(f"{run} was trained on the {what} {path}, which are "
                         f"{'changed' if path.is_file() else 'gone'}; put them back or train the run again")
-    return read_array(path, "item embeddings", rows=n_items)
+    return read_array(path, f"item {what}", "i" if what == "codes" else "f", rows=n_items)
 
 
 def run_retrieval(args) -> dict:
@@ -406,10 +409,13 @@ def evaluate_unisrec(model, ds, cases, max_len: int, mask_history: bool = False,
 def run_unisrec(args) -> dict:
     def build(meta, run):
         cfg = UniSRecConfig(**meta["model_config"])
+        if cfg.mode == "vqrec":
+            codes = read_run_embeddings(run, meta["codes_path"], meta.get("n_items"), "codes")
+            return UniSRec(cfg, codes=codes)
         emb = read_run_embeddings(run, meta["item_emb_path"], meta.get("n_items")) if cfg.mode != "id" \
             else None
         return UniSRec(cfg, l2_rows(emb) if emb is not None and meta.get("normalize_input") else emb)
-    run, ds, model, _ = _load(args, "unisrec", build)
+    run, ds, model, _ = _load(args, args.task, build)
     return {"task": "unisrec", "dataset": ds.name, "run": str(run), "mask_history": args.mask_history,
             **{s: evaluate_unisrec(model, ds, getattr(ds.splits, s), model.cfg.max_seq_len, args.mask_history,
                                    ranks_to=args.ranks if s == "test" else None) for s in ("valid", "test")}}
@@ -542,10 +548,12 @@ def run_tiger(args) -> dict:
 R5, R10, R50 = ((f"recall@{k}", f"ndcg@{k}") for k in (5, 10, 50))
 TABLES = {  # table -> (title, metrics shown per dataset)
     "retrieval": ("Table 1 shape: title -> document retrieval (full ranking over all documents)", R10),
-    "unisrec": ("Table 2 shape: UniSRec on frozen item embeddings, test set, full ranking", R10),
+    "unisrec": ("Table 2 shape: UniSRec (and VQ-Rec) on frozen item embeddings, test set, full ranking", R10),
     "tiger": ("Table 3 shape: TIGER on semantic IDs, test set, constrained beam 10", R10),
-    "collisions": ("Semantic-ID collisions (3-code prefixes)",
+    "collisions": ("Semantic-ID collisions (3-code prefixes; product codes: the full code)",
                    ("collision_rate", "largest_group", "usage_l1", "usage_l2", "usage_l3")),
+    "cold": ("Test targets seen in training (in-set) and never seen (cold-start): Recall@10",
+             ("in_set_recall@10", "cold_start_recall@10", "cold_start_n")),
 }
 
 
@@ -578,13 +586,21 @@ def _records(run: Path, res: dict, source: tuple) -> list[tuple]:
     _source of its encoder."""
     task, (row, base, _) = res.get("task"), source
     if task == "unisrec":
-        ids = " + item IDs" if res.get("mode") == "transductive" else ""
+        ids = {"transductive": " + item IDs", "vqrec": " -> VQ-Rec codes"}.get(res.get("mode"), "")
         ids += " (L2-normalised input)" if res.get("normalize") else ""
-        return [("unisrec", row + ids, base and base + ids, res["test"], R10 + R50)]
+        model = {"vqrec": "VQ-Rec", "id": "SASRec"}.get(res.get("mode"), "UniSRec")
+        return [("unisrec", row + ids, base and base + ids, res["test"], R10 + R50),
+                *_cold(res["test"], f"{model}: {row}", base and f"{model}: {base}")]
     if task == "tiger":
         tok = res.get("tokenizer")
         return [("tiger", f"{row} / {tok}", base and f"{base} / {tok}", res["test"], R5 + R10),
-                ("tiger", "popularity", None, res["popularity"], R5 + R10)]
+                ("tiger", "popularity", None, res["popularity"], R5 + R10),
+                *_cold(res["test"], f"TIGER: {row} / {tok}", base and f"TIGER: {base} / {tok}")]
+    if task == "codes":
+        col = {**res["codes"], "collision_rate": res["codes"]["shared_code_rate"]}
+        tok = f"{res['kind']} {col['sub_vectors']} codes"
+        return [("collisions", f"{row} / {tok}", base and f"{base} / {tok}", col,
+                 ("items", "collision_rate", "largest_group", "usage_min"))]
     if task == "ease":  # the anchor of every recommender table, on the same test cases
         return [("unisrec", "EASE", None, res["test"], R10 + R50),
                 ("tiger", "EASE", None, res["test"], R5 + R10)]
@@ -601,6 +617,15 @@ def _records(run: Path, res: dict, source: tuple) -> list[tuple]:
     evals = [h for h in history if h.get("valid")]
     label = f"{run.name.rsplit('-', 1)[0]} (held-out items, epoch {evals[-1]['epoch']:g})" if evals else ""
     return [("retrieval", label, None, evals[-1]["valid"], R10)] if evals else []
+
+
+def _cold(test: dict, row: str, base: str | None) -> list[tuple]:
+    """The cold-start table's record of a recommender's test metrics (if they split in-set / cold)."""
+    if "cold_start" not in test:
+        return []
+    m = {"in_set_recall@10": test["in_set"]["recall@10"],
+         "cold_start_recall@10": test["cold_start"]["recall@10"], "cold_start_n": test["cold_start"]["n"]}
+    return [("cold", row, base, m, tuple(m))]
 
 
 def _setting(run: Path, res: dict) -> tuple[str, str]:
@@ -737,7 +762,7 @@ def report_markdown(recs: list[dict]) -> str:
 def _cell(r: dict | None, metric: str) -> str:
     if r is None:
         return "–"
-    text = f"{r['value']:.0f}" if metric == "largest_group" else f"{r['value']:.4f}"
+    text = f"{r['value']:.0f}" if metric in ("largest_group", "cold_start_n") else f"{r['value']:.4f}"
     text += f" ± {r['std']:.4f} ({r['n']})" if r["n"] > 1 else ""
     better = r["p"] is not None and r["p"] < 0.05 and (r["diff"] < 0 if metric in LOWER else r["diff"] > 0)
     return text + (f"{'*' if better else ''} (p {r['p']:.2g})" if r["p"] is not None else "")
@@ -771,6 +796,7 @@ def run_report(args) -> dict:
 TASKS = {  # --task -> (runner, help)
     "retrieval": (run_retrieval, "title -> document retrieval of --encoder"),
     "unisrec": (run_unisrec, "valid / test metrics of a UniSRec or SASRec-ID run"),
+    "vqrec": (run_unisrec, "valid / test metrics of a VQ-Rec run (train.py --stage unisrec --mode vqrec)"),
     "tiger": (run_tiger, "test metrics of a TIGER run beside popularity"),
     "collisions": (run_collisions, "collision audit of an ids-* run's semantic IDs"),
     "report": (run_report, "the paper's tables from the finished runs of each --dataset"),

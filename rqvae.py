@@ -1,4 +1,5 @@
-"""Semantic IDs for TIGER: an RQ-VAE, a residual k-means baseline, the dedup code, collision audits.
+"""Semantic IDs for TIGER (an RQ-VAE, a residual k-means baseline, the dedup code, collision audits) and
+VQ-Rec's product codes (PQ / OPQ, `product_codes`).
 
 EncodeRec (arXiv 2601.10837, Sec. 4, Table 3) feeds its item embeddings to TIGER (Rajput et al., NeurIPS
 2023, Sec. 3.1, 4), whose items are named by semantic IDs: an MLP encoder and its mirror (sizes:
@@ -18,6 +19,7 @@ epochs instead). Training: train.fit_rqvae (trainer.fit, `restart_dead_codes`).
     codes3 = tokenize(model, emb)            # (N, 3) int64, after training
     codes3 = residual_kmeans(emb)            # the baseline, (N, 3) int64
     ids, vocab_sizes = semantic_ids(codes3)  # (N, 4) int64, 4 ints
+    pq = product_codes(emb)                  # VQ-Rec's OPQ codes: pq["codes"] (N, 32) int64
     collision_stats(codes3), embedding_stats(emb)  # audits (JSON)
 
 Imports: stdlib, numpy, torch, tqdm. CPU runs are deterministic for a seed.
@@ -78,9 +80,11 @@ def _nearest(x: torch.Tensor, c: torch.Tensor, chunk: int = 65536) -> tuple[torc
     return idx, d2
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means, k-means++ seeding (Arthur & Vassilvitskii 2007): x (N, D) -> centroids (k, D),
-    assign (N,); empty clusters re-seed at the farthest points; N <= k: the points are the centroids."""
+def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0,
+           init: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means, k-means++ seeding (Arthur & Vassilvitskii 2007) unless `init` (k, D) centroids are
+    given: x (N, D) -> centroids (k, D), assign (N,); empty clusters re-seed at the farthest points;
+    N <= k: the points are the centroids."""
     x = x.detach().float()
     n = len(x)
     if n == 0 or k < 1:
@@ -89,16 +93,19 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 50, seed: int = 0) -> tuple[tor
     if n <= k:
         extra = torch.randint(n, (k - n,), generator=g).to(x.device)
         return torch.cat([x, x[extra]]), torch.arange(n, device=x.device)
-    first = int(torch.randint(n, (1,), generator=g))
-    c = x.new_empty(k, x.shape[1])
-    c[0] = x[first]
-    d2 = ((x - c[0]) ** 2).sum(1)  # (N,) distance to nearest chosen
-    for j in range(1, k):
-        p = d2.double().cpu()
-        pick = int(torch.multinomial(p / p.sum(), 1, generator=g)) if p.sum() > 0 \
-            else int(torch.randint(n, (1,), generator=g))
-        c[j] = x[pick]
-        d2 = torch.minimum(d2, ((x - c[j]) ** 2).sum(1))
+    if init is not None:
+        c = init.detach().float().clone()
+    else:
+        first = int(torch.randint(n, (1,), generator=g))
+        c = x.new_empty(k, x.shape[1])
+        c[0] = x[first]
+        d2 = ((x - c[0]) ** 2).sum(1)  # (N,) distance to nearest chosen
+        for j in range(1, k):
+            p = d2.double().cpu()
+            pick = int(torch.multinomial(p / p.sum(), 1, generator=g)) if p.sum() > 0 \
+                else int(torch.randint(n, (1,), generator=g))
+            c[j] = x[pick]
+            d2 = torch.minimum(d2, ((x - c[j]) ** 2).sum(1))
     assign = None
     for _ in range(iters):
         new, d2 = _nearest(x, c)
@@ -157,6 +164,52 @@ def residual_kmeans(emb, levels: int = 3, k: int = 256, iters: int = 50, seed: i
     codes, books = _residual(torch.from_numpy((emb - mean) / std), levels, k, iters, seed, progress)
     out = codes.long().numpy()  # (N, levels)
     return (out, books.numpy()) if return_codebooks else out
+
+
+# ----------------------------------------------------------------------------- product codes (VQ-Rec)
+def product_codes(emb, n_sub: int = 32, k: int = 256, rotate: bool = True, opq_iters: int = 50,
+                  iters: int = 4, first_iters: int = 40, seed: int = 0, fit_rows=None) -> dict:
+    """(Optimised) product quantisation: emb (N, d), centred on the fitting rows' mean (faiss's IVF1), is
+    rotated by an orthogonal R (d, d) and cut into n_sub sub-vectors of d / n_sub dims, each coded by one
+    of k centroids (PQ: Jegou et al., TPAMI 2011). OPQ (Ge et al., CVPR 2013, non-parametric) alternates
+    `iters` warm-started Lloyd steps per sub-space with the orthogonal Procrustes rotation R = U V^T,
+    U S V^T = svd(X^T Y), Y the reconstruction; neither step can raise the distortion. Iteration counts =
+    faiss's OPQMatrix (niter 50, niter_pq 4, niter_pq_0 40). fit_rows: the rows fitted (VQ-Rec: the
+    training items, "strict"); every row is coded. -> {"codes": (N, n_sub) int64, "rotation": R,
+    "centroids": (n_sub, k, d / n_sub), "mean": (d,), "distortion": per iteration, on the fitted rows}."""
+    x = torch.from_numpy(check_embeddings(emb))
+    d = x.shape[1]
+    if n_sub < 1 or d % n_sub:
+        raise ValueError(f"{d}-d embeddings do not split into {n_sub} equal sub-vectors")
+    fit = x if fit_rows is None else x[torch.as_tensor(np.asarray(fit_rows))]
+    mean = fit.mean(0)
+    fit, rot, books, history = fit - mean, torch.eye(d), [None] * n_sub, []
+    for it in range(opq_iters if rotate else 1):
+        y = (fit @ rot).reshape(len(fit), n_sub, d // n_sub)  # (n, d) -> (n, M, d / M)
+        recon = torch.empty_like(y)
+        for m in range(n_sub):
+            books[m], a = kmeans(y[:, m], k, first_iters if it == 0 else iters, seed + m, init=books[m])
+            recon[:, m] = books[m][a]
+        recon = recon.reshape(len(fit), d)  # (n, M, d / M) -> (n, d)
+        history.append(float(((fit @ rot - recon) ** 2).sum(1).mean()))
+        if rotate:
+            u, _, vh = torch.linalg.svd(fit.T.double() @ recon.double())  # (d, d)
+            rot = (u @ vh).float()
+    y = ((x - mean) @ rot).reshape(len(x), n_sub, d // n_sub)
+    codes = torch.stack([_nearest(y[:, m], books[m])[0] for m in range(n_sub)], 1)  # (N, M)
+    return {"codes": codes.numpy(), "rotation": rot.numpy(), "centroids": torch.stack(books).numpy(),
+            "mean": mean.numpy(), "distortion": history}
+
+
+def code_stats(codes, k: int = 256) -> dict:
+    """Audit of product codes (JSON): usage = share of each sub-space's k codes used (min, mean);
+    shared_code_rate = 1 - distinct full codes / items; largest_group of items sharing one."""
+    c = _check_codes(codes)
+    _, counts = np.unique(c, axis=0, return_counts=True)
+    usage = [float(len(np.unique(c[:, m])) / k) for m in range(c.shape[1])]
+    return {"items": len(c), "sub_vectors": c.shape[1], "usage_min": round(min(usage), 4),
+            "usage_mean": round(float(np.mean(usage)), 4),
+            "shared_code_rate": round(1 - len(counts) / len(c), 6), "largest_group": int(counts.max())}
 
 
 # ----------------------------------------------------------------------------- semantic IDs

@@ -21,8 +21,6 @@ import functools
 import json
 import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import asdict, replace
@@ -31,10 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-try:
-    import fcntl
-except ImportError:  # Windows: run folders are not locked
-    fcntl = None
 
 import encoderec as er
 import eval as ev
@@ -47,6 +41,7 @@ from data import DOCUMENT_FIELDS, ITEM_TEXT_FIELDS, REGISTRY, DataError, file_sh
 
 DEFAULT_DATASET = "scientific"  # the one set with item descriptions, which EncodeRec's documents need
 RKMEANS = {"levels": 3, "k": 256, "iters": 50, "standardize": True}  # residual k-means = RQ-VAE's codebooks
+PQ_SHAPE = (32, 256)  # VQ-Rec's OPQ32,IVF1,PQ32x8: 32 sub-vectors of 256 codes
 BUDGETS = {  # --stage all: every schedule in one place
     # minutes on 2 CPU cores: every stage runs end to end; the numbers are not results
     "smoke": {"epochs": 1, "encoder_max_length": 32, "max_epochs": 2, "rqvae_epochs": 20, "max_steps": 30,
@@ -58,14 +53,6 @@ BUDGETS = {  # --stage all: every schedule in one place
 
 
 # ----------------------------------------------------------------------------- run folders
-def git_commit() -> str | None:
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True)
-        return git.stdout.decode().strip() or None
-    except OSError:
-        return None
-
-
 @functools.lru_cache(maxsize=None)
 def _sha256(path: str, size: int, mtime: int) -> str:  # (size, mtime): a memo within this process only
     return file_sha256(Path(path))
@@ -85,7 +72,7 @@ def run_folder(args, stage: str, label: str, key: dict) -> Path:
     out = Path(args.out) if args.out else Path(args.runs) / key["dataset"] / name
     info, (rank, world) = out / "run.json", trainer.rank_world()
     RUN_KEYS[out] = trainer.digest(key)  # every rank: checkpoints record it (_meta)
-    if world > 1 and stage in ("embed", "ids") and not done(out):
+    if world > 1 and stage in ("embed", "ids", "codes") and not done(out):
         raise DataError(f"make the {stage} folder first, in one process: torchrun runs encoder/unisrec/tiger")
     if out.exists() and not out.is_dir():
         raise DataError(f"{out} is a file, not a run folder: choose another --out")
@@ -94,7 +81,7 @@ def run_folder(args, stage: str, label: str, key: dict) -> Path:
     if out.is_dir() and not info.is_file() and any(not p.name.startswith(".") for p in out.iterdir()):
         raise DataError(f"{out} is not empty and holds no run.json: choose another --out")
     if not done(out):  # a finished folder is only read
-        _lock(out)
+        trainer.lock_folder(out)
     if info.is_file():
         try:
             old = read_json(info)["key"]
@@ -110,40 +97,12 @@ def run_folder(args, stage: str, label: str, key: dict) -> Path:
             raise DataError(f"{out} holds an unfinished run of these inputs: pass --resume to continue it, "
                             f"or delete the folder to start over")
     else:
-        trainer.write_json(info, {"key": key, "argv": args.argv, "git_commit": git_commit(),
+        trainer.write_json(info, {"key": key, "argv": args.argv, "git_commit": trainer.git_commit(),
                                   "started": time.strftime("%Y-%m-%d %H:%M:%S")})
     return out
 
 
 RUN_KEYS: dict[Path, str] = {}  # run folder -> the digest of its key
-_LOCKS: dict[Path, int] = {}  # run folders this process writes -> their locked .lock file
-
-
-def _lock(out: Path) -> None:
-    """One writer per run folder: an exclusive flock on out/.lock, held until release_locks() (or exit,
-    kill -9 included); a second writer is refused with the owner's pid, host and start time."""
-    if fcntl is None or out in _LOCKS:  # fcntl: POSIX only
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    try:  # O_NOFOLLOW: a planted symlink never gets our pid written over its target
-        fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-    except OSError as e:
-        raise DataError(f"{out / '.lock'} is not a plain file ({e.strerror}): delete it") from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        owner = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-        os.close(fd)
-        raise DataError(f"{out} is being written by {owner}: wait for it, or stop it and --resume") from None
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}".encode())
-    _LOCKS[out] = fd
-
-
-def release_locks() -> None:
-    for fd in _LOCKS.values():
-        os.close(fd)  # closing releases the flock
-    _LOCKS.clear()
 
 
 def done(out: Path) -> bool:
@@ -192,7 +151,7 @@ def _meta(ds, out: Path, **kw) -> dict:
     """What a checkpoint records of its making (data, catalog size, its run folder's inputs); resume and
     eval compare it."""
     return {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "n_items": ds.n_items,
-            "run_key": RUN_KEYS[out], "git_commit": git_commit(), **kw}
+            "run_key": RUN_KEYS[out], "git_commit": trainer.git_commit(), **kw}
 
 
 def _adamw(model, weight_decay: float, no_decay) -> torch.optim.AdamW:
@@ -356,6 +315,32 @@ def stage_rqvae(args, ds=None) -> Path:
     return out / "semantic_ids.npy"
 
 
+def stage_pq(args, ds=None) -> Path:
+    """VQ-Rec's product codes of every item (rqvae.product_codes: OPQ; PQ with --no-rotation), fitted on
+    the training items: codes-<opq|pq>-<encoder>-<hash>/codes.npy (N, 32) int64, the code audit in
+    results.json. From the raw pooled vectors, as VQ-Rec's faiss index gets its PLM's."""
+    ds = ds or load_dataset(args.dataset, args.data_dir)
+    if str(args.encoder).lower() == "none":
+        raise DataError("product codes are made from item text embeddings: --encoder minilm or a run folder")
+    emb, emb_path = _embeddings(args, ds)
+    kind = "pq" if args.no_rotation else "opq"
+    key = {"dataset": ds.name, "data": ds.fingerprint, "embeddings": content_hash(emb_path), "kind": kind,
+           "n_sub": PQ_SHAPE[0], "k": PQ_SHAPE[1], "seed": args.seed}
+    out = run_folder(args, "codes", f"{kind}-{ev.encoder_label(source(args))}", key)
+    if done(out):
+        return finish(out) or _unchanged(out / "codes.npy")
+    fit = np.flatnonzero(ds.splits.train_items)
+    say(f"{ds.name}: {kind} codes {PQ_SHAPE} of {emb.shape} embeddings (fit: {len(fit)} items) into {out}")
+    pq = rq.product_codes(emb, *PQ_SHAPE, rotate=kind == "opq", seed=args.seed, fit_rows=fit)
+    trainer.save_npy(out / "codes.npy", pq["codes"])
+    finish(out, {"task": "codes", "dataset": ds.name, "encoder": source(args), "seed": args.seed,
+                 "kind": kind, "sha256": content_hash(out / "codes.npy"), "embeddings": str(emb_path),
+                 "fit_items": len(fit),
+                 "distortion": pq["distortion"][::max(1, len(pq["distortion"]) - 1)],  # first, last
+                 "codes": rq.code_stats(pq["codes"], PQ_SHAPE[1])})
+    return out / "codes.npy"
+
+
 def fit_rqvae(emb: np.ndarray, cfg: rq.RQVAEConfig, out: Path, seed: int, device: str, meta: dict):
     """The RQ-VAE through trainer.fit: k-means init of the codebooks on the first batch; after each epoch,
     its code usage, and (cfg.dead_code_restart) its unused codes moved onto residuals of its last batch."""
@@ -413,10 +398,13 @@ def stage_unisrec(args) -> Path:
     _has_cases(ds, max_history=args.max_history)
     text = str(args.encoder).lower() != "none"
     mode = args.mode if text else "id"
-    emb, emb_path = _embeddings(args, ds) if text else (None, None)
-    emb = ev.l2_rows(emb) if text and args.normalize else emb  # default: raw, as UniSRec's preprocessing
+    codes_path = stage_pq(with_(args, out=None, resume=True), ds) if mode == "vqrec" else None
+    codes = read_array(codes_path, "product codes", "i", ds.n_items) if codes_path else None
+    emb, emb_path = _embeddings(args, ds) if text and not codes_path else (None, None)
+    emb = ev.l2_rows(emb) if emb is not None and args.normalize else emb  # default: raw, as UniSRec's
     args = with_(args, lr=args.lr or 1e-3, batch_size=args.batch_size or 2048)   # UniSRec's finetune.yaml
-    key = {"embeddings": content_hash(emb_path) if text else None, "mode": mode,
+    key = {"embeddings": content_hash(emb_path) if emb_path else None, "mode": mode,
+           **({"codes": content_hash(codes_path)} if codes_path else {}),
            "max_history": args.max_history, "mask_history": args.mask_history, "normalize": args.normalize}
     label = f"{mode}-{ev.encoder_label(source(args))}" if text else "id"
     loop = _loop(args)
@@ -426,7 +414,7 @@ def stage_unisrec(args) -> Path:
     device, rank = args.device, trainer.rank_world()[0]
     torch.manual_seed(args.seed)
     cfg = us.UniSRecConfig(mode=mode, max_seq_len=args.max_history)
-    model = (us.UniSRec(cfg, emb) if text else us.SASRecID(ds.n_items, cfg)).to(device)
+    model = (us.UniSRec(cfg, emb, codes) if text else us.SASRecID(ds.n_items, cfg)).to(device)
     if args.compile:
         model.compile_core()
     H = torch.as_tensor(ds.histories(ds.splits.train, args.max_history)[0], device=device)  # (N, L), -1 = pad
@@ -440,7 +428,8 @@ def stage_unisrec(args) -> Path:
     def evaluate(m, cases=ds.splits.valid, ranks_to=None):
         return ev.evaluate_unisrec(m, ds, cases, args.max_history, args.mask_history, ranks_to=ranks_to)
 
-    meta = _meta(ds, out, model_config=asdict(model.cfg), item_emb_path=str(emb_path) if text else None,
+    meta = _meta(ds, out, model_config=asdict(model.cfg), item_emb_path=str(emb_path) if emb_path else None,
+                 codes_path=str(codes_path) if codes_path else None,
                  normalize_input=args.normalize)
     summary = trainer.fit(model, loss_fn, len(T), torch.optim.Adam(model.parameters()), out, loop,
                           evaluate=evaluate, resume=args.resume, meta=meta, desc="unisrec")
@@ -545,7 +534,7 @@ def stage_retrieval(args, ds, encoder: str, max_length: int) -> None:
 
 def stage_all(args) -> None:
     """The paper's pipeline: EncodeRec fine-tuning; for the off-the-shelf and the tuned encoder, retrieval,
-    EASE, UniSRec (and SASRec-ID), semantic IDs and TIGER; the report. Each stage says what it does."""
+    EASE, UniSRec (and SASRec-ID), VQ-Rec, semantic IDs and TIGER; the report. Each stage says what it does."""
     b = BUDGETS[args.budget]
     ds = load_dataset(args.dataset, args.data_dir)
     fields = parse_fields(args.fields, ITEM_TEXT_FIELDS)
@@ -567,6 +556,8 @@ def stage_all(args) -> None:
     for enc in ["none", *encoders]:
         stage_unisrec(with_(base, encoder=enc, max_epochs=b["max_epochs"]))
     for enc in encoders:
+        stage_unisrec(with_(base, encoder=enc, mode="vqrec", max_epochs=b["max_epochs"]))
+    for enc in encoders:
         stage_tiger(with_(base, encoder=enc, rqvae_epochs=b["rqvae_epochs"], max_steps=b["max_steps"],
                           eval_every=b["eval_every"], warmup_steps=b["warmup_steps"], max_epochs=None))
     print(ev.report_markdown(ev.collect_report(Path(args.runs), [ds.name])))
@@ -574,7 +565,7 @@ def stage_all(args) -> None:
 
 # ----------------------------------------------------------------------------- command line
 STAGES = {"encoder": stage_encoder, "embed": stage_embed, "rqvae": stage_rqvae, "unisrec": stage_unisrec,
-          "tiger": stage_tiger, "ease": stage_ease, "all": stage_all}
+          "tiger": stage_tiger, "ease": stage_ease, "pq": stage_pq, "all": stage_all}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -620,8 +611,9 @@ def build_parser() -> argparse.ArgumentParser:
     u = ap.add_argument_group("unisrec and tiger")
     u.add_argument("--max-epochs", type=int, help="cap on epochs (none: early stopping only)")
     u.add_argument("--patience", type=int, default=10, help="evaluations without a better valid NDCG@10 (10)")
-    u.add_argument("--mode", choices=["inductive", "transductive"], default="inductive",
-                   help="unisrec: text only (the paper's) or text + item-ID embedding")
+    u.add_argument("--mode", choices=["inductive", "transductive", "vqrec"], default="inductive",
+                   help="unisrec: text only (the paper's), text + item-ID embedding, or VQ-Rec (OPQ codes)")
+    u.add_argument("--no-rotation", action="store_true", help="pq / vqrec: plain PQ codes instead of OPQ")
     u.add_argument("--max-history", type=int, default=50, help="unisrec: history length (50)")
     u.add_argument("--mask-history", action="store_true", help="unisrec: mask history items when ranking")
     u.add_argument("--normalize", action="store_true", help="unisrec: L2-normalise the item embeddings "
@@ -659,7 +651,8 @@ STAGE_FLAGS = {
                "doc_fields no_eval corpus",
     "embed": "encoder weights fields max_length",
     "rqvae": _IDS,
-    "unisrec": f"{_EMB} {_LOOP} mode max_history mask_history normalize",
+    "unisrec": f"{_EMB} {_LOOP} mode max_history mask_history normalize no_rotation",
+    "pq": f"{_EMB} no_rotation",
     "tiger": f"{_IDS} {_LOOP} max_steps eval_every warmup_steps beam tiger_history group_by_length",
     "ease": "",
 }
@@ -697,6 +690,8 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
          f"{given('rqvae_epochs', 'no_dead_code_restart')} is an RQ-VAE option; --tokenizer rkmeans has "
          "none"),
         (args.no_eval and given("holdout"), "--no-eval and --holdout contradict each other: pass one"),
+        (args.stage == "unisrec" and (args.normalize if args.mode == "vqrec" else args.no_rotation),
+         "--mode vqrec codes the raw vectors (OPQ; --no-rotation: PQ); --normalize is for the text modes"),
         (args.temperature < 1e-3, f"--temperature {args.temperature:g} overflows the logits: use >= 0.001"),
         (args.seeds and given("seed"), "--seed and --seeds: pass one"),
         (args.seeds and not all(0 <= x <= ev.SEED_MAX for x in args.seeds),
@@ -770,7 +765,7 @@ def main(argv=None) -> int:
             "with ENCODEREC_DEBUG=1 and report the traceback)")
         return 1
     finally:
-        release_locks()
+        trainer.release_locks()
         signal.signal(signal.SIGTERM, sigterm)
     return 0
 

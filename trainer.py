@@ -23,6 +23,8 @@ import io
 import json
 import math
 import os
+import socket
+import subprocess
 import tempfile
 import time
 from contextlib import nullcontext
@@ -32,6 +34,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
+
+try:
+    import fcntl
+except ImportError:  # Windows: run folders are not locked
+    fcntl = None
 
 
 @dataclass
@@ -185,6 +192,45 @@ def load_weights(model: torch.nn.Module, ck: dict, path) -> None:
 def _save_best(out: Path, model, st: TrainState, meta: dict) -> None:
     save_torch(out / "best.pt", {"model": model.state_dict(), "step": st.step, "valid": st.best_valid,
                                  "meta": meta})
+
+
+# ---- run folders: provenance and one writer
+def git_commit() -> str | None:
+    try:
+        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True)
+        return git.stdout.decode().strip() or None
+    except OSError:
+        return None
+
+
+_LOCKS: dict[Path, int] = {}  # run folders this process writes -> their locked .lock file
+
+
+def lock_folder(out: Path) -> None:
+    """One writer per run folder: an exclusive flock on out/.lock, held until release_locks() (or exit,
+    kill -9 included); a second writer is refused with the owner's pid, host and start time."""
+    if fcntl is None or out in _LOCKS:  # fcntl: POSIX only
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    try:  # O_NOFOLLOW: a planted symlink never gets our pid written over its target
+        fd = os.open(out / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise ValueError(f"{out / '.lock'} is not a plain file ({e.strerror}): delete it") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        owner = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise ValueError(f"{out} is being written by {owner}: wait for it, or stop it and --resume") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}".encode())
+    _LOCKS[out] = fd
+
+
+def release_locks() -> None:
+    for fd in _LOCKS.values():
+        os.close(fd)  # closing releases the flock
+    _LOCKS.clear()
 
 
 # ---- torchrun

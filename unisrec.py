@@ -9,7 +9,9 @@ after its official code (RUCAIBox/UniSRec on RecBole):
   causal + padding mask; the state at the last real position represents the sequence.
 * Scores (Sec. 2.3, Eq. 4): cosine(sequence, adaptor(text)) / 0.07; cross-entropy over ALL items.
 * Modes: 'inductive' (text only, EncodeRec's setting), 'transductive' (+ a learnable ID embedding),
-  'id' (classic SASRec on IDs, dot-product scores) = the no-text baseline.
+  'id' (classic SASRec on IDs, dot-product scores) = the no-text baseline, and 'vqrec': VQ-Rec (Hou et
+  al., WWW 2023; RUCAIBox/VQ-Rec), the text embedding's product code (n_sub codes of `code_cap`, made by
+  rqvae.product_codes) -> the mean of one learned embedding per code, cosine / 0.07 as above.
 No pre-training: trained on the target domain, the text embeddings frozen (a buffer).
 
 Histories: (B, L) int64 catalog rows, negative = padding, either alignment; packed LEFT-aligned (as
@@ -20,6 +22,7 @@ score; each query sees itself, so an empty row stays finite.
     loss = model.loss(hist, target)             # hist (B, L) int64, target (B,)
     scores = score(model, hist)                 # (B, I) for full-ranking evaluation
     sasrec = SASRecID(n_items)                  # mode 'id'
+    vqrec = UniSRec(UniSRecConfig(mode="vqrec"), codes=codes)  # codes (I, n_sub) int, each < code_cap
 
 Imports: stdlib, torch, numpy.
 """
@@ -33,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MODES = ("inductive", "transductive", "id")
+MODES = ("inductive", "transductive", "id", "vqrec")
 
 
 # ----------------------------------------------------------------------------- configs
@@ -57,6 +60,8 @@ class UniSRecConfig:
     temperature: float = 0.07        # UniSRec: temperature 0.07 (cosine / tau)
     gate_noise: bool = True          # UniSRec: MoEAdaptorLayer noise=True
     noise_eps: float = 1e-2          # UniSRec: noise_epsilon 1e-2
+    code_cap: int = 256              # VQ-Rec: code_cap 256 codes per sub-vector (OPQ32,IVF1,PQ32x8)
+    n_sub: int | None = None         # VQ-Rec: code_dim 32 sub-vectors; inferred from the codes
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -164,11 +169,19 @@ class Block(nn.Module):
 class UniSRec(nn.Module):
     """UniSRec on item_emb (I, d_plm) (modes 'inductive', 'transductive') or SASRec on IDs ('id')."""
 
-    def __init__(self, cfg: UniSRecConfig | None = None, item_emb=None):
+    def __init__(self, cfg: UniSRecConfig | None = None, item_emb=None, codes=None):
         super().__init__()
         cfg = replace(cfg or UniSRecConfig())
         cfg.validate()
-        text = cfg.mode != "id"
+        text = cfg.mode in ("inductive", "transductive")
+        if cfg.mode == "vqrec":
+            c = torch.as_tensor(np.asarray(codes if codes is not None else np.empty((0, 0)))).long()
+            if c.dim() != 2 or not c.numel() or int(c.min()) < 0 or int(c.max()) >= cfg.code_cap:
+                raise ValueError(f"mode 'vqrec' needs codes (n_items, n_sub) in [0, {cfg.code_cap}), got "
+                                 f"{tuple(c.shape)}")
+            cfg = replace(cfg, n_items=c.shape[0], n_sub=c.shape[1], plm_size=None)
+            rows = c + torch.arange(c.shape[1]) * cfg.code_cap  # (I, M): sub-vector m's codes own rows m*K..
+            self.register_buffer("code_rows", rows, persistent=False)
         if text:
             if item_emb is None:
                 raise ValueError(f"mode {cfg.mode!r} needs the item-embedding table (I, d_plm): pass "
@@ -191,6 +204,8 @@ class UniSRec(nn.Module):
         if text:
             self.adaptor = MoEAdaptor(cfg.plm_size, D, cfg.n_exps, cfg.adaptor_dropout, cfg.gate_noise,
                                       cfg.noise_eps, cfg.initializer_range)
+        if cfg.mode == "vqrec":
+            self.code_emb = nn.Embedding(cfg.n_sub * cfg.code_cap, D)
         if cfg.mode in ("transductive", "id"):  # row 0 = padding, item i -> row i + 1
             self.item_id_emb = nn.Embedding(cfg.n_items + 1, D, padding_idx=0)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, D)
@@ -251,7 +266,8 @@ class UniSRec(nn.Module):
         if self.cfg.mode == "id":
             return self.item_id_emb(items + 1)
         B, W = items.shape
-        x = self.adaptor(self.plm_emb[items[valid]])  # (n_real, d_plm) -> (n_real, D)
+        x = self._codes_mean(items[valid]) if self.cfg.mode == "vqrec" else \
+            self.adaptor(self.plm_emb[items[valid]])  # (n_real, d_plm) -> (n_real, D)
         out = x.new_zeros(B, W, x.shape[1]).masked_scatter(valid.unsqueeze(-1), x)  # (n_real, D) -> (B, W, D)
         if self.cfg.mode == "transductive":
             out = out + self.item_id_emb(items + 1)
@@ -261,10 +277,16 @@ class UniSRec(nn.Module):
         """Every catalog item's representation (I, D)."""
         if self.cfg.mode == "id":
             return self.item_id_emb.weight[1:]  # (I+1, D) -> (I, D), drop padding
+        if self.cfg.mode == "vqrec":
+            return self._codes_mean(torch.arange(self.cfg.n_items, device=self.device))
         t = self.adaptor(self.plm_emb)          # (I, d_plm) -> (I, D)
         if self.cfg.mode == "transductive":
             t = t + self.item_id_emb.weight[1:]
         return t
+
+    def _codes_mean(self, items: torch.Tensor) -> torch.Tensor:
+        """VQ-Rec's item representation: the mean of its codes' embeddings, (n,) -> (n, D)."""
+        return F.embedding_bag(self.code_rows[items], self.code_emb.weight, mode="mean")
 
     def _run(self, hist, all_positions: bool) -> tuple[torch.Tensor, torch.Tensor]:
         items, valid, lengths = self.prepare(hist)                    # (B, W) each, (B,)

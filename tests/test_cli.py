@@ -157,6 +157,31 @@ def test_unisrec_stage_and_eval(tmp_path, fixture_ds, encoder, capsys):
     assert "--device gpu" in capsys.readouterr().err
 
 
+def test_vqrec_trains_on_product_codes_and_evaluates(tmp_path, fixture_ds, capsys):
+    """--mode vqrec makes the OPQ codes on the way (fitted on the training items), trains, and eval.py
+    --task vqrec scores the same best model; the codes' audit is in the collisions table."""
+    argv = ["--stage", "unisrec", "--mode", "vqrec", "--dataset", str(fixture_ds), "--fields", "title,categories",
+            "--max-epochs", "2", "--batch-size", "8", *_common(tmp_path)]
+    assert train.main(argv) == 0
+    results = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    runs = tmp_path / "runs" / "Fix"
+    codes_run = _one(runs, "codes-opq-minilm-*")
+    codes = np.load(codes_run / "codes.npy")
+    audit = json.loads((codes_run / "results.json").read_text())
+    assert codes.shape == (6, 32) and audit["fit_items"] == 6 and audit["kind"] == "opq"
+    assert results["mode"] == "vqrec" and results["run"] == str(_one(runs, "unisrec-vqrec-minilm-*"))
+    assert ev.main(["--task", "vqrec", "--dataset", str(fixture_ds), *_common(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["test"] == results["test"]
+    recs = ev.collect_report(tmp_path / "runs", ["Fix"])
+    assert any(r["table"] == "collisions" and r["row"] == "all-MiniLM-L6-v2 / opq 32 codes" for r in recs)
+    assert any(r["table"] == "unisrec" and r["row"] == "all-MiniLM-L6-v2 -> VQ-Rec codes" for r in recs)
+    assert any(r["table"] == "cold" and r["row"] == "VQ-Rec: all-MiniLM-L6-v2" for r in recs)
+    for bad, msg in ((["--normalize"], "--normalize is for the text modes"),):
+        assert train.main([*argv, *bad]) == 2 and msg in capsys.readouterr().err
+    assert train.main([*argv[:2], *argv[4:], "--no-rotation"]) == 2                # PQ flag without vqrec
+    assert "--no-rotation" in capsys.readouterr().err
+
+
 def test_stage_all_smoke_then_everything_is_up_to_date(tmp_path, fixture_ds, minilm, capsys):
     """The whole pipeline on the fixture catalog (real MiniLM), then a second call that only reads."""
     argv = ["--stage", "all", "--dataset", str(fixture_ds), "--budget", "smoke", *_common(tmp_path)]
@@ -166,14 +191,15 @@ def test_stage_all_smoke_then_everything_is_up_to_date(tmp_path, fixture_ds, min
     for pattern in ("encoder-minilm-*", "retrieval-minilm-*", "retrieval-encoder-minilm-*", "embed-minilm-*",
                     "embed-encoder-minilm-*", "unisrec-id-*", "unisrec-inductive-minilm-*",
                     "unisrec-inductive-encoder-minilm-*", "ids-rqvae-minilm-*", "ids-rqvae-encoder-minilm-*",
-                    "tiger-rqvae-minilm-*", "tiger-rqvae-encoder-minilm-*"):
+                    "tiger-rqvae-minilm-*", "tiger-rqvae-encoder-minilm-*", "ease-items-*", "codes-opq-minilm-*",
+                    "codes-opq-encoder-minilm-*", "unisrec-vqrec-minilm-*", "unisrec-vqrec-encoder-minilm-*"):
         assert (_one(runs, pattern) / "results.json").exists(), pattern
-    for table in ("Table 1 shape", "Table 2 shape", "Table 3 shape", "collisions"):
+    for table in ("Table 1 shape", "Table 2 shape", "Table 3 shape", "collisions", "cold-start"):
         assert table in out.out
     first = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()}
 
     assert train.main(argv) == 0                                  # nothing left to do
-    assert capsys.readouterr().err.count("up to date") >= 12
+    assert capsys.readouterr().err.count("up to date") >= 17
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} == first
 
     # a longer TIGER history: two new TIGER folders, nothing else redone, nothing moved or deleted

@@ -679,9 +679,9 @@ def test_torch_save_on_a_full_disk_is_an_oserror(tmp_path, monkeypatch):
 _HOLDER = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
-import train
+import trainer
 from pathlib import Path
-train._lock(Path(sys.argv[2]))
+trainer.lock_folder(Path(sys.argv[2]))
 print("locked", flush=True)
 time.sleep(60)
 """

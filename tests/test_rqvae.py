@@ -278,3 +278,34 @@ def test_training_is_reproducible_with_several_threads():
     out = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[1], check=True,
                          capture_output=True, text=True, timeout=300).stdout
     assert out.strip().splitlines()[-1] == "True"
+
+
+# ----------------------------------------------------------------------------- product codes (VQ-Rec)
+@pytest.mark.parametrize("rotate", [False, True])
+def test_product_codes_invariants(rotate):
+    """Codes in range per sub-vector, R orthogonal, reconstruction = centroids rotated back; OPQ's
+    alternation never raises the distortion and ends below plain PQ on correlated data."""
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((600, 16)) @ rng.standard_normal((16, 16))).astype(np.float32)  # correlated dims
+    out = rq.product_codes(x, n_sub=4, k=8, rotate=rotate, opq_iters=8, fit_rows=np.arange(500))
+    codes, r, books = out["codes"], out["rotation"], out["centroids"]
+    assert codes.shape == (600, 4) and codes.min() >= 0 and codes.max() < 8 and books.shape == (4, 8, 4)
+    np.testing.assert_allclose(r @ r.T, np.eye(16), atol=1e-5)
+    recon = books[np.arange(4), codes].reshape(600, 16) @ r.T + out["mean"]      # (N, 4, 4) -> (N, 16)
+    d = out["distortion"]
+    assert all(b <= a * (1 + 1e-5) for a, b in zip(d, d[1:]))                       # monotone
+    err = ((x[:500] - recon[:500]) ** 2).sum(1).mean()
+    assert err == pytest.approx(d[-1], rel=0.05) if not rotate else err <= d[-1] * 1.0001
+    if rotate:
+        plain = rq.product_codes(x, n_sub=4, k=8, rotate=False, fit_rows=np.arange(500))["distortion"][0]
+        assert d[-1] < 0.9 * plain
+    stats = rq.code_stats(codes, 8)
+    assert stats["sub_vectors"] == 4 and 0 < stats["usage_min"] <= 1 and 0 <= stats["shared_code_rate"] < 1
+
+
+def test_product_codes_refuse_uneven_splits_and_audit_by_hand():
+    with pytest.raises(ValueError, match="do not split"):
+        rq.product_codes(np.ones((10, 10), np.float32), n_sub=3)
+    c = np.array([[0, 1], [0, 1], [2, 3], [0, 3]])
+    s = rq.code_stats(c, k=4)
+    assert s["shared_code_rate"] == 0.25 and s["largest_group"] == 2 and s["usage_min"] == 0.5

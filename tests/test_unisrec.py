@@ -28,9 +28,14 @@ def table(seed=0, n=I, d=D_PLM):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
+CODES = np.random.default_rng(1).integers(0, 8, (I, 4))  # VQ-Rec: 4 sub-vectors of 8 codes per item
+
+
 def build(mode="inductive", seed=0, **kw):
     torch.manual_seed(seed)
     cfg = replace(TINY, mode=mode, **kw)
+    if mode == "vqrec":
+        return us.UniSRec(replace(cfg, code_cap=8), codes=CODES)
     return us.SASRecID(I, cfg) if mode == "id" else us.UniSRec(cfg, table())
 
 
@@ -52,7 +57,7 @@ def left_aligned(seqs, L):
 
 
 SEQS = [[3, 7, 1, 4], [5], [2, 9, 11, 12, 13, 14], [0, 29]]
-MODES = ["inductive", "transductive", "id"]
+MODES = ["inductive", "transductive", "id", "vqrec"]
 
 
 # ----------------------------------------------------------------------------- shapes / masks
@@ -70,10 +75,12 @@ def test_shapes(mode):
     loss = m.loss(h, [1, 2, 3, 4])
     loss.backward()
     assert loss.ndim == 0 and math.isfinite(loss.item())
-    if mode != "id":
+    if mode in ("inductive", "transductive"):
         assert "plm_emb" in dict(m.named_buffers()) and "plm_emb" not in m.state_dict()
         assert all(p is not m.plm_emb for p in m.parameters())
         assert m.adaptor.experts[0].bias.grad is not None
+    if mode == "vqrec":  # the codes are data (a buffer); each code's embedding learns
+        assert "code_rows" not in m.state_dict() and m.code_emb.weight.grad.abs().sum(1).gt(0).any()
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -156,7 +163,8 @@ def test_loss_matches_hand_computed(mode):
             items = m.item_id_emb.weight[1:]
             logits = seq @ items.T
         else:
-            items = m.adaptor(m.plm_emb)
+            items = m.adaptor(m.plm_emb) if mode != "vqrec" else torch.stack(  # the mean of its 4 codes' rows
+                [m.code_emb.weight[[8 * s + CODES[i, s] for s in range(4)]].mean(0) for i in range(I)])
             if mode == "transductive":
                 items = items + m.item_id_emb.weight[1:]
             cos = (seq / seq.norm(dim=1, keepdim=True)) @ (items / items.norm(dim=1, keepdim=True)).T

@@ -397,7 +397,7 @@ def run_retrieval(args) -> dict:
 
 def evaluate_unisrec(model, ds, cases, max_len: int, mask_history: bool = False, ks=(10, 50),
                      ranks_to=None) -> dict:
-    """summarize() of UniSRec's full ranking; ranks_to: also save each case's rank there (.npy, (C,))."""
+    """summarize() of UniSRec's full ranking; ranks_to: also save each case's rank (.npy, (C,))."""
     hist, _ = ds.histories(cases, max_len)  # (C, L), -1 = padding
     masked = ds.histories(cases, int(ds.seq_lengths.max()))[0] if mask_history else None
     ranks = full_ranking_ranks(score_fn(model, hist), len(cases), cases.target, histories=masked)
@@ -477,8 +477,8 @@ def ease_weights(gram: torch.Tensor, lam: float) -> torch.Tensor:
 
 
 def ease_run(ds, lambdas=EASE_LAMBDAS, ranks_to=None) -> dict:
-    """EASE fitted on the training interactions (each user's training items, 0/1); lam = the best valid
-    NDCG@10 of `lambdas`; a case's scores = its whole history (0/1) times B, ranked like every model's."""
+    """EASE fitted on the training interactions (0/1); lam = the best valid NDCG@10 of `lambdas`; a case's
+    scores = its whole history (0/1) times B, ranked like every model's."""
     need, have = 4 * ds.n_items ** 2 * 4, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > 0.8 * have:
         raise DataError(f"{ds.name}: EASE's dense inverse over {ds.n_items} items needs ~{need / 2**30:.0f} "
@@ -503,7 +503,7 @@ def ease_run(ds, lambdas=EASE_LAMBDAS, ranks_to=None) -> dict:
             save_npy(to, r)
         return r
     valid = {}
-    for lam in tqdm(lambdas, "EASE: lambda on validation", unit="lambda"):
+    for lam in tqdm(lambdas, "EASE: lambda on valid", unit="lambda"):
         valid[lam] = metrics_from_ranks(ranks(ease_weights(gram, lam), ds.splits.valid), (10,))
     best = max(lambdas, key=lambda lam: valid[lam]["ndcg@10"])
     test = ds.splits.test
@@ -796,7 +796,7 @@ def run_report(args) -> dict:
 TASKS = {  # --task -> (runner, help)
     "retrieval": (run_retrieval, "title -> document retrieval of --encoder"),
     "unisrec": (run_unisrec, "valid / test metrics of a UniSRec or SASRec-ID run"),
-    "vqrec": (run_unisrec, "valid / test metrics of a VQ-Rec run (train.py --stage unisrec --mode vqrec)"),
+    "vqrec": (run_unisrec, "valid / test metrics of a VQ-Rec run (unisrec --mode vqrec)"),
     "tiger": (run_tiger, "test metrics of a TIGER run beside popularity"),
     "collisions": (run_collisions, "collision audit of an ids-* run's semantic IDs"),
     "report": (run_report, "the paper's tables from the finished runs of each --dataset"),

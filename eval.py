@@ -1,4 +1,4 @@
-"""Evaluation as EncodeRec (arXiv 2601.10837) reports it, and `python eval.py --task ...`.
+"""Evaluation as EncodeRec (arXiv 2601.10837) reports it; `python eval.py --task ...`.
 
 Leave-one-out, each target ranked against *all* items: Recall@K = share of targets in the top K, NDCG@K =
 mean of 1/log2(rank + 2) over them (rank 0 = first; one relevant item: ideal DCG 1). Ties are pessimistic;
@@ -37,13 +37,11 @@ MISS = np.iinfo(np.int64).max // 2  # rank of a target absent from a top-K list
 # ---- ranks
 def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor,
                       counts: torch.Tensor | None = None) -> torch.Tensor:
-    """0-based rank of each target among all items, ties pessimistic.
-
-    scores (B, I), targets (B,) -> (B,) int64 = #{j != target : score_j >= score_target}. With `counts`
-    (I,), column j stands for counts[j] identical entries (e.g. one text shared by several items): it weighs
-    counts[j] when ahead; the target's own copies never count. A NaN target score is a miss (rank = number
-    of entries); a NaN score of another item ranks ahead of the target.
-    """
+    """0-based rank of each target among all items, ties pessimistic: scores (B, I), targets (B,) -> (B,)
+    int64 = #{j != target : score_j >= score_target}. With `counts` (I,), column j stands for counts[j]
+    identical entries (one text shared by several items): it weighs counts[j] when ahead; the target's own
+    copies never count. A NaN target score is a miss (rank = number of entries); another item's NaN ranks
+    ahead."""
     t = scores.gather(1, targets[:, None])  # (B, 1)
     ahead = (scores >= t) | torch.isnan(scores)  # (B, I), includes the target; NaN = ahead
     if counts is None:
@@ -301,7 +299,9 @@ def find_run(args, task: str) -> Path:
         run = Path(args.run)
         if not (run / "results.json").is_file():
             raise DataError(f"{run} is not a finished run of train.py (no results.json)")
-        if run_results(run).get("task") != {"collisions": "rqvae", "vqrec": "unisrec"}.get(task, task):
+        res = run_results(run)
+        if res.get("task") != {"collisions": "rqvae", "vqrec": "unisrec"}.get(task, task) or \
+                task == "vqrec" and res.get("mode") != "vqrec":
             raise DataError(f"{run} is not a {task} run")
         return run
     name = Path(args.dataset).name.lower()
@@ -310,7 +310,8 @@ def find_run(args, task: str) -> Path:
         task, (task, task))  # run folder, train.py stage
     if task == "collisions":  # the IDs of --tokenizer on --encoder
         prefix += f"-{args.tokenizer}-{encoder_label(args.encoder)}"
-    runs = [p.parent for r in roots for p in r.glob(f"{prefix}-*/results.json")]
+    runs = [p.parent for r in roots for p in r.glob(f"{prefix}-*/results.json")
+            if task != "unisrec" or not p.parent.name.startswith("unisrec-vqrec-")]  # --task vqrec
     if not runs:
         which = f" --encoder {args.encoder} --tokenizer {args.tokenizer}" if task == "collisions" else ""
         raise DataError(f"no finished {task} run for {args.dataset} under {args.runs}/: train one with "
@@ -397,7 +398,7 @@ def run_retrieval(args) -> dict:
 
 def evaluate_unisrec(model, ds, cases, max_len: int, mask_history: bool = False, ks=(10, 50),
                      ranks_to=None) -> dict:
-    """summarize() of UniSRec's full ranking; ranks_to: also save each case's rank (.npy, (C,))."""
+    """summarize() of UniSRec's full ranking; ranks_to: save each case's rank (.npy, (C,))."""
     hist, _ = ds.histories(cases, max_len)  # (C, L), -1 = padding
     masked = ds.histories(cases, int(ds.seq_lengths.max()))[0] if mask_history else None
     ranks = full_ranking_ranks(score_fn(model, hist), len(cases), cases.target, histories=masked)
@@ -476,18 +477,18 @@ def ease_weights(gram: torch.Tensor, lam: float) -> torch.Tensor:
     return b
 
 
-def ease_run(ds, lambdas=EASE_LAMBDAS, ranks_to=None) -> dict:
-    """EASE fitted on the training interactions (0/1); lam = the best valid NDCG@10 of `lambdas`; a case's
-    scores = its whole history (0/1) times B, ranked like every model's."""
+def ease_run(ds, lambdas=EASE_LAMBDAS, ranks_to=None, device="cpu") -> dict:
+    """EASE on the training interactions; lam = the best valid NDCG@10 of `lambdas`; scores = a case's
+    history (0/1) times B."""
     need, have = 4 * ds.n_items ** 2 * 4, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > 0.8 * have:
-        raise DataError(f"{ds.name}: EASE's dense inverse over {ds.n_items} items needs ~{need / 2**30:.0f} "
-                        f"GiB, more than this machine's {have / 2**30:.0f} GiB allows")
+        raise DataError(f"{ds.name}: EASE's dense inverse of {ds.n_items} items needs ~{need / 2**30:.0f} "
+                        f"GiB of this machine's {have / 2**30:.0f}")
     train = training_interactions(ds)
     user, item = np.repeat(np.arange(ds.n_users), ds.seq_lengths)[train], ds.seq_items[train]
-    gram = torch.zeros(ds.n_items, ds.n_items)  # (I, I) = X^T X, X summed 4,096 users at a time
+    gram = torch.zeros(ds.n_items, ds.n_items, device=device)  # (I, I) = X^T X, summed 4,096 users at a time
     for s in range(0, ds.n_users, 4096):
-        x = torch.zeros(min(4096, ds.n_users - s), ds.n_items)
+        x = torch.zeros(min(4096, ds.n_users - s), ds.n_items, device=device)
         sel = (user >= s) & (user < s + 4096)
         x[user[sel] - s, item[sel]] = 1.0  # a repeated item counts once
         gram += x.T @ x
@@ -496,14 +497,15 @@ def ease_run(ds, lambdas=EASE_LAMBDAS, ranks_to=None) -> dict:
     def ranks(b, cases, to=None):
         def score(idx):
             hist, _ = ds.histories(cases.subset(idx), longest, pad=ds.n_items)  # (B, L)
-            multi_hot = torch.zeros(len(idx), ds.n_items + 1).scatter_(1, torch.as_tensor(hist), 1.0)
+            multi_hot = torch.zeros(len(idx), ds.n_items + 1, device=device).scatter_(
+                1, torch.as_tensor(hist, device=device), 1.0)
             return multi_hot[:, :-1] @ b  # (B, I)
         r = full_ranking_ranks(score, len(cases), cases.target)
         if to is not None:
             save_npy(to, r)
         return r
     valid = {}
-    for lam in tqdm(lambdas, "EASE: lambda on valid", unit="lambda"):
+    for lam in tqdm(lambdas, "EASE", unit="lambda"):
         valid[lam] = metrics_from_ranks(ranks(ease_weights(gram, lam), ds.splits.valid), (10,))
     best = max(lambdas, key=lambda lam: valid[lam]["ndcg@10"])
     test = ds.splits.test
@@ -550,7 +552,7 @@ TABLES = {  # table -> (title, metrics shown per dataset)
     "retrieval": ("Table 1 shape: title -> document retrieval (full ranking over all documents)", R10),
     "unisrec": ("Table 2 shape: UniSRec (and VQ-Rec) on frozen item embeddings, test set, full ranking", R10),
     "tiger": ("Table 3 shape: TIGER on semantic IDs, test set, constrained beam 10", R10),
-    "collisions": ("Semantic-ID collisions (3-code prefixes; product codes: the full code)",
+    "collisions": ("Semantic-ID collisions (3-code prefixes; product codes: whole codes)",
                    ("collision_rate", "largest_group", "usage_l1", "usage_l2", "usage_l3")),
     "cold": ("Test targets seen in training (in-set) and never seen (cold-start): Recall@10",
              ("in_set_recall@10", "cold_start_recall@10", "cold_start_n")),
@@ -586,29 +588,25 @@ def _records(run: Path, res: dict, source: tuple) -> list[tuple]:
     _source of its encoder."""
     task, (row, base, _) = res.get("task"), source
     if task == "unisrec":
-        ids = {"transductive": " + item IDs", "vqrec": " -> VQ-Rec codes"}.get(res.get("mode"), "")
-        ids += " (L2-normalised input)" if res.get("normalize") else ""
+        ids = (" + item IDs" if res.get("mode") == "transductive" else "") + \
+            (" (L2-normalised input)" if res.get("normalize") else "")
         model = {"vqrec": "VQ-Rec", "id": "SASRec"}.get(res.get("mode"), "UniSRec")
-        return [("unisrec", row + ids, base and base + ids, res["test"], R10 + R50),
-                *_cold(res["test"], f"{model}: {row}", base and f"{model}: {base}")]
+        pre = "VQ-Rec on " if model == "VQ-Rec" else ""
+        return [("unisrec", pre + row + ids, base and pre + base + ids, res["test"], R10 + R50),
+                *_cold(res["test"], f"{model}: {row}{ids}", base and f"{model}: {base}{ids}")]
     if task == "tiger":
         tok = res.get("tokenizer")
         return [("tiger", f"{row} / {tok}", base and f"{base} / {tok}", res["test"], R5 + R10),
                 ("tiger", "popularity", None, res["popularity"], R5 + R10),
                 *_cold(res["test"], f"TIGER: {row} / {tok}", base and f"TIGER: {base} / {tok}")]
-    if task == "codes":
-        col = {**res["codes"], "collision_rate": res["codes"]["shared_code_rate"]}
-        tok = f"{res['kind']} {col['sub_vectors']} codes"
-        return [("collisions", f"{row} / {tok}", base and f"{base} / {tok}", col,
-                 ("items", "collision_rate", "largest_group", "usage_min"))]
     if task == "ease":  # the anchor of every recommender table, on the same test cases
         return [("unisrec", "EASE", None, res["test"], R10 + R50),
-                ("tiger", "EASE", None, res["test"], R5 + R10)]
+                ("tiger", "EASE", None, res["test"], R5 + R10), *_cold(res["test"], "EASE", None)]
     if task == "retrieval":
         return [("retrieval", f"{row} (all items, {res.get('max_length')} tokens)", None, res, R10)]
-    if task == "rqvae":
+    if task in ("rqvae", "codes"):  # product codes: the whole code
         col = res["collisions"]
-        usage = {f"usage_l{i + 1}": u for i, u in enumerate(col.get("usage", []))}
+        usage = {f"usage_l{i + 1}": u for i, u in enumerate(col.get("usage", [])[:3])}
         tok = res["tokenizer"] + (", unscaled" if res.get("standardize") is False else "") + \
             (", no dead-code restart" if res.get("dead_code_restart") is False else "")
         return [("collisions", f"{row} / {tok}", base and f"{base} / {tok}", {**col, **usage},
@@ -620,7 +618,7 @@ def _records(run: Path, res: dict, source: tuple) -> list[tuple]:
 
 
 def _cold(test: dict, row: str, base: str | None) -> list[tuple]:
-    """The cold-start table's record of a recommender's test metrics (if they split in-set / cold)."""
+    """The cold-start table's record of split test metrics."""
     if "cold_start" not in test:
         return []
     m = {"in_set_recall@10": test["in_set"]["recall@10"],
@@ -640,7 +638,7 @@ def _setting(run: Path, res: dict) -> tuple[str, str]:
     sched = (f"capped at {loop['max_epochs']} epochs" if loop.get("max_epochs") else "") if \
         res.get("task") == "unisrec" else f"{loop['max_steps']} steps max" if loop.get("max_steps") else ""
     rest = {k: v for k, v in key.items()
-            if k not in ("seed", "embeddings", "semantic_ids", "weights", "data")}
+            if k not in ("seed", "embeddings", "semantic_ids", "codes", "weights", "data")}
     return sched, digest({**rest, "loop": loop})
 
 
@@ -673,7 +671,7 @@ def collect_report(runs, names) -> list[dict]:
                     continue
                 pop = row == "popularity"  # the same for every seed and setting
                 g = (table, name, row, "" if pop else sched, "" if pop else tag,
-                     digest(recipe) if recipe else "")
+                     digest(recipe) if recipe and not pop else "")
                 seeds, t = groups.setdefault(g, {}), f.stat().st_mtime
                 if res.get("seed") not in seeds or t > seeds[res.get("seed")][0]:
                     seeds[res.get("seed")] = (t, f.parent, metrics, keys)
@@ -698,7 +696,8 @@ def collect_report(runs, names) -> list[dict]:
             if not vals:
                 continue
             test = (_significance(runs_, [v[1] for v in other.values()], m) if m in R10 else welch_test(
-                [v[2][m] for v in other.values()], vals) if m in LOWER else None) if other else None
+                [v[2][m] for v in other.values() if _number(v[2].get(m))], vals) if m in LOWER else None) \
+                if other else None
             out.append({"table": g[0], "dataset": g[1], "row": row, "schedule": g[3], "metric": m,
                         "value": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1
                         else 0.0, "n": len(vals), "p": test and test["p"], "diff": test and test["diff"],

@@ -201,17 +201,6 @@ def product_codes(emb, n_sub: int = 32, k: int = 256, rotate: bool = True, opq_i
             "mean": mean.numpy(), "distortion": history}
 
 
-def code_stats(codes, k: int = 256) -> dict:
-    """Audit of product codes (JSON): usage = share of each sub-space's k codes used (min, mean);
-    shared_code_rate = 1 - distinct full codes / items; largest_group of items sharing one."""
-    c = _check_codes(codes)
-    _, counts = np.unique(c, axis=0, return_counts=True)
-    usage = [float(len(np.unique(c[:, m])) / k) for m in range(c.shape[1])]
-    return {"items": len(c), "sub_vectors": c.shape[1], "usage_min": round(min(usage), 4),
-            "usage_mean": round(float(np.mean(usage)), 4),
-            "shared_code_rate": round(1 - len(counts) / len(c), 6), "largest_group": int(counts.max())}
-
-
 # ----------------------------------------------------------------------------- semantic IDs
 def _check_codes(codes3) -> np.ndarray:
     c = np.asarray(codes3)

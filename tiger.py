@@ -169,9 +169,10 @@ def _int_2d(x, device, what: str) -> torch.Tensor:
     return t.long()
 
 
-def tokenize_histories(hist, ids: SemanticIDs, max_items: int = 20) -> torch.Tensor:
+def tokenize_histories(hist, ids: SemanticIDs, max_items: int = 20, fixed: bool = False) -> torch.Tensor:
     """Encoder input (module docstring) of histories (B, L) (item indices, negative = padding, either
-    alignment): (B, n_levels * L' + 1) int64, L' = the longest kept history."""
+    alignment): (B, n_levels * L' + 1) int64, L' = the longest kept history, or max_items if `fixed` (one
+    shape for every batch: the GPU path; trailing PAD changes no result)."""
     h = _int_2d(hist, ids.device, "histories (B, L) of item indices")
     B, L = h.shape
     if h.numel() and int(h.max()) >= ids.n_items:
@@ -180,10 +181,10 @@ def tokenize_histories(hist, ids: SemanticIDs, max_items: int = 20) -> torch.Ten
     valid = h >= 0                 # (B, L)
     n = valid.sum(dim=1)           # (B,) real items
     kept = n.clamp(max=max_items)  # (B,)
-    W = int(kept.max()) if B else 0
+    W = max_items if fixed else int(kept.max()) if B else 0
     n_lv = ids.n_levels
     out = torch.zeros(B, n_lv * W + 1, dtype=torch.long, device=h.device)
-    if W:
+    if W and L:
         order = torch.argsort((~valid).to(torch.uint8), dim=1, stable=True)  # real items first, order kept
         packed = h.gather(1, order)  # (B, L) left-packed
         cols = (n - kept).unsqueeze(1) + torch.arange(W, device=h.device)  # (B, W) last `kept` items
@@ -482,16 +483,22 @@ class Tiger(nn.Module):
         src, tgt_in = self._check(src, "encoder input"), self._check(tgt_in, "decoder input")
         return self.by_width(self._forward, src, tgt_in)
 
-    def loss(self, src, tgt) -> torch.Tensor:
-        """Mean cross-entropy of the target tokens (B, S), teacher-forced."""
-        tgt = self._check(tgt, "target tokens")
-        logits = self(src, decoder_inputs(tgt))  # (B, S, V)
+    def loss(self, src, tgt, checked: bool = True) -> torch.Tensor:
+        """Mean cross-entropy of the target tokens (B, S), teacher-forced. checked=False skips the range
+        checks (each a host-device sync) for tensors already checked, e.g. a device-resident epoch."""
+        if checked:
+            src, tgt = self._check(src, "encoder input"), self._check(tgt, "target tokens")
+        logits = self.by_width(self._forward, src, decoder_inputs(tgt))  # (B, S, V)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1))
 
-    def compile_core(self, **kwargs) -> Tiger:
-        """torch.compile both stacks (dynamic shapes); state-dict keys unchanged."""
+    def compile_core(self, fixed: bool = False, **kwargs) -> Tiger:
+        """torch.compile both stacks (dynamic shapes); fixed=True (one batch shape, the GPU path): only the
+        teacher-forced step, as CUDA graphs ("reduce-overhead"), beam search eager. State-dict keys kept."""
         if not getattr(self, "_compiled", False):
             self._compiled = True
+            if fixed:
+                self._forward = torch.compile(self._forward, mode="reduce-overhead", dynamic=False, **kwargs)
+                return self
             kwargs.setdefault("dynamic", True)
             self.encoder.compile(**kwargs)
             self.decoder.compile(**kwargs)

@@ -148,8 +148,7 @@ def _weights(args, ds, encoder: str) -> tuple[Path, dict, int]:
 
 
 def _meta(ds, out: Path, **kw) -> dict:
-    """What a checkpoint records of its making (data, catalog size, its run folder's inputs); resume and
-    eval compare it."""
+    """What a checkpoint records of its making (data, catalog size, run key); resume and eval check it."""
     return {"dataset": ds.name, "data_fingerprint": ds.fingerprint, "n_items": ds.n_items,
             "run_key": RUN_KEYS[out], "git_commit": trainer.git_commit(), **kw}
 
@@ -159,7 +158,7 @@ def _adamw(model, weight_decay: float, no_decay) -> torch.optim.AdamW:
     named = list(model.named_parameters())
     groups = [[p for k, p in named if not no_decay(k)], [p for k, p in named if no_decay(k)]]
     return torch.optim.AdamW([{"params": groups[0], "weight_decay": weight_decay},
-                              {"params": groups[1], "weight_decay": 0.0}])
+                              {"params": groups[1], "weight_decay": 0.0}], fused=named[0][1].is_cuda)
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -282,63 +281,47 @@ def _embeddings(args, ds) -> tuple[np.ndarray, Path]:
 
 
 def stage_rqvae(args, ds=None) -> Path:
-    """Semantic IDs (TIGER's 3 codes + the dedup code) of every item: ids-<tokenizer>-<encoder>-<hash>/
-    semantic_ids.npy (N, 4) int64, with the collision audit in results.json."""
+    """Item codes from the --encoder's embeddings: TIGER's semantic IDs (rqvae, rkmeans: 3 codes + the
+    dedup code) in ids-<tokenizer>-<encoder>-<hash>/semantic_ids.npy (N, 4), or VQ-Rec's product codes
+    (opq, pq: PQ_SHAPE, fitted on the training items) in codes-.../codes.npy (N, 32); the audit in
+    results.json."""
     ds = ds or load_dataset(args.dataset, args.data_dir)
     if str(args.encoder).lower() == "none":
-        raise DataError("semantic IDs are made from item text embeddings: --encoder minilm or a run folder")
+        raise DataError("item codes are made from item text embeddings: --encoder minilm or a run folder")
     emb, emb_path = _embeddings(args, ds)
-    emb = ev.l2_rows(emb)  # unit rows, as TIGER's Sentence-T5 embeddings are
+    tok, pq = args.tokenizer, args.tokenizer in ("opq", "pq")
+    emb = emb if pq else ev.l2_rows(emb)  # VQ-Rec's faiss gets raw vectors; TIGER's Sentence-T5 unit ones
     std, restart = not args.no_standardize, not args.no_dead_code_restart
     cfg = rq.RQVAEConfig(input_dim=emb.shape[1], dead_code_restart=restart, standardize=std)
     cfg = cfg if args.rqvae_epochs is None else replace(cfg, epochs=args.rqvae_epochs)
     rk = {**RKMEANS, "standardize": std}
-    key = {"dataset": ds.name, "embeddings": content_hash(emb_path), "l2": True, "tokenizer": args.tokenizer,
-           "config": asdict(cfg) if args.tokenizer == "rqvae" else rk, "seed": args.seed}
-    out = run_folder(args, "ids", f"{args.tokenizer}-{ev.encoder_label(source(args))}", key)
+    key = {"dataset": ds.name, "embeddings": content_hash(emb_path), "l2": not pq, "tokenizer": tok,
+           "config": {"rqvae": asdict(cfg), "rkmeans": rk}.get(tok, PQ_SHAPE), "seed": args.seed,
+           **({"data": ds.fingerprint} if pq else {})}  # the split picks the fitted items
+    out = run_folder(args, "codes" if pq else "ids", f"{tok}-{ev.encoder_label(source(args))}", key)
+    path = out / ("codes.npy" if pq else "semantic_ids.npy")
     if done(out):
-        return finish(out) or _unchanged(out / "semantic_ids.npy")
-    say(f"{ds.name}: {args.tokenizer} on {emb.shape[0]} x {emb.shape[1]} embeddings ({emb_path}) into {out}")
-    if args.tokenizer == "rqvae":
-        model = fit_rqvae(emb, cfg, out, args.seed, args.device, _meta(ds, out))
-        codes = rq.tokenize(model, emb)                                              # (N, 3)
+        return finish(out) or _unchanged(path)
+    say(f"{ds.name}: {tok} on {emb.shape[0]} x {emb.shape[1]} embeddings ({emb_path}) into {out}")
+    res = {"task": "codes" if pq else "rqvae", "dataset": ds.name, "encoder": source(args), "seed": args.seed,
+           "tokenizer": tok, "embeddings": str(emb_path)}
+    if pq:
+        fit = np.flatnonzero(ds.splits.train_items)
+        out_pq = rq.product_codes(emb, *PQ_SHAPE, rotate=tok == "opq", seed=args.seed, fit_rows=fit)
+        trainer.save_npy(path, out_pq["codes"])
+        d = out_pq["distortion"]
+        res.update(fit_items=len(fit), distortion=[d[0], d[-1]],
+                   collisions=rq.collision_stats(out_pq["codes"], PQ_SHAPE[1]))  # of the whole code
     else:
-        codes = rq.residual_kmeans(emb, seed=args.seed, progress=True, **rk)          # (N, 3)
-    ids, vocab = rq.semantic_ids(codes, RKMEANS["k"])                                # (N, 4), 4 ints
-    trainer.save_npy(out / "semantic_ids.npy", ids)
-    finish(out, {"task": "rqvae", "dataset": ds.name, "encoder": source(args), "seed": args.seed,
-                 "sha256": content_hash(out / "semantic_ids.npy"),
-                 "tokenizer": args.tokenizer, "embeddings": str(emb_path), "vocab_sizes": list(vocab),
-                 "standardize": std, "dead_code_restart": restart if args.tokenizer == "rqvae" else None,
-                 "collisions": rq.collision_stats(codes),
-                 "ids_unique": len(np.unique(ids, axis=0)) == len(ids)})
-    return out / "semantic_ids.npy"
-
-
-def stage_pq(args, ds=None) -> Path:
-    """VQ-Rec's product codes of every item (rqvae.product_codes: OPQ; PQ with --no-rotation), fitted on
-    the training items: codes-<opq|pq>-<encoder>-<hash>/codes.npy (N, 32) int64, the code audit in
-    results.json. From the raw pooled vectors, as VQ-Rec's faiss index gets its PLM's."""
-    ds = ds or load_dataset(args.dataset, args.data_dir)
-    if str(args.encoder).lower() == "none":
-        raise DataError("product codes are made from item text embeddings: --encoder minilm or a run folder")
-    emb, emb_path = _embeddings(args, ds)
-    kind = "pq" if args.no_rotation else "opq"
-    key = {"dataset": ds.name, "data": ds.fingerprint, "embeddings": content_hash(emb_path), "kind": kind,
-           "n_sub": PQ_SHAPE[0], "k": PQ_SHAPE[1], "seed": args.seed}
-    out = run_folder(args, "codes", f"{kind}-{ev.encoder_label(source(args))}", key)
-    if done(out):
-        return finish(out) or _unchanged(out / "codes.npy")
-    fit = np.flatnonzero(ds.splits.train_items)
-    say(f"{ds.name}: {kind} codes {PQ_SHAPE} of {emb.shape} embeddings (fit: {len(fit)} items) into {out}")
-    pq = rq.product_codes(emb, *PQ_SHAPE, rotate=kind == "opq", seed=args.seed, fit_rows=fit)
-    trainer.save_npy(out / "codes.npy", pq["codes"])
-    finish(out, {"task": "codes", "dataset": ds.name, "encoder": source(args), "seed": args.seed,
-                 "kind": kind, "sha256": content_hash(out / "codes.npy"), "embeddings": str(emb_path),
-                 "fit_items": len(fit),
-                 "distortion": pq["distortion"][::max(1, len(pq["distortion"]) - 1)],  # first, last
-                 "codes": rq.code_stats(pq["codes"], PQ_SHAPE[1])})
-    return out / "codes.npy"
+        codes = rq.tokenize(fit_rqvae(emb, cfg, out, args.seed, args.device, _meta(ds, out)), emb) \
+            if tok == "rqvae" else rq.residual_kmeans(emb, seed=args.seed, progress=True, **rk)  # (N, 3)
+        ids, vocab = rq.semantic_ids(codes, RKMEANS["k"])                                       # (N, 4)
+        trainer.save_npy(path, ids)
+        res.update(vocab_sizes=list(vocab), standardize=std, collisions=rq.collision_stats(codes),
+                   dead_code_restart=restart if tok == "rqvae" else None,
+                   ids_unique=len(np.unique(ids, axis=0)) == len(ids))
+    finish(out, {**res, "sha256": content_hash(path)})
+    return path
 
 
 def fit_rqvae(emb: np.ndarray, cfg: rq.RQVAEConfig, out: Path, seed: int, device: str, meta: dict):
@@ -398,7 +381,9 @@ def stage_unisrec(args) -> Path:
     _has_cases(ds, max_history=args.max_history)
     text = str(args.encoder).lower() != "none"
     mode = args.mode if text else "id"
-    codes_path = stage_pq(with_(args, out=None, resume=True), ds) if mode == "vqrec" else None
+    tok = args.tokenizer if args.tokenizer == "pq" else "opq"  # vqrec's codes
+    codes_path = stage_rqvae(with_(args, out=None, resume=True, tokenizer=tok), ds) if mode == "vqrec" \
+        else None
     codes = read_array(codes_path, "product codes", "i", ds.n_items) if codes_path else None
     emb, emb_path = _embeddings(args, ds) if text and not codes_path else (None, None)
     emb = ev.l2_rows(emb) if emb is not None and args.normalize else emb  # default: raw, as UniSRec's
@@ -446,11 +431,11 @@ def stage_unisrec(args) -> Path:
 # warm-up steps. Ours: AdamW (it needs a smaller peak lr, --lr 1e-3), weight decay 0.01 on Linear weights
 # only, gradients clipped at norm 1, 1,000 warm-up steps (--warmup-steps).
 TIGER_WEIGHT_DECAY, TIGER_GRAD_CLIP, TIGER_WARMUP = 0.01, 1.0, 1000
+TIGER_STEPS = {"max_steps": 200_000, "eval_every": 1000, "warmup_steps": TIGER_WARMUP}  # at batch 256
 
 
 def stage_ease(args) -> Path:
-    """EASE (eval.ease_run): the linear anchor of the recommender tables, its L2 weight chosen on
-    validation."""
+    """EASE (eval.ease_run): the recommender tables' linear anchor, its L2 weight chosen on validation."""
     ds = load_dataset(args.dataset, args.data_dir)
     _has_cases(ds)
     key = {"dataset": ds.name, "data": ds.fingerprint, "lambdas": ev.EASE_LAMBDAS}
@@ -458,7 +443,8 @@ def stage_ease(args) -> Path:
     if done(out):
         return finish(out) or out
     say(f"{ds.name}: EASE on {ds.n_items} items into {out}")
-    finish(out, {"task": "ease", "dataset": ds.name, **ev.ease_run(ds, ranks_to=out / "test_ranks.npy")})
+    res = ev.ease_run(ds, ranks_to=out / "test_ranks.npy", device=args.device)
+    finish(out, {"task": "ease", "dataset": ds.name, **res})
     return out
 
 
@@ -467,7 +453,9 @@ def stage_tiger(args) -> Path:
     constrained beam search; the best checkpoint tested beside popularity."""
     ds = load_dataset(args.dataset, args.data_dir)
     _has_cases(ds, tiger_history=args.tiger_history, beam=args.beam)
-    args = with_(args, lr=args.lr or 1e-3, batch_size=args.batch_size or 256)
+    s = (args.batch_size or 256) / 256  # same examples: steps / s; lr * sqrt(s) (Adam's rule)
+    args = with_(args, lr=args.lr or 1e-3 * s ** 0.5, batch_size=args.batch_size or 256,
+                 **{k: max(1, round(v / s)) for k, v in TIGER_STEPS.items() if getattr(args, k) in (None, v)})
     warmup = args.warmup_steps or TIGER_WARMUP
     if warmup > args.max_steps:
         raise DataError(f"--warmup-steps {warmup} > --max-steps {args.max_steps}: the peak lr would never be "
@@ -486,16 +474,21 @@ def stage_tiger(args) -> Path:
     torch.manual_seed(args.seed)
     cfg = tg.TigerConfig(vocab_sizes=list(ids.vocab_sizes), max_items=args.tiger_history)
     model = tg.Tiger(cfg).to(device)
-    model.length_buckets = torch.device(device).type == "cpu"   # on a GPU small kernel launches cost more
+    fixed = torch.device(device).type == "cuda"  # GPU: one shape, the epoch on the device, no host syncs
+    model.length_buckets = not fixed             # CPU: length buckets (small kernel launches are cheap)
     if args.compile:
-        model.compile_core()
+        model.compile_core(fixed=fixed)
     hist = ds.histories(ds.splits.train, args.tiger_history)[0]                      # (N, L), -1 = padding
     lengths = (hist >= 0).sum(1)                                                     # (N,)
     H, T = torch.as_tensor(hist, device=device), torch.as_tensor(ds.splits.train.target, device=device)
+    if fixed:  # (N, 1 + levels * history) and (N, levels), tokenised and checked once
+        H, T = tg.tokenize_histories(H, ids, cfg.max_items, fixed=True), ids.tokens[T]
     say(f"{ds.name}: TIGER on {len(T)} training prefixes, {device} x {world}; writing {out}")
 
     def loss_fn(idx):
         share, w = trainer.rank_share(idx.to(device))
+        if fixed:
+            return w * model.loss(H[share], T[share], checked=False)
         return w * model.loss(tg.tokenize_histories(H[share], ids, cfg.max_items), ids.tokens[T[share]])
 
     decay = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
@@ -534,7 +527,7 @@ def stage_retrieval(args, ds, encoder: str, max_length: int) -> None:
 
 def stage_all(args) -> None:
     """The paper's pipeline: EncodeRec fine-tuning; for the off-the-shelf and the tuned encoder, retrieval,
-    EASE, UniSRec (and SASRec-ID), VQ-Rec, semantic IDs and TIGER; the report. Each stage says what it does."""
+    EASE, UniSRec (+ SASRec-ID), VQ-Rec, semantic IDs and TIGER; the report. Each stage says what it does."""
     b = BUDGETS[args.budget]
     ds = load_dataset(args.dataset, args.data_dir)
     fields = parse_fields(args.fields, ITEM_TEXT_FIELDS)
@@ -556,7 +549,7 @@ def stage_all(args) -> None:
     for enc in ["none", *encoders]:
         stage_unisrec(with_(base, encoder=enc, max_epochs=b["max_epochs"]))
     for enc in encoders:
-        stage_unisrec(with_(base, encoder=enc, mode="vqrec", max_epochs=b["max_epochs"]))
+        stage_unisrec(with_(base, encoder=enc, mode="vqrec", normalize=False, max_epochs=b["max_epochs"]))
     for enc in encoders:
         stage_tiger(with_(base, encoder=enc, rqvae_epochs=b["rqvae_epochs"], max_steps=b["max_steps"],
                           eval_every=b["eval_every"], warmup_steps=b["warmup_steps"], max_epochs=None))
@@ -565,7 +558,7 @@ def stage_all(args) -> None:
 
 # ----------------------------------------------------------------------------- command line
 STAGES = {"encoder": stage_encoder, "embed": stage_embed, "rqvae": stage_rqvae, "unisrec": stage_unisrec,
-          "tiger": stage_tiger, "ease": stage_ease, "pq": stage_pq, "all": stage_all}
+          "tiger": stage_tiger, "ease": stage_ease, "all": stage_all}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -604,7 +597,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--fields", help=f"the item text to embed ({','.join(ITEM_TEXT_FIELDS)})")
     e.add_argument("--emb", help="rqvae / unisrec / tiger: this item-embedding .npy instead")
     q = ap.add_argument_group("rqvae and tiger")
-    q.add_argument("--tokenizer", choices=["rqvae", "rkmeans"], default="rqvae", help="or residual k-means")
+    q.add_argument("--tokenizer", choices=["rqvae", "rkmeans", "opq", "pq"], default="rqvae",
+                   help="semantic IDs: RQ-VAE or residual k-means; VQ-Rec's product codes: OPQ or PQ")
     q.add_argument("--rqvae-epochs", type=int, help=f"({rq.RQVAEConfig.epochs})")
     q.add_argument("--no-dead-code-restart", action="store_true", help="TIGER's plain recipe (rqvae.py)")
     q.add_argument("--no-standardize", action="store_true", help="unscaled coordinates (rqvae.py)")
@@ -612,8 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--max-epochs", type=int, help="cap on epochs (none: early stopping only)")
     u.add_argument("--patience", type=int, default=10, help="evaluations without a better valid NDCG@10 (10)")
     u.add_argument("--mode", choices=["inductive", "transductive", "vqrec"], default="inductive",
-                   help="unisrec: text only (the paper's), text + item-ID embedding, or VQ-Rec (OPQ codes)")
-    u.add_argument("--no-rotation", action="store_true", help="pq / vqrec: plain PQ codes instead of OPQ")
+                   help="unisrec: text only (the paper's), + item-ID embedding, or VQ-Rec (--tokenizer opq)")
     u.add_argument("--max-history", type=int, default=50, help="unisrec: history length (50)")
     u.add_argument("--mask-history", action="store_true", help="unisrec: mask history items when ranking")
     u.add_argument("--normalize", action="store_true", help="unisrec: L2-normalise the item embeddings "
@@ -651,8 +644,7 @@ STAGE_FLAGS = {
                "doc_fields no_eval corpus",
     "embed": "encoder weights fields max_length",
     "rqvae": _IDS,
-    "unisrec": f"{_EMB} {_LOOP} mode max_history mask_history normalize no_rotation",
-    "pq": f"{_EMB} no_rotation",
+    "unisrec": f"{_EMB} {_LOOP} mode max_history mask_history normalize tokenizer",
     "tiger": f"{_IDS} {_LOOP} max_steps eval_every warmup_steps beam tiger_history group_by_length",
     "ease": "",
 }
@@ -686,12 +678,16 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
         (args.emb and given("encoder", "fields", "max_length", "weights"),
          "--emb replaces the encoder's embeddings: drop "
          f"{given('encoder', 'fields', 'max_length', 'weights')}"),
-        (args.tokenizer == "rkmeans" and given("rqvae_epochs", "no_dead_code_restart"),
-         f"{given('rqvae_epochs', 'no_dead_code_restart')} is an RQ-VAE option; --tokenizer rkmeans has "
-         "none"),
         (args.no_eval and given("holdout"), "--no-eval and --holdout contradict each other: pass one"),
-        (args.stage == "unisrec" and (args.normalize if args.mode == "vqrec" else args.no_rotation),
-         "--mode vqrec codes the raw vectors (OPQ; --no-rotation: PQ); --normalize is for the text modes"),
+        (args.stage == "unisrec" and (args.normalize if args.mode == "vqrec" else given("tokenizer")),
+         "--mode vqrec codes the raw vectors (--tokenizer opq or pq); --normalize is for the text modes"),
+        (args.tokenizer in ("opq", "pq") and args.stage in ("tiger", "all") or args.stage == "unisrec" and
+         args.tokenizer in ("rqvae", "rkmeans") and given("tokenizer"),
+         f"--tokenizer {args.tokenizer}: TIGER takes semantic IDs (rqvae, rkmeans), VQ-Rec product codes "
+         "(opq, pq)"),
+        (args.tokenizer != "rqvae" and given("rqvae_epochs", "no_dead_code_restart"),
+         f"{given('rqvae_epochs', 'no_dead_code_restart')} is an RQ-VAE option, not one of --tokenizer "
+         f"{args.tokenizer}"),
         (args.temperature < 1e-3, f"--temperature {args.temperature:g} overflows the logits: use >= 0.001"),
         (args.seeds and given("seed"), "--seed and --seeds: pass one"),
         (args.seeds and not all(0 <= x <= ev.SEED_MAX for x in args.seeds),

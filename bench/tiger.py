@@ -5,8 +5,10 @@ the same vocabulary, tied head) and holding the SAME weights (tests/t5_helpers.t
 Training: examples/s of one optimizer step (forward + backward + AdamW, float32, both models in
 train mode) on the same seeded batches of --batch-size training prefixes (history <= 20 items ->
 next item, ds.histories(ds.splits.train, 20)); HF gets input_ids / attention_mask / labels, the
-way a T5 fine-tuning script feeds it. Ours is timed with length buckets on CPU (off on CUDA, see
-Tiger.length_buckets) and without them (every row at the batch width, like HF). Decoding: users/s
+way a T5 fine-tuning script feeds it. Ours is timed eagerly as train.py runs it on the device (length
+buckets on CPU, off on CUDA: Tiger.length_buckets) and on the fixed-shape path train.py takes on a GPU
+(every history padded to the 20-item cap, 81 tokens, pre-tokenised, no host-side checks, fused AdamW on
+CUDA; --compile: torch.compile, mode "reduce-overhead" = CUDA graphs on a GPU). Decoding: users/s
 of beam search, width 10, 10 returned IDs, constrained to the catalog's IDs, both models in eval
 mode, on the same batch of --decode-users validation users; HF = generate(num_beams=10,
 num_return_sequences=10, max_new_tokens=4, prefix_allowed_tokens_fn=<dict lookup of the catalog's
@@ -20,12 +22,14 @@ with the real catalog size (t5_helpers.random_semantic_ids: 3 x 256 codes + a de
 header says which. Speed does not depend on the ID values, but the constraint tables do.
 
     python bench/tiger.py [--threads 1] [--repeats 3] [--batch-size 256] [--decode-users 128] [--device cuda]
+                          [--compile]
 
 The targets (>= 1.5x training, >= 3x decoding) are for CPU; --device cuda runs the same comparison
 on a GPU (float32 on both sides, synchronised timers).
 """
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -97,7 +101,7 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-users", type=int, default=128, help="users per decoding batch")
     ap.add_argument("--beam", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
-    ap.add_argument("--no-unbucketed", action="store_true", help="skip the 'ours without length buckets' row")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the fixed-shape path")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu", help="cpu (the targets' setting) | cuda[:N]")
     args = ap.parse_args(argv)
@@ -126,6 +130,11 @@ def main(argv=None) -> int:
     hf = T5ForConditionalGeneration(T5Config(**t5_config_kwargs(cfg))).to(device)
     hf.load_state_dict(t5_state_dict(ours))
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-3)
+    fast = copy.deepcopy(ours)  # the fixed-shape path: same weights, its own optimizer (fused on CUDA)
+    fast.length_buckets = False
+    if args.compile:
+        fast.compile_core(fixed=device.type == "cuda")
+    opt_fast = torch.optim.AdamW(fast.parameters(), lr=1e-3, fused=device.type == "cuda")
     opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-3)
     rng = np.random.default_rng(args.seed)
     print(f"TIGER benchmark: {ds.name} ({ds.n_items:,} items, {len(target):,} training prefixes); semantic IDs: "
@@ -135,18 +144,21 @@ def main(argv=None) -> int:
           f"{transformers.__version__}; float32; {args.repeats} interleaved repeats (median)", flush=True)
 
     # ---- training
+    H = tg.tokenize_histories(hist, ids, fixed=True)                   # (N, 81): train.py's GPU path, once
+    T = tg.target_tokens(target, ids)
+
     def batch():
         idx = rng.choice(len(target), args.batch_size, replace=False)
-        return tg.tokenize_histories(hist[idx], ids), tg.target_tokens(target[idx], ids)
+        return tg.tokenize_histories(hist[idx], ids), T[idx], H[idx]
 
     cpu = device.type == "cpu"
+    ours.length_buckets = cpu                                           # as train.py: buckets pay on CPU
 
-    def step_ours(src, tgt, buckets=cpu):         # length buckets pay on CPU, not on CUDA
-        ours.length_buckets = buckets
-        loss = ours.loss(src, tgt)
-        opt_ours.zero_grad(set_to_none=True)
+    def step_ours(src, tgt, model=ours, opt=opt_ours, checked=True):
+        loss = model.loss(src, tgt, checked=checked)
+        opt.zero_grad(set_to_none=True)
         loss.backward()
-        opt_ours.step()
+        opt.step()
 
     def step_hf(src, tgt):
         out = hf(input_ids=src, attention_mask=(src != tg.PAD).long(), labels=tgt)
@@ -154,20 +166,24 @@ def main(argv=None) -> int:
         out.loss.backward()
         opt_hf.step()
 
-    ours.train()
-    hf.train()
-    src, tgt = batch()
-    step_ours(src, tgt)                                                # warm-up (untimed)
-    step_hf(src, tgt)
-    t = {"ours": [], "ours_pad": [], "hf": []}
+    def step_fast(src, tgt):
+        step_ours(src, tgt, fast, opt_fast, checked=False)
+
+    for m in (ours, fast, hf):
+        m.train()
+    src, tgt, fixed = batch()
+    for _ in range(3 if args.compile else 1):                          # warm-up (untimed; compile, graphs)
+        step_ours(src, tgt)
+        step_fast(fixed, tgt)
+        step_hf(src, tgt)
+    t = {"ours": [], "fixed": [], "hf": []}
     widths, real = [], []
     for r in range(args.repeats):
-        src, tgt = batch()
+        src, tgt, fixed = batch()
         widths.append(src.shape[1])
         real.append(float((src != tg.PAD).sum(1).float().mean()))
         t["ours"].append(timed(lambda s=src, y=tgt: step_ours(s, y), device)[1])
-        if not args.no_unbucketed:
-            t["ours_pad"].append(timed(lambda s=src, y=tgt: step_ours(s, y, buckets=False), device)[1])
+        t["fixed"].append(timed(lambda s=fixed, y=tgt: step_fast(s, y), device)[1])
         t["hf"].append(timed(lambda s=src, y=tgt: step_hf(s, y), device)[1])
         print(f"  train repeat {r + 1}: width {src.shape[1]} | " + " | ".join(
             f"{k} {v[-1]:.2f}s" for k, v in t.items() if v), flush=True)
@@ -210,10 +226,10 @@ def main(argv=None) -> int:
     dec = {k: args.decode_users / statistics.median(v) for k, v in d.items()}
 
     # ---- table
-    rows = [(f"training examples/s (batch {args.batch_size}, buckets {'on' if cpu else 'off'})",
-             train["ours"], train["hf"])]
-    if "ours_pad" in train:
-        rows.append(("training examples/s, ours without length buckets", train["ours_pad"], train["hf"]))
+    rows = [(f"training examples/s (batch {args.batch_size}, eager, buckets {'on' if cpu else 'off'})",
+             train["ours"], train["hf"]),
+            (f"training examples/s, fixed shapes (81 tokens{', compiled' if args.compile else ''})",
+             train["fixed"], train["hf"])]
     rows.append((f"decoding users/s (beam {args.beam}, constrained, {args.decode_users} users)", dec["ours"],
                  dec["hf"]))
     w = max(len(r[0]) for r in rows)

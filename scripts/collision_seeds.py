@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default="data")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
+    if args.fields and len(args.fields) != len(args.datasets):
+        ap.error("--fields needs one entry per --datasets")
     common = ["--runs", args.runs, "--data-dir", args.data_dir, "--device", args.device]
     fields = args.fields or [None] * len(args.datasets)
     geometry, names = [], []

@@ -168,18 +168,25 @@ def test_vqrec_trains_on_product_codes_and_evaluates(tmp_path, fixture_ds, capsy
     codes_run = _one(runs, "codes-opq-minilm-*")
     codes = np.load(codes_run / "codes.npy")
     audit = json.loads((codes_run / "results.json").read_text())
-    assert codes.shape == (6, 32) and audit["fit_items"] == 6 and audit["kind"] == "opq"
+    assert codes.shape == (6, 32) and audit["fit_items"] == 6 and audit["tokenizer"] == "opq"
     assert results["mode"] == "vqrec" and results["run"] == str(_one(runs, "unisrec-vqrec-minilm-*"))
     assert ev.main(["--task", "vqrec", "--dataset", str(fixture_ds), *_common(tmp_path)]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["test"] == results["test"]
     recs = ev.collect_report(tmp_path / "runs", ["Fix"])
-    assert any(r["table"] == "collisions" and r["row"] == "all-MiniLM-L6-v2 / opq 32 codes" for r in recs)
-    assert any(r["table"] == "unisrec" and r["row"] == "all-MiniLM-L6-v2 -> VQ-Rec codes" for r in recs)
+    assert any(r["table"] == "collisions" and r["row"] == "all-MiniLM-L6-v2 / opq" for r in recs)
+    assert ev.main(["--task", "vqrec", "--dataset", str(fixture_ds), *_common(tmp_path), "--run",
+                    str(codes_run)]) == 2                                            # not a VQ-Rec run
+    capsys.readouterr()
+    assert any(r["table"] == "unisrec" and r["row"] == "VQ-Rec on all-MiniLM-L6-v2" for r in recs)
     assert any(r["table"] == "cold" and r["row"] == "VQ-Rec: all-MiniLM-L6-v2" for r in recs)
     for bad, msg in ((["--normalize"], "--normalize is for the text modes"),):
         assert train.main([*argv, *bad]) == 2 and msg in capsys.readouterr().err
-    assert train.main([*argv[:2], *argv[4:], "--no-rotation"]) == 2                # PQ flag without vqrec
-    assert "--no-rotation" in capsys.readouterr().err
+    assert train.main([*argv[:2], *argv[4:], "--tokenizer", "pq"]) == 2            # codes without vqrec
+    assert "--tokenizer" in capsys.readouterr().err
+    assert train.main([*argv, "--tokenizer", "rkmeans"]) == 2                        # IDs for VQ-Rec
+    assert "VQ-Rec product codes (opq, pq)" in capsys.readouterr().err
+    assert train.main(["--stage", "tiger", *argv[4:], "--tokenizer", "opq"]) == 2    # codes for TIGER
+    assert "TIGER takes semantic IDs" in capsys.readouterr().err
 
 
 def test_stage_all_smoke_then_everything_is_up_to_date(tmp_path, fixture_ds, minilm, capsys):
@@ -242,3 +249,18 @@ def test_unisrec_input_scale_is_kept_by_eval(tmp_path, fixture_ds, capsys, norma
                     str(tmp_path / "r.npy"), "--data-dir", str(tmp_path / "cache"), "--device", "cpu"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["test"] == trained["test"]
     np.testing.assert_array_equal(np.load(tmp_path / "r.npy"), np.load(run / "test_ranks.npy"))
+
+
+def test_a_larger_tiger_batch_keeps_the_examples_and_scales_the_lr(tmp_path, fixture_ds, capsys):
+    """--batch-size 1024 = 4 x TIGER's 256: the default schedule's steps / 4 (the same examples) and the
+    peak lr x sqrt(4) (Adam's square-root rule), recorded in the run key; given values are kept."""
+    argv = ["--stage", "tiger", "--dataset", str(fixture_ds), "--fields", "title", "--rqvae-epochs", "2",
+            "--batch-size", "1024", "--max-epochs", "1", *_common(tmp_path)]
+    assert train.main(argv) == 0
+    run = _one(tmp_path / "runs" / "Fix", "tiger-*")
+    key = json.loads((run / "run.json").read_text())["key"]
+    assert key["loop"]["lr"] == pytest.approx(2e-3) and key["loop"]["max_steps"] == 50_000
+    assert key["loop"]["eval_every"] == 250 and key["warmup"] == 250
+    assert train.main([*argv, "--lr", "1e-3", "--eval-every", "7", "--out", str(tmp_path / "t2")]) == 0
+    key = json.loads((tmp_path / "t2" / "run.json").read_text())["key"]
+    assert key["loop"]["lr"] == 1e-3 and key["loop"]["eval_every"] == 7 and key["warmup"] == 250

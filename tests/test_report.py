@@ -101,6 +101,29 @@ def test_seeds_are_averaged_and_encoderec_is_tested_against_its_backbone(tmp_pat
     assert f"{tuned['value']:.4f} ± {tuned['std']:.4f} (3)* (p " in md and "paired t-test" in md
 
 
+def test_vqrec_seeds_average_and_pair_with_the_backbone_although_their_codes_differ(tmp_path):
+    """Each seed and encoder has its own codes file (its hash in the run key): a VQ-Rec row still averages
+    its seeds and is tested against the backbone's VQ-Rec row, in Table 2 and the cold-start table."""
+    root, rng = tmp_path / "runs" / "Fix", np.random.default_rng(0)
+    base_ranks = rng.integers(0, 40, 200)
+    for seed in range(2):
+        enc = root / f"encoder-minilm-{seed}bb"
+        _write(enc / "results.json", {"task": "encoder", "backbone": "minilm"})
+        _write(enc / "run.json", {"key": {"temperature": 0.05, "seed": seed}})
+        for source, ranks in (("minilm", base_ranks), (str(enc), np.maximum(base_ranks - 5, 0))):
+            run = root / f"unisrec-vqrec-{Path(source).name}-{seed}"
+            test = ev.summarize(ranks, (10, 50), cold=np.arange(200) < 20)
+            _write(run / "results.json", {"task": "unisrec", "mode": "vqrec", "encoder": source, "seed": seed,
+                                          "test": test})
+            _write(run / "run.json", {"key": {"mode": "vqrec", "codes": f"{source}{seed}", "embeddings": None,
+                                              "loop": {"seed": seed}}})
+            np.save(run / "test_ranks.npy", ranks)
+    recs = {(r["table"], r["row"], r["metric"]): r for r in ev.collect_report(tmp_path / "runs", ["Fix"])}
+    tuned = recs[("unisrec", "VQ-Rec on EncodeRec (all-MiniLM-L6-v2)", "ndcg@10")]
+    assert tuned["n"] == 2 and tuned["p"] < 1e-6 and tuned["diff"] > 0
+    assert recs[("cold", "VQ-Rec: all-MiniLM-L6-v2", "cold_start_n")]["value"] == 20
+
+
 def test_collision_rows_name_their_setting_and_fewer_collisions_earn_the_star(tmp_path):
     """Collision rates over seeds: Welch's t-test of the tuned encoder against its backbone in the same
     setting; a star only where the tuned one collides less; settings are rows of their own."""
@@ -172,3 +195,16 @@ def test_ablation_grid_runs_end_to_end(tmp_path, capsys):
     pairs = sorted(json.loads((f / "results.json").read_text())["n_pairs"]
                    for f in (tmp_path / "runs" / "Syn").glob("encoder-*"))
     assert pairs == [round(0.25 * pairs[1]), pairs[1]]                                 # one encoder each
+
+
+def test_popularity_is_one_row_whatever_the_encoder(tmp_path):
+    """Popularity rides along with every TIGER run; the tuned encoder's recipe must not split it."""
+    root = tmp_path / "runs" / "Fix"
+    enc = root / "encoder-minilm-0cc"
+    _write(enc / "results.json", {"task": "encoder", "backbone": "minilm"})
+    _write(enc / "run.json", {"key": {"temperature": 0.05, "seed": 0}})
+    for source in ("minilm", str(enc)):
+        _write(root / f"tiger-rqvae-{Path(source).name}" / "results.json",
+               {"task": "tiger", "encoder": source, "tokenizer": "rqvae", "test": M, "popularity": M})
+    rows = {r["row"] for r in ev.collect_report(tmp_path / "runs", ["Fix"]) if r["table"] == "tiger"}
+    assert rows == {"popularity", "all-MiniLM-L6-v2 / rqvae", "EncodeRec (all-MiniLM-L6-v2) / rqvae"}

@@ -273,3 +273,28 @@ def test_lr_schedule_warmup_then_inverse_sqrt():
     assert trainer.lr_factor(3, 4) == 1.0 and trainer.lr_factor(15, 4) == pytest.approx(0.5)   # sqrt(4 / 16)
     with pytest.raises(ValueError, match="warmup_steps must be >= 1"):
         trainer.lr_factor(0, 0)
+
+
+def test_fixed_shape_step_equals_the_bucketed_step():
+    """The GPU path (every history padded to the 20-item cap, one shape, unchecked tensors) gives the loss
+    and gradients of the CPU path (length buckets, each at its own width) on the same batch: padding never
+    changes a result."""
+    ids = make_ids()
+    rng = np.random.default_rng(0)
+    hist = right_aligned([rng.integers(0, 30, n).tolist() for n in (0, 1, 3, 7, 20, 25, 2, 12)], 25)
+    target = ids.tokens[torch.as_tensor(rng.integers(0, 30, 8))]
+    grads, losses = [], []
+    for fixed in (False, True):
+        model = build(ids, dropout=0.0)
+        model.length_buckets = not fixed
+        src = tg.tokenize_histories(hist, ids, 20, fixed=fixed)
+        loss = model.loss(src, target, checked=not fixed)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append([p.grad.clone() for p in model.parameters()])
+    lv = ids.n_levels
+    assert tg.tokenize_histories(hist[:4], ids, 20).shape[1] == 1 + lv * 7                # the longest kept
+    assert tg.tokenize_histories(hist[:4], ids, 20, fixed=True).shape[1] == 1 + lv * 20  # the cap (81)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -568,16 +568,18 @@ def _label(enc: str) -> str:
 
 def _source(enc: str) -> tuple[str, str | None, dict | None]:
     """(row label, the label of the backbone it was tuned from, the tuning recipe) of an embedding source.
-    A fine-tuned encoder is a run folder encoder-<backbone>-<hash>: its rows read 'EncodeRec (<backbone>)',
+    A fine-tuned encoder is an encoder run folder (any --out): its rows read 'EncodeRec (<backbone>)',
     whatever its seed, and are tested against the backbone's rows."""
     path, name = Path(enc), Path(enc).name
-    if not (name.startswith("encoder-") and name.count("-") >= 2):
-        return _label(enc), None, None
     try:
         res, key = run_results(path), read_json(path / "run.json")["key"]
+        if res.get("task") != "encoder":
+            return _label(enc), None, None
         backbone = str(res["backbone"])
         recipe = {k: v for k, v in key.items() if k not in ("seed", "weights")}
-    except (DataError, OSError, KeyError, TypeError):  # moved away: its name still says the backbone
+    except (DataError, OSError, KeyError, TypeError, AttributeError):  # moved away: its name tells
+        if not (name.startswith("encoder-") and name.count("-") >= 2):
+            return _label(enc), None, None
         backbone, recipe = name[len("encoder-"):].rsplit("-", 1)[0], None
     base = _label(encoder_label(backbone))
     return f"EncodeRec ({base})", base, recipe
@@ -750,9 +752,8 @@ def report_markdown(recs: list[dict]) -> str:
             out.append("| " + " | ".join([label, *vals]) + " |")
         srcs = sorted({(r["dataset"], r["row"], r["schedule"], r["run"]) for r in rs})
         if any(r["n"] > 1 or r["p"] is not None for r in rs):
-            out += ["", "Mean ± standard deviation over seeds (n); * p < 0.05 and better than the "
-                        "off-the-shelf encoder's row: paired t-test over test users (collisions: Welch's "
-                        "t-test over seeds; README, evaluation protocol)."]
+            out += ["", "Mean ± std over seeds (n); * p < 0.05 and better than the off-the-shelf encoder's "
+                        "row (paired t-test over test users; collisions: Welch's over seeds; README)."]
         out += ["", "Sources: " + "; ".join(f"{d} / {row}{f' ({s})' if s else ''}: `{run}`"
                                             for d, row, s, run in srcs), ""]
     return "\n".join(out) or "(no results found)"

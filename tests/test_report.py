@@ -208,3 +208,15 @@ def test_popularity_is_one_row_whatever_the_encoder(tmp_path):
                {"task": "tiger", "encoder": source, "tokenizer": "rqvae", "test": M, "popularity": M})
     rows = {r["row"] for r in ev.collect_report(tmp_path / "runs", ["Fix"]) if r["table"] == "tiger"}
     assert rows == {"popularity", "all-MiniLM-L6-v2 / rqvae", "EncodeRec (all-MiniLM-L6-v2) / rqvae"}
+
+
+def test_an_encoder_run_under_any_out_name_is_encoderec(tmp_path):
+    """`--out runs/Scientific/encoderec-minilm` (the README's commands) is still a fine-tuned encoder."""
+    root = tmp_path / "runs" / "Fix"
+    enc = root / "encoderec-minilm"
+    _write(enc / "results.json", {"task": "encoder", "backbone": "minilm"})
+    _write(enc / "run.json", {"key": {"temperature": 0.05}})
+    _write(root / "unisrec-x" / "results.json", {"task": "unisrec", "encoder": str(enc), "test": M})
+    _write(root / "unisrec-y" / "results.json", {"task": "unisrec", "encoder": str(root / "unisrec-x"), "test": M})
+    rows = {r["row"] for r in ev.collect_report(tmp_path / "runs", ["Fix"])}
+    assert rows == {"EncodeRec (all-MiniLM-L6-v2)", "unisrec-x"}                      # not every folder

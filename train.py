@@ -8,8 +8,8 @@
     python train.py --stage ease    --dataset D              # the linear anchor (Steck, 2019)
     python train.py --stage all     --dataset D --budget smoke   # all of it for both encoders + the report
 
-E = minilm | mpnet | a run or BERT/MPNet folder. Run folder = runs/<dataset>/<stage>-<label>-<hash of the inputs: the data
-fingerprint, CONTENT hashes of upstream files, the options that change the result>, finished (so skipped)
+E = minilm | mpnet | a run or BERT/MPNet folder. Run folder = runs/<dataset>/<stage>-<label>-<hash of the inputs:
+the data fingerprint, CONTENT hashes of upstream files, the options that change the result>, finished (so skipped)
 once it holds results.json. Stages make the upstream folders they need; --resume continues an unfinished
 one. A user error is one line and exit code 2.
 """
@@ -287,7 +287,7 @@ def stage_rqvae(args, ds=None) -> Path:
     results.json."""
     ds = ds or load_dataset(args.dataset, args.data_dir)
     if str(args.encoder).lower() == "none":
-        raise DataError("item codes are made from item text embeddings: --encoder minilm or a run folder")
+        raise DataError("item codes are made from item text embeddings: --encoder minilm, mpnet or a run folder")
     emb, emb_path = _embeddings(args, ds)
     tok, pq = args.tokenizer, args.tokenizer in ("opq", "pq")
     emb = emb if pq else ev.l2_rows(emb)  # VQ-Rec's faiss gets raw vectors; TIGER's Sentence-T5 unit ones

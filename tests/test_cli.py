@@ -86,10 +86,12 @@ def test_encoder_stage_then_retrieval_eval(tmp_path, fixture_ds, capsys):
                  "description,brand", "--data-dir", str(tmp_path / "cache"), "--device", "cpu"]
     assert ev.main(retrieval) == 2 and "unfinished run" in capsys.readouterr().err   # not "missing config.json"
     (out / "results.json").write_text(results)
-    assert ev.main(retrieval) == 0
+    assert ev.main(retrieval + ["--ranks", str(tmp_path / "r.npy")]) == 0
     metrics = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert metrics["n_queries"] == 5 and metrics["n_documents"] == 6  # C has no title, D a brand only
     assert 0 <= metrics["ndcg@10"] <= metrics["recall@10"] == 1.0  # 6 documents: all in the top 10
+    ranks = np.load(tmp_path / "r.npy")                             # per query, for paired tests
+    assert ranks.shape == (5,) and ev.metrics_from_ranks(ranks)["ndcg@10"] == metrics["ndcg@10"]
 
 
 def test_retrieval_merges_identical_documents(tmp_path, minilm):

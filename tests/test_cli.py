@@ -189,6 +189,8 @@ def test_vqrec_trains_on_product_codes_and_evaluates(tmp_path, fixture_ds, capsy
     assert "VQ-Rec product codes (opq, pq)" in capsys.readouterr().err
     assert train.main(["--stage", "tiger", *argv[4:], "--tokenizer", "opq"]) == 2    # codes for TIGER
     assert "TIGER takes semantic IDs" in capsys.readouterr().err
+    assert train.main([*argv, "--group-by-length", "2"]) == 0                        # length-grouped batches:
+    assert len(list(runs.glob("unisrec-vqrec-minilm-*"))) == 2                       # another run, not a resume
 
 
 def test_stage_all_smoke_then_everything_is_up_to_date(tmp_path, fixture_ds, minilm, capsys):

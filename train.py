@@ -369,6 +369,12 @@ def _loop(args, **kw) -> trainer.TrainConfig:
                                max_minutes=args.max_minutes, **kw)
 
 
+def _length_order(args, hist: np.ndarray):
+    """trainer.fit's epoch order over histories (N, L) (-1 = pad): --group-by-length spans sorted by length."""
+    lengths = (hist >= 0).sum(1)  # (N,)
+    return lambda e: trainer.epoch_order(lengths, args.batch_size, args.seed, e, args.group_by_length)
+
+
 def _recommender_folder(args, ds, stage: str, label: str, loop: trainer.TrainConfig, key: dict) -> Path:
     loop = {k: v for k, v in asdict(loop).items() if k not in ("max_minutes", "checkpoint_minutes")}
     return run_folder(args, stage, label, {"dataset": ds.name, "data": ds.fingerprint, **key, "loop": loop})
@@ -405,7 +411,6 @@ def stage_unisrec(args) -> Path:
     if args.compile:
         model.compile_core()
     hist = ds.histories(ds.splits.train, args.max_history)[0]                               # (N, L), -1 = pad
-    lengths = (hist >= 0).sum(1)                                                            # (N,)
     H = torch.as_tensor(hist, device=device)
     T = torch.as_tensor(ds.splits.train.target, device=device)                              # (N,)
     say(f"{ds.name}: {mode} UniSRec on {len(T)} training prefixes, {device}; writing {out}")
@@ -422,8 +427,7 @@ def stage_unisrec(args) -> Path:
                  normalize_input=args.normalize)
     summary = trainer.fit(model, loss_fn, len(T), torch.optim.Adam(model.parameters()), out, loop,
                           evaluate=evaluate, resume=args.resume, meta=meta, desc="unisrec",
-                          order=lambda e: trainer.epoch_order(lengths, args.batch_size, args.seed, e,
-                                                              args.group_by_length))
+                          order=_length_order(args, hist))
     if rank == 0 and not summary["time_capped"]:
         finish(out, {"task": "unisrec", "dataset": ds.name, "encoder": source(args), "mode": mode,
                      "run": str(out), "seed": args.seed, "normalize": args.normalize,
@@ -487,7 +491,6 @@ def stage_tiger(args) -> Path:
     if args.compile:
         model.compile_core(fixed=fixed)
     hist = ds.histories(ds.splits.train, args.tiger_history)[0]                      # (N, L), -1 = padding
-    lengths = (hist >= 0).sum(1)                                                     # (N,)
     H, T = torch.as_tensor(hist, device=device), torch.as_tensor(ds.splits.train.target, device=device)
     if fixed:  # (N, 1 + levels * history) and (N, levels), tokenised and checked once
         H, T = tg.tokenize_histories(H, ids, cfg.max_items, fixed=True), ids.tokens[T]
@@ -506,7 +509,7 @@ def stage_tiger(args) -> Path:
     summary = trainer.fit(
         model, loss_fn, len(T), opt, out, loop, schedule=lambda s: trainer.lr_factor(s, warmup),
         evaluate=lambda m: ev.evaluate_tiger(m, ds, ds.splits.valid, ids, args.beam),
-        order=lambda e: trainer.epoch_order(lengths, args.batch_size, args.seed, e, args.group_by_length),
+        order=_length_order(args, hist),
         resume=args.resume, meta=meta, desc="tiger")
     if rank == 0 and not summary["time_capped"]:
         test = ds.splits.test

@@ -247,21 +247,42 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def check_flags(ap, args, scope: str, allowed, positive=(), non_negative=(), fractions=(),
-                upper=None) -> None:
-    """Before anything runs: every numeric flag in its range (`upper`: name -> largest sensible value), and
-    no flag given that `scope` ignores."""
-    flag = "--{}".format
+def bounded(kind, low: float, high: float = math.inf, open_low: bool = False, open_high: bool = False):
+    """An argparse type: a finite `kind` (int or float) between low and high (an open end excluded)."""
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got "
+                                             f"{text!r}") from None
+        if not (math.isfinite(v) and (v > low if open_low else v >= low) and (v < high if open_high else
+                                                                                 v <= high)):
+            want = [f"{'>' if open_low else '>='} {low:g}"] + \
+                [f"{'<' if open_high else '<='} {high:g}"] * (high < math.inf)
+            raise argparse.ArgumentTypeError(f"must be {' and '.join(want)}, got {text}")
+        return v
+    return parse
+
+
+COUNT, INDEX, POSITIVE = bounded(int, 0, open_low=True), bounded(int, 0), bounded(float, 0, open_low=True)
+SEED = bounded(int, 0, 2 ** 32 - 1)  # numpy's and torch's seeds both take it
+
+
+def group(ap: argparse.ArgumentParser, scopes: str):
+    """An argument group of the flags that apply to `scopes` (stages or tasks); check_flags refuses them
+    elsewhere."""
+    g = ap.add_argument_group(scopes.replace(" ", ", "))
+    g.scopes = set(scopes.split())
+    return g
+
+
+def check_flags(ap: argparse.ArgumentParser, args, scope: str, name: str) -> None:
+    """No flag given that `name` ignores (its groups' scopes lack it): ignored silently, it would be a
+    wrong result."""
+    allowed = {a.dest for g in ap._action_groups if name in getattr(g, "scopes", {name})
+               for a in g._group_actions}
     if extra := [k for k, v in vars(args).items() if v != ap.get_default(k) and k not in allowed]:
-        raise DataError(f"{flag(extra[0]).replace('_', '-')} does not apply to {scope}; drop it")
-    for names, ok, want in ((positive, lambda v: v > 0, "> 0"), (non_negative, lambda v: v >= 0, ">= 0"),
-                            (fractions, lambda v: 0 <= v < 1, "in [0, 1)")):
-        for k in names:
-            if (v := getattr(args, k)) is not None and not (ok(v) and math.isfinite(v)):
-                raise DataError(f"{flag(k).replace('_', '-')} must be {want}, got {v}")
-    for k, high in (upper or {}).items():
-        if (v := getattr(args, k)) is not None and v > high:
-            raise DataError(f"{flag(k).replace('_', '-')} must be <= {high}, got {v}")
+        raise DataError(f"--{extra[0].replace('_', '-')} does not apply to {scope}; drop it")
 
 
 def one_line_errors(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -1,24 +1,28 @@
-"""Semantic IDs for TIGER (an RQ-VAE, a residual k-means baseline, the dedup code, collision audits) and
-VQ-Rec's product codes (PQ / OPQ, `product_codes`).
+"""Item codes for TIGER (an RQ-VAE and its training recipe, a residual k-means baseline, collision audits)
+and VQ-Rec's product codes (PQ / OPQ, `product_codes`).
 
 EncodeRec (arXiv 2601.10837, Sec. 4, Table 3) feeds its item embeddings to TIGER (Rajput et al., NeurIPS
 2023, Sec. 3.1, 4), whose items are named by semantic IDs: an MLP encoder and its mirror (sizes:
 RQVAEConfig), residual levels of codes (c_l = argmin_k ||r_l - e_{l,k}||, r_{l+1} = r_l - e_{l,c_l}),
 a straight-through decoder input, loss = reconstruction + sum_l (||sg(r_l) - e_l||^2 + beta ||r_l -
-sg(e_l)||^2) (RQ-VAE, Lee et al., CVPR 2022, Eq. 6; codes detached in the residual chain), and a 4th
-code = the item's rank among the items sharing its first three, so every ID names one item.
+sg(e_l)||^2) (RQ-VAE, Lee et al., CVPR 2022, Eq. 6; codes detached in the residual chain). TIGER appends
+a 4th code so that every ID names one item (tiger.semantic_ids).
 
 Ours, against codebook collapse: (1) every loss term is a mean over elements and the inputs are
 standardised per dimension, else the tiny coordinates of unit-norm text embeddings make the
 reconstruction loss tiny and the encoder shrinks the latents until quantisation stops mattering;
 (2) dead-code restart: training stretches the latents the k-means init fitted, stranding codes, so
 after each epoch unused codes move to random residuals of the epoch's last batch (TIGER trains 20k
-epochs instead). Training: train.fit_rqvae (trainer.fit, `restart_dead_codes`).
+epochs instead). `Recipe` holds the training recipe for any loop (train.py runs it in trainer.fit):
 
-    model = RQVAE(RQVAEConfig(input_dim=d)); model.set_standardization(emb)  # emb (N, d) float32
-    codes3 = tokenize(model, emb)            # (N, 3) int64, after training
+    model = RQVAE(cfg := RQVAEConfig(input_dim=d))  # emb (N, d) float32
+    recipe = Recipe(model, emb)                      # standardisation; k-means init on the first batch
+    for epoch in range(cfg.epochs):                  # opt: AdamW(lr, weight_decay), none on the codebooks
+        for idx in torch.randperm(len(emb)).split(cfg.batch_size):
+            opt.zero_grad(); recipe.loss(idx).backward(); opt.step()
+        recipe.end_of_epoch()                        # code usage; dead codes restarted
+    codes3 = tokenize(model, emb)            # (N, 3) int64
     codes3 = residual_kmeans(emb)            # the baseline, (N, 3) int64
-    ids, vocab_sizes = semantic_ids(codes3)  # (N, 4) int64, 4 ints
     pq = product_codes(emb)                  # VQ-Rec's OPQ codes: pq["codes"] (N, 32) int64
     collision_stats(codes3), embedding_stats(emb)  # audits (JSON)
 
@@ -201,30 +205,12 @@ def product_codes(emb, n_sub: int = 32, k: int = 256, rotate: bool = True, opq_i
             "mean": mean.numpy(), "distortion": history}
 
 
-# ----------------------------------------------------------------------------- semantic IDs
+# ----------------------------------------------------------------------------- audits
 def _check_codes(codes3) -> np.ndarray:
     c = np.asarray(codes3)
     if c.ndim != 2 or c.shape[0] < 1 or not np.issubdtype(c.dtype, np.integer) or c.min() < 0:
         raise ValueError(f"codes must be a non-empty (N, levels) int matrix >= 0, got {c.dtype} {c.shape}")
     return c.astype(np.int64, copy=False)
-
-
-def semantic_ids(codes3, codebook_size: int = 256) -> tuple[np.ndarray, tuple[int, ...]]:
-    """Append TIGER's dedup code (module docstring): (N, 3) -> distinct ids (N, 4) int64, vocab sizes
-    (codebook_size x 3, max(largest group, codebook_size))."""
-    c = _check_codes(codes3)
-    if c.max() >= codebook_size:
-        raise ValueError(f"code {int(c.max())} is outside a codebook of size {codebook_size}")
-    n = len(c)
-    _, inv, counts = np.unique(c, axis=0, return_inverse=True, return_counts=True)
-    inv = inv.reshape(-1)                                   # numpy 2 may keep a trailing dim
-    order = np.argsort(inv, kind="stable")                  # grouped, item order inside a group
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])  # (G,) first slot of each group
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(n) - starts[inv[order]]
-    ids = np.concatenate([c, rank[:, None]], axis=1)  # (N, L) + (N, 1) -> (N, L + 1)
-    vocab = tuple([int(codebook_size)] * c.shape[1] + [max(int(counts.max()), int(codebook_size))])
-    return ids, vocab
 
 
 def collision_stats(codes3, codebook_size: int = 256) -> dict:
@@ -377,3 +363,33 @@ def restart_dead_codes(model: RQVAE, counts: torch.Tensor, residuals: torch.Tens
             model.codebooks[level, dead] = residuals[level, pick]
         restarted.append(len(dead))
     return restarted
+
+
+class Recipe:
+    """The RQ-VAE's training recipe for any loop: `loss(idx)` k-means-initialises the codebooks on the first
+    batch (cfg.kmeans_init, TIGER) and keeps each item's codes; `end_of_epoch()` reports the epoch's code
+    usage and (cfg.dead_code_restart) moves its unused codes onto residuals of its last batch."""
+
+    def __init__(self, model: RQVAE, emb, seed: int = 0):
+        self.model, self.seed, cfg = model, seed, model.cfg
+        model.set_standardization(emb)
+        self.x = torch.from_numpy(check_embeddings(emb)).to(model.codebooks.device)       # (N, d)
+        self.codes = torch.zeros(len(self.x), cfg.levels, dtype=torch.long, device=self.x.device)
+        self.residuals = None                                  # (L, B, D) of the last batch
+
+    def loss(self, idx: torch.Tensor) -> torch.Tensor:
+        m, idx = self.model, idx.to(self.x.device)
+        if m.cfg.kmeans_init and not bool(m.initialized):
+            m.init_codebooks(self.x[idx], seed=self.seed)
+        out, self.residuals = m(self.x[idx], return_residuals=True)
+        self.codes[idx] = out.codes
+        return out.loss
+
+    def end_of_epoch(self, model: RQVAE | None = None) -> dict:
+        cfg = self.model.cfg
+        stats = collision_stats(self.codes.cpu().numpy(), cfg.codebook_size)
+        rec = {k: stats[k] for k in ("usage", "perplexity", "collision_rate", "largest_group")}
+        if cfg.dead_code_restart:
+            counts = torch.stack([torch.bincount(c, minlength=cfg.codebook_size) for c in self.codes.T])  # (L, K)
+            rec["restarted"] = restart_dead_codes(self.model, counts, self.residuals)
+        return rec

@@ -1,7 +1,7 @@
 """TIGER: generative retrieval over semantic IDs (Rajput et al., NeurIPS 2023, Sec. 3.2, 4), EncodeRec's
 second downstream test (arXiv 2601.10837, Sec. 4, Table 3): a T5 encoder-decoder generates the next
-item's semantic ID (3 RQ-VAE codes + a dedup code, rqvae.py) from the history's IDs. EncodeRec changes
-only the item embeddings behind the IDs.
+item's semantic ID (3 RQ-VAE codes, rqvae.py, + a dedup code, `semantic_ids`) from the history's IDs.
+EncodeRec changes only the item embeddings behind the IDs.
 
 Tokens: PAD = 0, EOS = 1; code c of level l is token 2 + sum(vocab_sizes[:l]) + c. Encoder input: the
 tokens of the last `max_items` (TIGER: 20) items, oldest first, then EOS, then PAD (masked; positions
@@ -15,7 +15,8 @@ Model: T5 v1.0 as TIGER sets it (Sec. 4.1): RMSNorm pre-norm, no biases, unscale
 (constraints mask, never renormalise, as HF `generate`); constrained decoding (the default) allows only
 catalog prefixes, free decoding maps unknown IDs to -1.
 
-    ids = SemanticIDs(codes, vocab_sizes)  # codes (N, 4) int, row i = catalog item i
+    codes, vocab_sizes = semantic_ids(codes3)  # codes3 (N, 3) int, row i = catalog item i -> (N, 4)
+    ids = SemanticIDs(codes, vocab_sizes)
     model = Tiger(TigerConfig(vocab_sizes=list(vocab_sizes)))
     src = tokenize_histories(hist, ids)    # hist (B, L) item indices, -1 = padding
     loss = model.loss(src, target_tokens(target, ids))
@@ -76,6 +77,28 @@ class TigerConfig:
 
 
 # ----------------------------------------------------------------------------- semantic IDs
+def semantic_ids(codes3, codebook_size: int = 256) -> tuple[np.ndarray, tuple[int, ...]]:
+    """TIGER's IDs from codes (N, levels) (rqvae.py's): + a dedup code, the item's rank among the items
+    that share its codes, so that every ID names one item: distinct ids (N, levels + 1) int64 and vocab
+    sizes (codebook_size per level, max(largest group, codebook_size))."""
+    c = np.asarray(codes3)
+    if c.ndim != 2 or not len(c) or not np.issubdtype(c.dtype, np.integer) or c.min() < 0:
+        raise ValueError(f"codes must be a non-empty (N, levels) int matrix >= 0, got {c.dtype} {c.shape}")
+    if c.max() >= codebook_size:
+        raise ValueError(f"code {int(c.max())} is outside a codebook of size {codebook_size}")
+    c = c.astype(np.int64, copy=False)
+    n = len(c)
+    _, inv, counts = np.unique(c, axis=0, return_inverse=True, return_counts=True)
+    inv = inv.reshape(-1)                                   # numpy 2 may keep a trailing dim
+    order = np.argsort(inv, kind="stable")                  # grouped, item order inside a group
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])  # (G,) first slot of each group
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n) - starts[inv[order]]
+    ids = np.concatenate([c, rank[:, None]], axis=1)  # (N, L) + (N, 1) -> (N, L + 1)
+    vocab = tuple([int(codebook_size)] * c.shape[1] + [max(int(counts.max()), int(codebook_size))])
+    return ids, vocab
+
+
 class SemanticIDs:
     """The catalog's semantic IDs (N, n_levels) (row i = item i), their tokens, and the prefix tables of
     constrained decoding: prefix keys are mixed-radix, key(c_0..c_l) = key(c_0..c_{l-1}) * V_l + c_l;
@@ -109,7 +132,7 @@ class SemanticIDs:
         if (counts > 1).any():
             items = np.flatnonzero(keys == uniq[counts > 1][0])[:5].tolist()
             raise ValueError(f"semantic IDs are not unique (items {items} share one); rebuild them with "
-                             "the dedup level (rqvae.semantic_ids)")
+                             "the dedup level (semantic_ids)")
         order = np.argsort(keys, kind="stable")
         self.vocab_sizes = vocab
         self.codes_np = codes

@@ -6,12 +6,11 @@
     python train.py --stage unisrec --dataset D --encoder E  # text-based SASRec (E = none: SASRec-ID)
     python train.py --stage tiger   --dataset D --encoder E  # generative retrieval on semantic IDs
     python train.py --stage ease    --dataset D              # the linear anchor (Steck, 2019)
-    python train.py --stage all     --dataset D --budget smoke   # all of it for both encoders + the report
 
 E = minilm | mpnet | a run or BERT/MPNet folder. Run folder = runs/<dataset>/<stage>-<label>-<hash of the inputs:
 the data fingerprint, CONTENT hashes of upstream files, the options that change the result>, finished (so skipped)
 once it holds results.json. Stages make the upstream folders they need; --resume continues an unfinished
-one. A user error is one line and exit code 2.
+one. A user error is one line and exit code 2. The whole pipeline in one command: scripts/pipeline.py.
 """
 from __future__ import annotations
 
@@ -42,14 +41,6 @@ from data import DOCUMENT_FIELDS, ITEM_TEXT_FIELDS, REGISTRY, DataError, file_sh
 DEFAULT_DATASET = "scientific"  # the one set with item descriptions, which EncodeRec's documents need
 RKMEANS = {"levels": 3, "k": 256, "iters": 50, "standardize": True}  # residual k-means = RQ-VAE's codebooks
 PQ_SHAPE = (32, 256)  # VQ-Rec's OPQ32,IVF1,PQ32x8: 32 sub-vectors of 256 codes
-BUDGETS = {  # --stage all: every schedule in one place
-    # minutes on 2 CPU cores: every stage runs end to end; the numbers are not results
-    "smoke": {"epochs": 1, "encoder_max_length": 32, "max_epochs": 2, "rqvae_epochs": 20, "max_steps": 30,
-              "eval_every": 30, "warmup_steps": 10},
-    # the published schedules (RQ-VAE: RQVAEConfig's; TIGER's 200k steps: a GPU job)
-    "paper": {"epochs": 3, "encoder_max_length": 256, "max_epochs": None, "rqvae_epochs": None,
-              "max_steps": 200_000, "eval_every": 1000, "warmup_steps": 1000},
-}
 
 
 # ----------------------------------------------------------------------------- run folders
@@ -138,7 +129,7 @@ def _weights(args, ds, encoder: str) -> tuple[Path, dict, int]:
     (--max-length, else the folder's own)."""
     if (Path(encoder) / "run.json").is_file() and not done(Path(encoder)):
         raise DataError(f"{encoder} is an unfinished run: finish it (its command with --resume)")
-    folder = er.resolve_backbone(encoder, weights=args.weights)
+    folder = er.resolve_backbone(encoder)
     n = er.BertConfig.from_json(folder / "config.json").max_tokens
     if (args.max_length or 0) > n:
         raise DataError(f"--max-length {args.max_length}: {encoder} reads at most {n} tokens")
@@ -179,19 +170,18 @@ def stage_encoder(args) -> Path:
             f"({', '.join(doc_fields)}); choose other --doc-fields or data with descriptions"
         raise DataError(f"{ds.name}: only {len(pairs)} items have a title and a document {cause}")
     bs, lr = min(args.batch_size or 512, len(pairs)), args.lr or 5e-5
-    folder, key, max_len = _weights(args, ds, args.backbone)
+    folder, key, max_len = _weights(args, ds, args.encoder)
     key.update(doc_fields=doc_fields, holdout=args.holdout, batch_size=bs, lr=lr, epochs=args.epochs,
-               **({"corpus": args.corpus} if args.corpus < 1 else {}),  # earlier runs keep their keys
-               amp=args.amp, temperature=args.temperature, symmetric=args.symmetric, max=max_len,
+               corpus=args.corpus, amp=args.amp, temperature=args.temperature, symmetric=args.symmetric, max=max_len,
                seed=args.seed)
-    out = run_folder(args, "encoder", ev.encoder_label(args.backbone), key)
+    out = run_folder(args, "encoder", ev.encoder_label(args.encoder), key)
     if done(out):
         return finish(out) or out
     device, rank = args.device, trainer.rank_world()[0]
     enc = er.load_encoder(folder, device=device, max_length=max_len)
     if args.compile:
         enc.compile_bert(dynamic=True)
-    say(f"{ds.name}: {args.backbone} on {len(pairs)} (title, {' + '.join(doc_fields)}) pairs, batch {bs}, "
+    say(f"{ds.name}: {args.encoder} on {len(pairs)} (title, {' + '.join(doc_fields)}) pairs, batch {bs}, "
         f"{args.epochs} epochs, {device}; writing {out}")
     q_vocab, d_vocab = {}, {}  # integer ids of identical texts, for false-negative masking
     q_ids = torch.tensor([q_vocab.setdefault(t, len(q_vocab)) for t, _ in pairs])
@@ -226,7 +216,7 @@ def stage_encoder(args) -> Path:
         order=order, desc="encoder")
     if rank == 0 and not summary["time_capped"]:
         er.save_pretrained(enc, out)
-        finish(out, {"task": "encoder", "dataset": ds.name, "backbone": str(args.backbone), "run": str(out),
+        finish(out, {"task": "encoder", "dataset": ds.name, "backbone": str(args.encoder), "run": str(out),
                      "n_pairs": len(pairs), "holdout_items": held.tolist(), **summary})
     return out
 
@@ -315,7 +305,7 @@ def stage_rqvae(args, ds=None) -> Path:
     else:
         codes = rq.tokenize(fit_rqvae(emb, cfg, out, args.seed, args.device, _meta(ds, out)), emb) \
             if tok == "rqvae" else rq.residual_kmeans(emb, seed=args.seed, progress=True, **rk)  # (N, 3)
-        ids, vocab = rq.semantic_ids(codes, RKMEANS["k"])                                       # (N, 4)
+        ids, vocab = tg.semantic_ids(codes, RKMEANS["k"])                                       # (N, 4)
         trainer.save_npy(path, ids)
         res.update(vocab_sizes=list(vocab), standardize=std, collisions=rq.collision_stats(codes),
                    dead_code_restart=restart if tok == "rqvae" else None,
@@ -325,39 +315,17 @@ def stage_rqvae(args, ds=None) -> Path:
 
 
 def fit_rqvae(emb: np.ndarray, cfg: rq.RQVAEConfig, out: Path, seed: int, device: str, meta: dict):
-    """The RQ-VAE through trainer.fit: k-means init of the codebooks on the first batch; after each epoch,
-    its code usage, and (cfg.dead_code_restart) its unused codes moved onto residuals of its last batch."""
-    emb = rq.check_embeddings(emb)                                             # (N, d) finite float32
+    """The RQ-VAE with its recipe (rqvae.Recipe) through trainer.fit; AdamW without decay on the codebooks."""
     torch.manual_seed(seed)
     model = rq.RQVAE(cfg).to(device)
-    model.set_standardization(emb)
-    X = torch.from_numpy(emb).to(device)
-    codes = torch.zeros(len(X), cfg.levels, dtype=torch.long, device=device)   # the codes chosen this epoch
-    last = {}
-
-    def loss_fn(idx):
-        idx = idx.to(device)
-        if cfg.kmeans_init and not bool(model.initialized):
-            model.init_codebooks(X[idx], seed=seed)
-        res, last["residuals"] = model(X[idx], return_residuals=True)            # residuals (L, B, D)
-        codes[idx] = res.codes
-        return res.loss
-
-    def end_of_epoch(m):
-        stats = rq.collision_stats(codes.cpu().numpy(), cfg.codebook_size)
-        rec = {k: stats[k] for k in ("usage", "perplexity", "collision_rate", "largest_group")}
-        if cfg.dead_code_restart:
-            counts = torch.stack([torch.bincount(c, minlength=cfg.codebook_size) for c in codes.T])  # (L, K)
-            rec["restarted"] = rq.restart_dead_codes(m, counts, last["residuals"])
-        return rec
-
+    recipe = rq.Recipe(model, emb, seed)
     tcfg = trainer.TrainConfig(lr=cfg.lr, batch_size=cfg.batch_size, max_epochs=cfg.epochs, metric=None,
                                checkpoint_minutes=None, seed=seed)
     opt = _adamw(model, cfg.weight_decay, lambda name: name == "codebooks")
-    trainer.fit(model, loss_fn, len(X), opt, out, tcfg, evaluate=end_of_epoch, resume=True, desc="rq-vae",
-                meta={**meta, "rqvae_config": asdict(cfg)})
+    trainer.fit(model, recipe.loss, len(emb), opt, out, tcfg, evaluate=recipe.end_of_epoch, resume=True,
+                desc="rq-vae", meta={**meta, "rqvae_config": asdict(cfg)})
     if cfg.epochs == 0 and cfg.kmeans_init:
-        model.init_codebooks(X[:cfg.batch_size], seed=seed)
+        model.init_codebooks(recipe.x[:cfg.batch_size], seed=seed)
     return model.eval()
 
 
@@ -384,6 +352,7 @@ def stage_unisrec(args) -> Path:
     """UniSRec on frozen item embeddings, or SASRec on item IDs (--encoder none): Adam, full softmax, early
     stopping on valid NDCG@10 (UniSRec's fine-tuning); the best model tested."""
     ds = load_dataset(args.dataset, args.data_dir)
+    args = with_(args, max_history=args.max_history or 50)  # UniSRec's
     _has_cases(ds, max_history=args.max_history)
     text = str(args.encoder).lower() != "none"
     mode = args.mode if text else "id"
@@ -397,8 +366,7 @@ def stage_unisrec(args) -> Path:
                  group_by_length=args.group_by_length or 0)
     key = {"embeddings": content_hash(emb_path) if emb_path else None, "mode": mode,
            **({"codes": content_hash(codes_path)} if codes_path else {}),
-           **({"grouping": args.group_by_length} if args.group_by_length else {}),  # older folders keep their key
-           "max_history": args.max_history, "mask_history": args.mask_history, "normalize": args.normalize}
+           "grouping": args.group_by_length, "max_history": args.max_history, "normalize": args.normalize}
     label = f"{mode}-{ev.encoder_label(source(args))}" if text else "id"
     loop = _loop(args)
     out = _recommender_folder(args, ds, "unisrec", label, loop, key)
@@ -420,7 +388,7 @@ def stage_unisrec(args) -> Path:
         return w * model.loss(H[share], T[share])
 
     def evaluate(m, cases=ds.splits.valid, ranks_to=None):
-        return ev.evaluate_unisrec(m, ds, cases, args.max_history, args.mask_history, ranks_to=ranks_to)
+        return ev.evaluate_unisrec(m, ds, cases, args.max_history, ranks_to=ranks_to)
 
     meta = _meta(ds, out, model_config=asdict(model.cfg), item_emb_path=str(emb_path) if emb_path else None,
                  codes_path=str(codes_path) if codes_path else None,
@@ -463,7 +431,8 @@ def stage_tiger(args) -> Path:
     """TIGER on the semantic IDs of the --encoder: teacher forcing, early stopping on the valid NDCG@10 of
     constrained beam search; the best checkpoint tested beside popularity."""
     ds = load_dataset(args.dataset, args.data_dir)
-    _has_cases(ds, tiger_history=args.tiger_history, beam=args.beam)
+    args = with_(args, max_history=args.max_history or 20)  # TIGER's
+    _has_cases(ds, max_history=args.max_history, beam=args.beam)
     s = (args.batch_size or 256) / 256  # same examples: steps / s; lr * sqrt(s) (Adam's rule)
     args = with_(args, lr=args.lr or 1e-3 * s ** 0.5, batch_size=args.batch_size or 256,
                  group_by_length=TIGER_GROUPING if args.group_by_length is None else args.group_by_length,
@@ -477,20 +446,20 @@ def stage_tiger(args) -> Path:
     codes, vocab = ev.read_semantic_ids(sem_path, ds.n_items)
     ids = tg.SemanticIDs(codes, vocab, device)
     loop = _loop(args, max_steps=args.max_steps, eval_every=args.eval_every, grad_clip=TIGER_GRAD_CLIP)
-    key = {"semantic_ids": content_hash(sem_path), "history": args.tiger_history, "warmup": warmup,
+    key = {"semantic_ids": content_hash(sem_path), "history": args.max_history, "warmup": warmup,
            "beam": args.beam, "grouping": args.group_by_length}
     label = f"{args.tokenizer}-{ev.encoder_label(source(args))}"
     out = _recommender_folder(args, ds, "tiger", label, loop, key)
     if done(out):
         return finish(out) or out
     torch.manual_seed(args.seed)
-    cfg = tg.TigerConfig(vocab_sizes=list(ids.vocab_sizes), max_items=args.tiger_history)
+    cfg = tg.TigerConfig(vocab_sizes=list(ids.vocab_sizes), max_items=args.max_history)
     model = tg.Tiger(cfg).to(device)
     fixed = torch.device(device).type == "cuda"  # GPU: one shape, the epoch on the device, no host syncs
     model.length_buckets = not fixed             # CPU: length buckets (small kernel launches are cheap)
     if args.compile:
         model.compile_core(fixed=fixed)
-    hist = ds.histories(ds.splits.train, args.tiger_history)[0]                      # (N, L), -1 = padding
+    hist = ds.histories(ds.splits.train, args.max_history)[0]                      # (N, L), -1 = padding
     H, T = torch.as_tensor(hist, device=device), torch.as_tensor(ds.splits.train.target, device=device)
     if fixed:  # (N, 1 + levels * history) and (N, levels), tokenised and checked once
         H, T = tg.tokenize_histories(H, ids, cfg.max_items, fixed=True), ids.tokens[T]
@@ -522,57 +491,28 @@ def stage_tiger(args) -> Path:
     return out
 
 
-# ----------------------------------------------------------------------------- the whole pipeline
-def stage_retrieval(args, ds, encoder: str, max_length: int) -> None:
-    """Title -> document retrieval of one encoder over all items (Table 1) as a run folder."""
-    doc_fields = parse_fields(args.doc_fields, DOCUMENT_FIELDS)
-    folder, key, _ = _weights(args, ds, encoder)
-    key.update(docs=doc_fields, max=max_length)
-    out = run_folder(args, "retrieval", ev.encoder_label(encoder), key)
-    if done(out):
-        return finish(out)
-    enc = er.load_encoder(folder, device=args.device, max_length=max_length)
-    finish(out, {"task": "retrieval", "dataset": ds.name, "encoder": encoder, "doc_fields": doc_fields,
-                 "max_length": max_length, **ev.retrieval_eval(enc, ds, doc_fields=doc_fields)})
-
-
-def stage_all(args) -> None:
-    """The paper's pipeline: EncodeRec fine-tuning; for the off-the-shelf and the tuned encoder, retrieval,
-    EASE, UniSRec (+ SASRec-ID), VQ-Rec, semantic IDs and TIGER; the report. Each stage says what it does."""
-    b = BUDGETS[args.budget]
+def stage_retrieval(args) -> Path:
+    """Title -> document retrieval of the --encoder over all items (Table 1) as a run folder."""
     ds = load_dataset(args.dataset, args.data_dir)
-    fields = parse_fields(args.fields, ITEM_TEXT_FIELDS)
     doc_fields = parse_fields(args.doc_fields, DOCUMENT_FIELDS)
-    base = with_(args, resume=True, out=None, lr=None, batch_size=None, max_length=256)  # stage defaults
-    has_text = any(t is not None for t in ds.item_texts(fields))
-    pairs = sum(bool(t and d) for t, d in zip(ds.title_texts(), ds.document_texts(doc_fields)))
-    encoders = [args.backbone] if has_text else []
-    if not has_text:
-        say(f"[all] {ds.name} has no item text ({', '.join(fields)}): SASRec-ID only")
-    elif pairs < 2:
-        say(f"[all] {ds.name}: no (title, document) pair: off-the-shelf encoder only")
-    else:
-        encoders.append(str(stage_encoder(with_(base, holdout=0.0, epochs=b["epochs"],
-                                                max_length=b["encoder_max_length"]))))
-    for enc in encoders if pairs >= 2 else []:
-        stage_retrieval(base, ds, enc, b["encoder_max_length"])
-    stage_ease(base)
-    for enc in ["none", *encoders]:
-        stage_unisrec(with_(base, encoder=enc, max_epochs=b["max_epochs"]))
-    for enc in encoders:
-        stage_unisrec(with_(base, encoder=enc, mode="vqrec", normalize=False, max_epochs=b["max_epochs"]))
-    for enc in encoders:
-        stage_tiger(with_(base, encoder=enc, rqvae_epochs=b["rqvae_epochs"], max_steps=b["max_steps"],
-                          eval_every=b["eval_every"], warmup_steps=b["warmup_steps"], max_epochs=None))
-    print(ev.report_markdown(ev.collect_report(Path(args.runs), [ds.name])))
+    folder, key, max_len = _weights(args, ds, args.encoder)
+    key.update(docs=doc_fields, max=max_len)
+    out = run_folder(args, "retrieval", ev.encoder_label(args.encoder), key)
+    if done(out):
+        return finish(out) or out
+    enc = er.load_encoder(folder, device=args.device, max_length=max_len)
+    finish(out, {"task": "retrieval", "dataset": ds.name, "encoder": str(args.encoder), "doc_fields": doc_fields,
+                 "max_length": max_len, "run": str(out), **ev.retrieval_eval(enc, ds, doc_fields=doc_fields)})
+    return out
 
 
 # ----------------------------------------------------------------------------- command line
 STAGES = {"encoder": stage_encoder, "embed": stage_embed, "rqvae": stage_rqvae, "unisrec": stage_unisrec,
-          "tiger": stage_tiger, "ease": stage_ease, "all": stage_all}
+          "tiger": stage_tiger, "ease": stage_ease, "retrieval": stage_retrieval}
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The flags, each in the group of the stages it applies to (check_args refuses it elsewhere)."""
     ap = ev.one_line_errors(argparse.ArgumentParser(
         description="A stage of EncodeRec; the last stdout line: its results.", allow_abbrev=False))
     ap.add_argument("--stage", required=True, choices=list(STAGES))
@@ -583,55 +523,57 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", help="this stage's run folder instead of runs/<dataset>/<stage>-...")
     g.add_argument("--resume", action="store_true", help="continue the unfinished run in the folder")
     g.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda[:N]")
-    g.add_argument("--seed", type=int, default=0, help="(0; CPU runs are deterministic)")
-    g.add_argument("--seeds", type=int, nargs="+", help="the stage once per seed (the report averages them)")
-    g.add_argument("--amp", choices=["off", "bf16", "fp16"], default="off", help="CUDA autocast (off)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
-    g.add_argument("--batch-size", type=int, help="encoder: pairs (512); unisrec 2048; tiger 256")
-    g.add_argument("--lr", type=float, help="peak learning rate (encoder 5e-5, unisrec and tiger 1e-3)")
-    g.add_argument("--max-minutes", type=float, help="stop at the first evaluation after it")
-    e = ap.add_argument_group("encoders")
-    e.add_argument("--backbone", default="minilm", help="encoder: minilm | mpnet | a model folder (minilm)")
-    e.add_argument("--encoder", default="minilm", help="minilm | mpnet | a run or model folder | none (no text)")
-    e.add_argument("--weights", help="folder with a named backbone's files (offline)")
-    e.add_argument("--max-length", type=int, help="token limit (the model folder's sentence_bert_config: "
+    g.add_argument("--seed", type=ev.SEED, default=0, help="(0; CPU runs are deterministic)")
+    g.add_argument("--seeds", type=ev.SEED, nargs="+", help="the stage once per seed (the report averages them)")
+    g.add_argument("--amp", choices=["off", "bf16"], default="off", help="CUDA autocast (off)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (README: what it costs)")
+    g.add_argument("--max-minutes", type=ev.POSITIVE, help="stop at the first evaluation after it")
+    g = ev.group(ap, "encoder embed rqvae unisrec tiger retrieval")
+    g.add_argument("--encoder", "--backbone", default="minilm",
+                   help="minilm | mpnet | a run or model folder | none (unisrec: no text); encoder: the backbone")
+    g.add_argument("--max-length", type=ev.COUNT, help="token limit (the model folder's sentence_bert_config: "
                    "MiniLM 256, MPNet 384)")
-    e.add_argument("--epochs", type=int, default=3, help="encoder: epochs (3)")
-    e.add_argument("--chunk-size", type=int, default=64, help="encoder: GradCache chunk (64)")
-    e.add_argument("--temperature", type=float, default=0.05, help="encoder: InfoNCE tau (0.05)")
-    e.add_argument("--symmetric", action="store_true", help="encoder: add document -> title")
-    e.add_argument("--holdout", type=float, default=0.0, help="encoder: share of items kept out, their "
-                   "retrieval evaluated each epoch (0)")
-    e.add_argument("--doc-fields", help=f"encoder: the document ({','.join(DOCUMENT_FIELDS)})")
-    e.add_argument("--corpus", type=float, default=1.0, help="encoder: share of the pairs trained on (1)")
-    e.add_argument("--no-eval", action="store_true", help="encoder: the same as --holdout 0")
-    e.add_argument("--fields", help=f"the item text to embed ({','.join(ITEM_TEXT_FIELDS)})")
-    e.add_argument("--emb", help="rqvae / unisrec / tiger: this item-embedding .npy instead")
-    q = ap.add_argument_group("rqvae and tiger")
-    q.add_argument("--tokenizer", choices=["rqvae", "rkmeans", "opq", "pq"], default="rqvae",
+    ev.group(ap, "embed rqvae unisrec tiger").add_argument(
+        "--fields", help=f"the item text to embed ({','.join(ITEM_TEXT_FIELDS)})")
+    g = ev.group(ap, "encoder unisrec tiger")
+    g.add_argument("--batch-size", type=ev.COUNT, help="encoder: pairs (512); unisrec 2048; tiger 256")
+    g.add_argument("--lr", type=ev.bounded(float, 0, 1, open_low=True),
+                   help="peak learning rate (encoder 5e-5, unisrec and tiger 1e-3)")
+    g = ev.group(ap, "encoder")
+    g.add_argument("--epochs", type=ev.COUNT, default=3, help="epochs (3)")
+    g.add_argument("--chunk-size", type=ev.COUNT, default=64, help="GradCache chunk (64)")
+    g.add_argument("--temperature", type=ev.bounded(float, 1e-3, 10), default=0.05, help="InfoNCE tau (0.05)")
+    g.add_argument("--symmetric", action="store_true", help="add document -> title")
+    g.add_argument("--holdout", type=ev.bounded(float, 0, 1, open_high=True), default=0.0,
+                   help="share of items kept out, their retrieval evaluated each epoch (0)")
+    g.add_argument("--corpus", type=ev.bounded(float, 0, 1, open_low=True), default=1.0,
+                   help="share of the pairs trained on (1)")
+    ev.group(ap, "encoder retrieval").add_argument(
+        "--doc-fields", help=f"the document ({','.join(DOCUMENT_FIELDS)})")
+    g = ev.group(ap, "rqvae unisrec tiger")
+    g.add_argument("--emb", help="this item-embedding .npy instead of the --encoder's")
+    g.add_argument("--tokenizer", choices=["rqvae", "rkmeans", "opq", "pq"], default="rqvae",
                    help="semantic IDs: RQ-VAE or residual k-means; VQ-Rec's product codes: OPQ or PQ")
-    q.add_argument("--rqvae-epochs", type=int, help=f"({rq.RQVAEConfig.epochs})")
-    q.add_argument("--no-dead-code-restart", action="store_true", help="TIGER's plain recipe (rqvae.py)")
-    q.add_argument("--no-standardize", action="store_true", help="unscaled coordinates (rqvae.py)")
-    u = ap.add_argument_group("unisrec and tiger")
-    u.add_argument("--max-epochs", type=int, help="cap on epochs (none: early stopping only)")
-    u.add_argument("--patience", type=int, default=10, help="evaluations without a better valid NDCG@10 (10)")
-    u.add_argument("--mode", choices=["inductive", "transductive", "vqrec"], default="inductive",
-                   help="unisrec: text only (the paper's), + item-ID embedding, or VQ-Rec (--tokenizer opq)")
-    u.add_argument("--max-history", type=int, default=50, help="unisrec: history length (50)")
-    u.add_argument("--mask-history", action="store_true", help="unisrec: mask history items when ranking")
-    u.add_argument("--normalize", action="store_true", help="unisrec: L2-normalise the item embeddings "
-                   "(default: the raw pooled vectors, as UniSRec's preprocessing)")
-    u.add_argument("--group-by-length", type=int, help="batches of similar history length: epoch_order's "
+    g = ev.group(ap, "rqvae tiger")
+    g.add_argument("--rqvae-epochs", type=ev.INDEX, help=f"({rq.RQVAEConfig.epochs})")
+    g.add_argument("--no-dead-code-restart", action="store_true", help="TIGER's plain recipe (rqvae.py)")
+    g.add_argument("--no-standardize", action="store_true", help="unscaled coordinates (rqvae.py)")
+    g = ev.group(ap, "unisrec tiger")
+    g.add_argument("--max-epochs", type=ev.COUNT, help="cap on epochs (none: early stopping only)")
+    g.add_argument("--patience", type=ev.COUNT, default=10, help="evaluations without a better valid NDCG@10 (10)")
+    g.add_argument("--max-history", type=ev.COUNT, help="history items (unisrec 50, tiger 20: the papers')")
+    g.add_argument("--group-by-length", type=ev.INDEX, help="batches of similar history length: epoch_order's "
                    "spans, 0 = plain shuffle (tiger 50, unisrec 0)")
-    t = ap.add_argument_group("tiger")
-    t.add_argument("--max-steps", type=int, default=200_000, help="training steps (200k, TIGER's)")
-    t.add_argument("--eval-every", type=int, default=1000, help="steps between validations (1000)")
-    t.add_argument("--warmup-steps", type=int, help=f"linear warm-up, then inverse sqrt ({TIGER_WARMUP})")
-    t.add_argument("--beam", type=int, default=10, help="beam width = returned IDs (10)")
-    t.add_argument("--tiger-history", type=int, default=20, help="history items (20, TIGER's)")
-    ap.add_argument_group("all").add_argument("--budget", choices=list(BUDGETS), default="smoke",
-                                              help="every schedule: smoke (CPU minutes) or paper")
+    g = ev.group(ap, "unisrec")
+    g.add_argument("--mode", choices=["inductive", "transductive", "vqrec"], default="inductive",
+                   help="text only (the paper's), + item-ID embedding, or VQ-Rec (--tokenizer opq)")
+    g.add_argument("--normalize", action="store_true", help="L2-normalise the item embeddings (default: the "
+                   "raw pooled vectors, as UniSRec's preprocessing)")
+    g = ev.group(ap, "tiger")
+    g.add_argument("--max-steps", type=ev.COUNT, default=200_000, help="training steps (200k, TIGER's)")
+    g.add_argument("--eval-every", type=ev.COUNT, default=1000, help="steps between validations (1000)")
+    g.add_argument("--warmup-steps", type=ev.COUNT, help=f"linear warm-up, then inverse sqrt ({TIGER_WARMUP})")
+    g.add_argument("--beam", type=ev.COUNT, default=10, help="beam width = returned IDs (10)")
     return ap
 
 
@@ -646,35 +588,10 @@ def _device(device: str) -> str:
                         "torchrun, or unset it") from None
 
 
-# The options each stage reads beyond COMMON; another one given is an error, never silently ignored.
-COMMON = "stage dataset data_dir runs out resume device seed seeds amp compile max_minutes"
-_EMB = "encoder weights fields max_length emb"
-_IDS = f"{_EMB} tokenizer rqvae_epochs no_dead_code_restart no_standardize"
-_LOOP = "batch_size lr max_epochs patience"
-STAGE_FLAGS = {
-    "encoder": "backbone weights batch_size lr max_length epochs chunk_size temperature symmetric holdout "
-               "doc_fields no_eval corpus",
-    "embed": "encoder weights fields max_length",
-    "rqvae": _IDS,
-    "unisrec": f"{_EMB} {_LOOP} mode max_history mask_history normalize tokenizer group_by_length",
-    "tiger": f"{_IDS} {_LOOP} max_steps eval_every warmup_steps beam tiger_history group_by_length",
-    "ease": "",
-}
-# --stage all: the budget sets the schedules, each stage its defaults; the other options go through
-STAGE_FLAGS["all"] = " ".join(set(" ".join(STAGE_FLAGS.values()).split()) - set(
-    "encoder emb out lr batch_size max_length epochs max_epochs rqvae_epochs max_steps eval_every "
-    "warmup_steps holdout no_eval corpus".split())) + " budget"
-
-
 def check_args(ap: argparse.ArgumentParser, args) -> None:
-    """Every flag in its range and meaningful for the stage, before anything runs."""
-    allowed = set(f"{COMMON} {STAGE_FLAGS[args.stage]}".split()) - ({"out"} if args.stage == "all" else set())
-    ev.check_flags(ap, args, f"--stage {args.stage}", allowed, fractions=("holdout",),
-                   upper={"seed": ev.SEED_MAX, "lr": 1.0, "temperature": 10.0, "corpus": 1.0},
-                   positive=("batch_size", "lr", "max_minutes", "max_length", "epochs", "chunk_size",
-                             "temperature", "max_epochs", "patience", "max_history", "max_steps",
-                             "eval_every", "warmup_steps", "beam", "tiger_history", "corpus"),
-                   non_negative=("seed", "rqvae_epochs", "group_by_length"))
+    """Before anything runs: no flag the stage ignores (argparse checked each one's range), and the rules
+    between flags."""
+    ev.check_flags(ap, args, f"--stage {args.stage}", args.stage)
 
     def given(*names):
         return next((f"--{k.replace('_', '-')}" for k in names if getattr(args, k) != ap.get_default(k)),
@@ -684,28 +601,21 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
         (args.stage == "encoder" and args.batch_size == 1,
          "--batch-size 1 leaves InfoNCE no in-batch negative: use >= 2"),
         (none and args.stage != "unisrec", "--encoder none (SASRec on item IDs) is for --stage unisrec only"),
-        (none and given("emb", "mode", "fields", "max_length", "weights"),
-         f"{given('emb', 'mode', 'fields', 'max_length', 'weights')} does not apply to --encoder none "
-         "(no text)"),
-        (args.emb and given("encoder", "fields", "max_length", "weights"),
-         "--emb replaces the encoder's embeddings: drop "
-         f"{given('encoder', 'fields', 'max_length', 'weights')}"),
-        (args.no_eval and given("holdout"), "--no-eval and --holdout contradict each other: pass one"),
+        (none and given("emb", "mode", "fields", "max_length"),
+         f"{given('emb', 'mode', 'fields', 'max_length')} does not apply to --encoder none (no text)"),
+        (args.emb and given("encoder", "fields", "max_length"),
+         f"--emb replaces the encoder's embeddings: drop {given('encoder', 'fields', 'max_length')}"),
         (args.stage == "unisrec" and (args.normalize if args.mode == "vqrec" else given("tokenizer")),
          "--mode vqrec codes the raw vectors (--tokenizer opq or pq); --normalize is for the text modes"),
-        (args.tokenizer in ("opq", "pq") and args.stage in ("tiger", "all") or args.stage == "unisrec" and
+        (args.tokenizer in ("opq", "pq") and args.stage == "tiger" or args.stage == "unisrec" and
          args.tokenizer in ("rqvae", "rkmeans") and given("tokenizer"),
          f"--tokenizer {args.tokenizer}: TIGER takes semantic IDs (rqvae, rkmeans), VQ-Rec product codes "
          "(opq, pq)"),
         (args.tokenizer != "rqvae" and given("rqvae_epochs", "no_dead_code_restart"),
          f"{given('rqvae_epochs', 'no_dead_code_restart')} is an RQ-VAE option, not one of --tokenizer "
          f"{args.tokenizer}"),
-        (args.temperature < 1e-3, f"--temperature {args.temperature:g} overflows the logits: use >= 0.001"),
         (args.seeds and given("seed"), "--seed and --seeds: pass one"),
-        (args.seeds and not all(0 <= x <= ev.SEED_MAX for x in args.seeds),
-         f"--seeds must be in 0..{ev.SEED_MAX}"),
         (args.seeds and args.out, "--out names one folder; --seeds makes one per seed: drop --out"),
-        (args.weights and not Path(args.weights).is_dir(), f"--weights {args.weights}: no such folder"),
     ]
     if msg := next((m for bad, m in checks if bad), None):
         raise DataError(msg)
@@ -742,11 +652,7 @@ def main(argv=None) -> int:
             args.dataset = DEFAULT_DATASET
             say(f"no --dataset given: using {DEFAULT_DATASET} (Amazon 2018 Industrial_and_Scientific 5-core, "
                 f"the one set with item descriptions)")
-        if args.no_eval:
-            args.holdout = 0.0
         args.device = _device(args.device)
-        if args.amp == "fp16" and not args.device.startswith("cuda"):
-            raise DataError(f"--amp fp16 needs a CUDA device, not {args.device}: use --amp off or bf16")
         for seed in args.seeds or [args.seed]:
             if args.seeds:
                 say(f"--- seed {seed}")

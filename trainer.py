@@ -6,7 +6,7 @@ optimizer and, optionally, an evaluation:
     summary = fit(model, lambda idx: model.loss(x[idx], y[idx]), len(y), optimizer, "runs/x",
                   TrainConfig(max_epochs=10, patience=10), evaluate=lambda m: {"ndcg@10": ...})
 
-The loop owns autocast (bf16; fp16 with a GradScaler), clipping, the learning rate per step, evaluation with
+The loop owns CUDA autocast (bf16), clipping, the learning rate per step, evaluation with
 early stopping, atomic checkpoints read without pickle, exact resume, a time cap, a stop on a non-finite
 loss, torchrun.
 * Epoch e (1-based) visits `order(e)` (default: a permutation seeded by (cfg.seed, e)) in batches of
@@ -51,7 +51,7 @@ class TrainConfig:
     metric: str | None = "ndcg@10"  # evaluate()'s key for best.pt and early stopping; None: best = last
     patience: int | None = None  # evaluations without gain before stopping; None: never
     grad_clip: float = 0.0  # max gradient norm; 0: off
-    amp: str = "off"  # off | bf16 | fp16 (CUDA, with a GradScaler)
+    amp: str = "off"  # off | bf16 (autocast)
     max_minutes: float | None = None  # stop at the first evaluation after this long (per call)
     checkpoint_minutes: float | None = 5.0  # also write last.pt this often between evaluations
     seed: int = 0
@@ -318,7 +318,7 @@ def fit(model: torch.nn.Module, loss_fn, n_examples: int, optimizer: torch.optim
     improved, then history.json. resume=True continues from last.pt, whose meta (e.g. data fingerprint)
     must equal `meta` but for 'git_commit'."""
     dev = next(model.parameters()).device
-    _check_config(cfg, dev)
+    _check_config(cfg)
     out, meta, rank = Path(out_dir), meta or {}, rank_world()[0]
     order = order or (lambda e: np.random.default_rng([cfg.seed, e]).permutation(n_examples))
     n_batches = math.ceil(len(order(1)) / cfg.batch_size)
@@ -326,17 +326,14 @@ def fit(model: torch.nn.Module, loss_fn, n_examples: int, optimizer: torch.optim
         raise ValueError(f"{desc}: no training examples")
     epoch_cap = None if cfg.max_epochs is None else cfg.max_epochs * n_batches
     cap = min((c for c in (cfg.max_steps, epoch_cap) if c is not None), default=None)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    # disabled unless fp16: scale, unscale_, update do nothing, step() = optimizer.step()
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.amp == "fp16")
     st = TrainState()
     if resume and (out / "last.pt").is_file():
-        st = _resume(model, optimizer, scaler, out, cfg, meta, dev)
+        st = _resume(model, optimizer, out, cfg, meta, dev)
     else:
         if resume and rank == 0:
             print(f"no {out / 'last.pt'} to resume from: starting fresh")
         torch.manual_seed(cfg.seed + rank)
-    run = _Run(model, optimizer, scaler, out, cfg, meta, st)
+    run = _Run(model, optimizer, out, cfg, meta, st)
     t_call, wall0, capped, perm = time.perf_counter(), st.wall_s, False, None
     bar = tqdm(total=cap, initial=min(st.step, cap or st.step), desc=desc, unit="step", disable=rank > 0,
                dynamic_ncols=True)
@@ -349,7 +346,7 @@ def fit(model: torch.nn.Module, loss_fn, n_examples: int, optimizer: torch.optim
                 bar.set_description(f"{desc} epoch {epoch + 1}")
             idx = perm[batch * cfg.batch_size:(batch + 1) * cfg.batch_size]  # (B,) the global batch
             lr = cfg.lr * (schedule(st.step) if schedule else 1.0)
-            with torch.autocast(dev.type, dtype=amp_dtype) if amp_dtype else nullcontext():
+            with torch.autocast(dev.type, dtype=torch.bfloat16) if cfg.amp == "bf16" else nullcontext():
                 loss = loss_fn(idx)
             value = run.step(loss, lr, len(idx))
             st.step, st.examples = st.step + 1, st.examples + len(idx)
@@ -389,9 +386,8 @@ def fit(model: torch.nn.Module, loss_fn, n_examples: int, optimizer: torch.optim
 class _Run:
     """fit's step and evaluation point."""
 
-    def __init__(self, model, optimizer, scaler, out: Path, cfg: TrainConfig, meta: dict, st: TrainState):
-        self.model, self.optimizer, self.scaler, self.out, self.cfg, self.meta, self.st = \
-            model, optimizer, scaler, out, cfg, meta, st
+    def __init__(self, model, optimizer, out: Path, cfg: TrainConfig, meta: dict, st: TrainState):
+        self.model, self.optimizer, self.out, self.cfg, self.meta, self.st = model, optimizer, out, cfg, meta, st
         self.rank, self.world = rank_world()
         self.dev = next(model.parameters()).device
         self.t_saved = self.t_seg = time.perf_counter()
@@ -410,18 +406,16 @@ class _Run:
                     "learning rate or use --amp off and start again")
             raise FloatingPointError(f"training loss {value} at step {self.st.step + 1}; stopped before the "
                                      f"update. {kept}.")
-        opt, scaler = self.optimizer, self.scaler
+        opt = self.optimizer
         for g in opt.param_groups:
             g["lr"] = lr
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
+        loss.backward()
         if self.world > 1:
             _all_reduce_grads(self.model)
-        scaler.unscale_(opt)
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        scaler.step(opt)
-        scaler.update()
+        opt.step()
         self.seg_loss, self.seg_n = self.seg_loss + value * n, self.seg_n + n
         return value
 
@@ -432,7 +426,6 @@ class _Run:
             torch.distributed.all_gather_object(rngs, _rng_state(self.dev))
         if self.rank == 0:
             ck = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                  "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                   "state": asdict(self.st), "rng": rngs, "train_config": json_safe(asdict(self.cfg)),
                   "meta": self.meta}
             save_torch(self.out / "last.pt", ck)
@@ -467,9 +460,9 @@ class _Run:
         return time_up
 
 
-def _check_config(cfg: TrainConfig, dev: torch.device) -> None:
-    if cfg.amp not in ("off", "bf16", "fp16") or cfg.amp == "fp16" and dev.type != "cuda":
-        raise ValueError(f"amp={cfg.amp!r}: use off, bf16 or fp16 (fp16 needs a CUDA device)")
+def _check_config(cfg: TrainConfig) -> None:
+    if cfg.amp not in ("off", "bf16"):
+        raise ValueError(f"amp={cfg.amp!r}: use off or bf16")
     for name, low in (("batch_size", 1), ("max_epochs", 0), ("max_steps", 0), ("eval_every", 1),
                       ("patience", 1)):
         if (v := getattr(cfg, name)) is not None and v < low:
@@ -511,8 +504,8 @@ def _summary_line(rec: dict, st: TrainState, cfg: TrainConfig, improved: bool) -
     return line
 
 
-def _resume(model, optimizer, scaler, out: Path, cfg: TrainConfig, meta: dict, dev) -> TrainState:
-    """Load last.pt (checked: the same run) into model, optimizer, scaler and RNG."""
+def _resume(model, optimizer, out: Path, cfg: TrainConfig, meta: dict, dev) -> TrainState:
+    """Load last.pt (checked: the same run) into model, optimizer and RNG."""
     path, keep = out / "last.pt", TrainConfig.RESUMABLE
     ck = load_checkpoint(path, ("model", "optimizer", "state", "rng", "train_config", "meta"))
     old, old_meta = ck.get("train_config", {}), ck.get("meta", {})
@@ -528,8 +521,6 @@ def _resume(model, optimizer, scaler, out: Path, cfg: TrainConfig, meta: dict, d
     rank, world = rank_world()
     try:
         optimizer.load_state_dict(ck["optimizer"])
-        if scaler.is_enabled() and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
         st = TrainState(**ck["state"])
         types = {"step": int, "best_step": int, "evals_without_improvement": int, "examples": int,
                  "stopped": bool, "history": list, "best": float, "wall_s": float, "train_s": float}

@@ -5,17 +5,16 @@ test and the speed comparison. Kept out of tiger.py, which needs none of them.""
 import numpy as np
 import torch
 
-import rqvae
-from tiger import EOS, PAD, SemanticIDs, Tiger, TigerConfig, decoder_inputs
+from tiger import EOS, PAD, SemanticIDs, Tiger, TigerConfig, decoder_inputs, semantic_ids
 
 
 def random_semantic_ids(n_items: int, vocab_sizes=(256, 256, 256), seed: int = 0) -> tuple[np.ndarray, list]:
-    """Random unique semantic IDs: uniform codes per level, then rqvae.semantic_ids' dedup level.
+    """Random unique semantic IDs: uniform codes per level, then tiger.semantic_ids' dedup level.
     Returns codes (n_items, len(vocab_sizes) + 1) int64 and the vocab sizes per level, the dedup
-    level's = the largest collision group (kept small, unlike rqvae's >= codebook_size)."""
+    level's = the largest collision group (kept small, unlike semantic_ids' >= codebook_size)."""
     rng = np.random.default_rng(seed)
     head = np.stack([rng.integers(0, v, n_items) for v in vocab_sizes], axis=1)   # (N, L)
-    codes, _ = rqvae.semantic_ids(head, codebook_size=max(vocab_sizes))           # (N, L + 1)
+    codes, _ = semantic_ids(head, codebook_size=max(vocab_sizes))           # (N, L + 1)
     return codes, [int(v) for v in vocab_sizes] + [int(codes[:, -1].max()) + 1]
 
 

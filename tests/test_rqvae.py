@@ -1,6 +1,5 @@
 """Tests for rqvae.py and its CLI wiring: the code -> latent round trip, k-means (no empty code on
-separable data, determinism), the straight-through gradient, semantic IDs (dedup code = rank in
-group, vocabularies), the collision audit on a hand example, a short training run, checkpoints,
+separable data, determinism), the straight-through gradient, the collision audit on a hand example, a short training run, checkpoints,
 and `train.py --stage rqvae` / `eval.py --task collisions` end to end on the fixture catalog.
 Tiny random configs, 1 thread."""
 import json
@@ -114,30 +113,6 @@ def test_residual_kmeans_is_deterministic_for_a_seed():
     z = (emb - emb.mean(0)) / emb.std(0)             # the standardised space the codebooks live in
     approx = sum(books[lv, codes[:, lv]] for lv in range(3))
     assert ((z - approx) ** 2).mean() < ((z - books[0, codes[:, 0]]) ** 2).mean() < (z ** 2).mean()
-
-
-# ----------------------------------------------------------------------------- semantic IDs
-def test_semantic_ids_dedup_code_is_the_rank_in_the_group():
-    codes = np.array([[1, 2, 3], [1, 2, 3], [0, 0, 0], [1, 2, 3], [0, 0, 0], [5, 5, 5]])
-    ids, vocab = rq.semantic_ids(codes)
-    assert ids.dtype == np.int64 and ids.shape == (6, 4)
-    assert ids[:, 3].tolist() == [0, 1, 0, 2, 1, 0] and np.array_equal(ids[:, :3], codes)
-    assert len(np.unique(ids, axis=0)) == 6 and vocab == (256, 256, 256, 256)
-    big = np.zeros((300, 3), dtype=np.int64)          # one group larger than a codebook
-    ids, vocab = rq.semantic_ids(big)
-    assert ids[:, 3].tolist() == list(range(300)) and vocab == (256, 256, 256, 300)
-
-
-def test_semantic_ids_unique_on_random_codes():
-    codes = np.random.default_rng(0).integers(0, 3, size=(500, 3))
-    ids, vocab = rq.semantic_ids(codes, codebook_size=3)
-    assert len(np.unique(ids, axis=0)) == 500
-    _, inv, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
-    assert vocab == (3, 3, 3, max(int(counts.max()), 3)) and ids[:, 3].max() == counts.max() - 1
-    for g in range(len(counts)):                       # ranks follow item order inside each group
-        assert ids[inv.reshape(-1) == g, 3].tolist() == list(range(counts[g]))
-    with pytest.raises(ValueError, match="outside a codebook"):
-        rq.semantic_ids(codes, codebook_size=2)
 
 
 def test_embedding_stats_hand_example():

@@ -1,4 +1,4 @@
-"""Tests for tiger.py: the token layout, the model's masks (causal decoder, encoder padding), the KV
+"""Tests for tiger.py: semantic IDs (dedup code = rank in group, vocabularies), the token layout, the model's masks (causal decoder, encoder padding), the KV
 cache, the loss against a hand-computed cross-entropy, constrained beam search against exhaustive
 scoring, free decoding's invalid IDs, checkpoints, the training loop (early stopping, exact
 resume), parity with Hugging Face T5 on the same weights, and eval.py's popularity baseline.
@@ -19,6 +19,29 @@ from data import load_dataset
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = {"d_model": 16, "d_kv": 8, "n_heads": 2, "d_ff": 32, "n_encoder_layers": 2, "n_decoder_layers": 2}
+
+
+def test_semantic_ids_dedup_code_is_the_rank_in_the_group():
+    codes = np.array([[1, 2, 3], [1, 2, 3], [0, 0, 0], [1, 2, 3], [0, 0, 0], [5, 5, 5]])
+    ids, vocab = tg.semantic_ids(codes)
+    assert ids.dtype == np.int64 and ids.shape == (6, 4)
+    assert ids[:, 3].tolist() == [0, 1, 0, 2, 1, 0] and np.array_equal(ids[:, :3], codes)
+    assert len(np.unique(ids, axis=0)) == 6 and vocab == (256, 256, 256, 256)
+    big = np.zeros((300, 3), dtype=np.int64)          # one group larger than a codebook
+    ids, vocab = tg.semantic_ids(big)
+    assert ids[:, 3].tolist() == list(range(300)) and vocab == (256, 256, 256, 300)
+
+
+def test_semantic_ids_unique_on_random_codes():
+    codes = np.random.default_rng(0).integers(0, 3, size=(500, 3))
+    ids, vocab = tg.semantic_ids(codes, codebook_size=3)
+    assert len(np.unique(ids, axis=0)) == 500
+    _, inv, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
+    assert vocab == (3, 3, 3, max(int(counts.max()), 3)) and ids[:, 3].max() == counts.max() - 1
+    for g in range(len(counts)):                       # ranks follow item order inside each group
+        assert ids[inv.reshape(-1) == g, 3].tolist() == list(range(counts[g]))
+    with pytest.raises(ValueError, match="outside a codebook"):
+        tg.semantic_ids(codes, codebook_size=2)
 
 
 def make_ids(n=30, vocab=(4, 4, 4), seed=0) -> tg.SemanticIDs:

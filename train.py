@@ -564,7 +564,7 @@ def stage_all(args) -> None:
     for enc in encoders:
         stage_tiger(with_(base, encoder=enc, rqvae_epochs=b["rqvae_epochs"], max_steps=b["max_steps"],
                           eval_every=b["eval_every"], warmup_steps=b["warmup_steps"], max_epochs=None))
-    print(ev.report_markdown(ev.collect_report(Path(args.runs), [ds.name])))
+    say(f"tables: python scripts/report.py --dataset {ds.name} --runs {args.runs}")
 
 
 # ----------------------------------------------------------------------------- command line

@@ -3,12 +3,11 @@
 Leave-one-out, each target ranked against *all* items: Recall@K = share of targets in the top K, NDCG@K =
 mean of 1/log2(rank + 2) over them (rank 0 = first; one relevant item: ideal DCG 1). Ties are pessimistic;
 history items are not masked (RecBole's convention) unless `mask_history`. Each task prints its metrics as
-JSON on the last stdout line; `--task report` lays train.py's finished runs out as the paper's tables.
+JSON on the last stdout line; scripts/report.py lays train.py's finished runs out as the paper's tables.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -23,10 +22,10 @@ from tqdm import tqdm
 
 from data import BLAIR_T1, DOCUMENT_FIELDS, DataError, file_sha256, load_dataset, parse_fields, read_array, \
     read_json
-from encoderec import BACKBONES, BackboneError, WeightsError, load_encoder
+from encoderec import BackboneError, WeightsError, load_encoder
 from rqvae import collision_stats, embedding_stats
 from tiger import SemanticIDs, Tiger, TigerConfig, recommend
-from trainer import atomic_write, check_device, digest, json_safe, load_checkpoint, load_weights, \
+from trainer import check_device, digest, json_safe, load_checkpoint, load_weights, \
     save_npy
 from unisrec import UniSRec, UniSRecConfig, score_fn
 
@@ -110,75 +109,6 @@ def summarize(ranks: np.ndarray, ks: Sequence[int] = KS, cold: np.ndarray | None
     return out
 
 
-# ---- significance (the paper marks p < 0.05)
-def per_user(ranks: np.ndarray, k: int = 10) -> dict[str, np.ndarray]:
-    """Each case's Recall@k (hit) and NDCG@k, the values metrics_from_ranks averages."""
-    ranks = np.asarray(ranks)
-    hit = ranks < k
-    return {f"recall@{k}": hit.astype(float), f"ndcg@{k}": np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)}
-
-
-def paired_test(a: np.ndarray, b: np.ndarray, n_boot: int = 10_000, seed: int = 0) -> dict:
-    """b vs a on the same cases: the mean difference, a two-sided paired t-test and a percentile bootstrap
-    95 % interval of the mean difference (cases resampled with replacement)."""
-    d = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
-    n, mean = len(d), float(d.mean())
-    sd = float(d.std(ddof=1)) if n > 1 else 0.0
-    t = mean / (sd / math.sqrt(n)) if sd > 0 else (0.0 if mean == 0 else math.copysign(math.inf, mean))
-    p = 2 * student_t_sf(abs(t), n - 1) if n > 1 else math.nan
-    rng, means, step = np.random.default_rng(seed), [np.empty(0)], max(1, 2 ** 22 // max(n, 1))
-    for s in range(0, n_boot, step):  # `step` resamples at a time: (step, n) indices, ~32 MB
-        means.append(d[rng.integers(0, n, (min(step, n_boot - s), n))].mean(1))
-    ci = np.percentile(np.concatenate(means), [2.5, 97.5]).tolist() if n_boot else None
-    return {"diff": mean, "t": t, "p": p, "ci95": ci, "n": n}
-
-
-def welch_test(a, b) -> dict | None:
-    """b vs a over independent runs (seeds): the mean difference and Welch's two-sided t-test; None when
-    either side has one run or neither varies."""
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if min(len(a), len(b)) < 2:
-        return None
-    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
-    if va + vb == 0:
-        return None
-    diff = float(b.mean() - a.mean())
-    t, df = diff / math.sqrt(va + vb), (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    return {"diff": diff, "t": t, "p": 2 * student_t_sf(abs(t), df), "df": df}
-
-
-def student_t_sf(t: float, df: float) -> float:
-    """P(T > t) for Student's t with df degrees of freedom (t >= 0): I_x(df/2, 1/2) / 2, x = df/(df + t^2)."""
-    return 0.5 * _betainc(df / 2, 0.5, df / (df + t * t)) if math.isfinite(t) else 0.0
-
-
-def _betainc(a: float, b: float, x: float) -> float:
-    """The regularised incomplete beta I_x(a, b), by its continued fraction (modified Lentz)."""
-    if x <= 0 or x >= 1:
-        return float(x >= 1)
-    if x > (a + 1) / (a + b + 2):  # the fraction converges fast below the mean: use the symmetry
-        return 1.0 - _betainc(b, a, 1.0 - x)
-    front = math.exp(a * math.log(x) + b * math.log1p(-x) + math.lgamma(a + b) - math.lgamma(a)
-                     - math.lgamma(b))
-    tiny, f, c, d = 1e-300, 1.0, 1.0, 0.0
-    for i in range(400):
-        m = i // 2
-        if i == 0:
-            num = 1.0
-        elif i % 2:
-            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
-        else:
-            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
-        d = 1.0 + num * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + num / c
-        c = c if abs(c) > tiny else tiny
-        f *= c * d
-        if abs(c * d - 1.0) < 1e-14:
-            break
-    return front * (f - 1.0) / a
-
-
 def print_json(metrics: dict) -> None:
     print(json.dumps(json_safe(metrics), sort_keys=True), flush=True)  # NaN (no case) -> null: valid JSON
 
@@ -221,9 +151,9 @@ def retrieval_eval(encoder, ds, doc_fields=None, query_items=None, ks: Sequence[
 def build_parser() -> argparse.ArgumentParser:
     ap = one_line_errors(argparse.ArgumentParser(
         description="Evaluate; the last stdout line is the metrics as JSON.", allow_abbrev=False))
-    ap.add_argument("--task", choices=list(TASKS), help="; ".join(f"{k}: {v}" for k, (_, v) in TASKS.items()))
-    ap.add_argument("--report", action="store_true", help="= --task report")
-    ap.add_argument("--dataset", required=True, nargs="+", help="a name or a folder (report: several)")
+    ap.add_argument("--task", required=True, choices=list(TASKS),
+                    help="; ".join(f"{k}: {v}" for k, (_, v) in TASKS.items()))
+    ap.add_argument("--dataset", required=True, help="a name or a folder")
     ap.add_argument("--data-dir", default="data", help="data and cache folder")
     ap.add_argument("--runs", default="runs", help="the run folders of train.py")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
@@ -242,8 +172,6 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--beam", type=int, default=10, help="tiger: beam width = returned IDs")
     u.add_argument("--no-constrain", action="store_true", help="tiger: free decoding (invalid IDs counted)")
     u.add_argument("--tokenizer", choices=["rqvae", "rkmeans"], default="rqvae", help="collisions: which IDs")
-    p = ap.add_argument_group("report")
-    p.add_argument("--csv", help="CSV path (default runs/report-<datasets>.csv)")
     return ap
 
 
@@ -298,14 +226,30 @@ def sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (a scheduler's kill) ends like Ctrl-C: one line
 
 
+def cli_error(e: BaseException) -> int:
+    """In a CLI's `except`: one line on stderr for what ended it, and the exit status (bad input 2,
+    interrupted 130, anything else 1: a bug, which ENCODEREC_DEBUG=1 raises with its traceback)."""
+    if isinstance(e, (DataError, BackboneError, WeightsError, ValueError, OSError)):
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if isinstance(e, KeyboardInterrupt):
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    if os.environ.get("ENCODEREC_DEBUG"):  # a last resort, as in train.py
+        raise
+    print(f"error: unexpected {type(e).__name__}: {str(e)[:300]} (a file edited by hand, or a bug: rerun "
+          "with ENCODEREC_DEBUG=1 and report the traceback)", file=sys.stderr)
+    return 1
+
+
 SEED_MAX = 2 ** 32 - 1  # numpy's and torch's seeds both take it
 
 
-EVAL_FLAGS = {"common": {"task", "report", "dataset", "data_dir", "runs", "device", "seed"},
+EVAL_FLAGS = {"common": {"task", "dataset", "data_dir", "runs", "device", "seed"},
               "retrieval": {"encoder", "weights", "doc_fields", "holdout", "max_length", "batch_size", "ranks"},
               "unisrec": {"run", "mask_history", "ranks"}, "tiger": {"run", "beam", "no_constrain", "ranks"},
               "vqrec": {"run", "mask_history", "ranks"},
-              "collisions": {"run", "encoder", "tokenizer"}, "report": {"csv"}}
+              "collisions": {"run", "encoder", "tokenizer"}}
 
 
 def encoder_label(encoder: str) -> str:
@@ -570,294 +514,28 @@ def run_tiger(args) -> dict:
             "popularity": summarize(popularity_ranks(ds, test), (5, 10), cold=test.cold)}
 
 
-# ---- the results report
-R5, R10, R50 = ((f"recall@{k}", f"ndcg@{k}") for k in (5, 10, 50))
-TABLES = {  # table -> (title, metrics shown per dataset)
-    "retrieval": ("Table 1 shape: title -> document retrieval (full ranking over all documents)", R10),
-    "unisrec": ("Table 2 shape: UniSRec (and VQ-Rec) on frozen item embeddings, test set, full ranking", R10),
-    "tiger": ("Table 3 shape: TIGER on semantic IDs, test set, constrained beam 10", R10),
-    "collisions": ("Semantic-ID collisions (3-code prefixes; product codes: whole codes)",
-                   ("collision_rate", "largest_group", "usage_l1", "usage_l2", "usage_l3")),
-    "cold": ("Test targets seen in training (in-set) and never seen (cold-start): Recall@10",
-             ("in_set_recall@10", "cold_start_recall@10", "cold_start_n")),
-}
-
-
-LOWER = ("collision_rate",)  # metrics where less is better
-
-
-def _label(enc: str) -> str:
-    names = {"none": "no text (SASRec-ID)", **{k: b.folder for k, b in BACKBONES.items()}}
-    return names.get(enc.lower(), Path(enc).name)
-
-
-def _source(enc: str) -> tuple[str, str | None, dict | None]:
-    """(row label, the label of the backbone it was tuned from, the tuning recipe) of an embedding source.
-    A fine-tuned encoder is an encoder run folder (any --out): its rows read 'EncodeRec (<backbone>)',
-    whatever its seed, and are tested against the backbone's rows."""
-    path, name = Path(enc), Path(enc).name
-    try:
-        res, key = run_results(path), read_json(path / "run.json")["key"]
-        if res.get("task") != "encoder":
-            return _label(enc), None, None
-        backbone = str(res["backbone"])
-        recipe = {k: v for k, v in key.items() if k not in ("seed", "weights")}
-    except (DataError, OSError, KeyError, TypeError, AttributeError):  # moved away: its name tells
-        if not (name.startswith("encoder-") and name.count("-") >= 2):
-            return _label(enc), None, None
-        backbone, recipe = name[len("encoder-"):].rsplit("-", 1)[0], None
-    base = _label(encoder_label(backbone))
-    return f"EncodeRec ({base})", base, recipe
-
-
-def _records(run: Path, res: dict, source: tuple) -> list[tuple]:
-    """(table, row, the row it is tested against, metrics, CSV keys) of a run's results.json; `source`:
-    _source of its encoder."""
-    task, (row, base, _) = res.get("task"), source
-    if task == "unisrec":
-        ids = (" + item IDs" if res.get("mode") == "transductive" else "") + \
-            (" (L2-normalised input)" if res.get("normalize") else "")
-        model = {"vqrec": "VQ-Rec", "id": "SASRec"}.get(res.get("mode"), "UniSRec")
-        pre = "VQ-Rec on " if model == "VQ-Rec" else ""
-        return [("unisrec", pre + row + ids, base and pre + base + ids, res["test"], R10 + R50),
-                *_cold(res["test"], f"{model}: {row}{ids}", base and f"{model}: {base}{ids}")]
-    if task == "tiger":
-        tok = res.get("tokenizer")
-        return [("tiger", f"{row} / {tok}", base and f"{base} / {tok}", res["test"], R5 + R10),
-                ("tiger", "popularity", None, res["popularity"], R5 + R10),
-                *_cold(res["test"], f"TIGER: {row} / {tok}", base and f"TIGER: {base} / {tok}")]
-    if task == "ease":  # the anchor of every recommender table, on the same test cases
-        return [("unisrec", "EASE", None, res["test"], R10 + R50),
-                ("tiger", "EASE", None, res["test"], R5 + R10), *_cold(res["test"], "EASE", None)]
-    if task == "retrieval":
-        return [("retrieval", f"{row} (all items, {res.get('max_length')} tokens)", None, res, R10)]
-    if task in ("rqvae", "codes"):  # product codes: the whole code
-        col = res["collisions"]
-        usage = {f"usage_l{i + 1}": u for i, u in enumerate(col.get("usage", [])[:3])}
-        tok = res["tokenizer"] + (", unscaled" if res.get("standardize") is False else "") + \
-            (", no dead-code restart" if res.get("dead_code_restart") is False else "")
-        return [("collisions", f"{row} / {tok}", base and f"{base} / {tok}", {**col, **usage},
-                 ("items", "unique_prefixes", "collision_rate", "largest_group", *usage))]
-    history = read_json(run / "history.json", f"delete {run}") if task == "encoder" else []
-    evals = [h for h in history if h.get("valid")]
-    label = f"{run.name.rsplit('-', 1)[0]} (held-out items, epoch {evals[-1]['epoch']:g})" if evals else ""
-    return [("retrieval", label, None, evals[-1]["valid"], R10)] if evals else []
-
-
-def _cold(test: dict, row: str, base: str | None) -> list[tuple]:
-    """The cold-start table's record of split test metrics."""
-    if "cold_start" not in test:
-        return []
-    m = {"in_set_recall@10": test["in_set"]["recall@10"],
-         "cold_start_recall@10": test["cold_start"]["recall@10"], "cold_start_n": test["cold_start"]["n"]}
-    return [("cold", row, base, m, tuple(m))]
-
-
-def _setting(run: Path, res: dict) -> tuple[str, str]:
-    """(schedule, tag) of a run from its run.json key: the caps it trained under, and a digest of every
-    input but the seed and the embeddings / IDs / weights (so that the seeds of one setting group, and a
-    tuned encoder's row pairs with its backbone's)."""
-    try:
-        key = dict(read_json(run / "run.json")["key"])
-    except (DataError, OSError, KeyError, TypeError):
-        return "", "?"
-    loop = {k: v for k, v in (key.pop("loop", None) or {}).items() if k != "seed"}
-    sched = (f"capped at {loop['max_epochs']} epochs" if loop.get("max_epochs") else "") if \
-        res.get("task") == "unisrec" else f"{loop['max_steps']} steps max" if loop.get("max_steps") else ""
-    rest = {k: v for k, v in key.items()
-            if k not in ("seed", "embeddings", "semantic_ids", "codes", "weights", "data")}
-    return sched, digest({**rest, "loop": loop})
-
-
-def collect_report(runs, names) -> list[dict]:
-    """CSV records {table, dataset, row, schedule, metric, value, std, n, p, diff, run} of the datasets
-    `names` (folders under runs/). Runs of one setting that differ by seed are averaged (mean, std, n; the
-    newest run per seed). p, diff: paired t-test over test cases against the `base` row of the same
-    setting (per-case metric averaged over its seeds), where both saved test_ranks.npy."""
-    groups: dict[tuple, dict] = {}  # (table, dataset, row, schedule, tag, recipe) -> {seed: (mtime, run,
-    #                                                                                   metrics, keys)}
-    bases: dict[tuple, tuple] = {}  # group -> its base group
-    for name in names:
-        for f in sorted((Path(runs) / name).glob("*/results.json")):
-            try:
-                res = run_results(f.parent)
-                source = _source(str(res.get("encoder", "?")))  # reads the encoder run's files once
-                records, (sched, tag) = _records(f.parent, res, source), _setting(f.parent, res)
-            except (DataError, OSError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
-                print(f"warning: report skips {f.parent}: unreadable results ({type(e).__name__}: {e})",
-                      file=sys.stderr)
-                continue
-            if res.get("steps") == 0:
-                print(f"warning: report skips {f.parent}: it trained 0 steps", file=sys.stderr)
-                continue
-            recipe = source[2]
-            for table, row, base, metrics, keys in records:
-                if not any(_number(metrics.get(m)) for m in keys):
-                    print(f"warning: report skips {f.parent} ({row}): no {table} metrics (no evaluation "
-                          "cases?)", file=sys.stderr)
-                    continue
-                pop = row == "popularity"  # the same for every seed and setting
-                g = (table, name, row, "" if pop else sched, "" if pop else tag,
-                     digest(recipe) if recipe and not pop else "")
-                seeds, t = groups.setdefault(g, {}), f.stat().st_mtime
-                if res.get("seed") not in seeds or t > seeds[res.get("seed")][0]:
-                    seeds[res.get("seed")] = (t, f.parent, metrics, keys)
-                if base:
-                    bases[g] = (table, name, base, g[3], g[4], "")
-    for name in names:  # the tables compare runs on one catalog: say when a folder mixes data versions
-        data = {_data_fingerprint(v[1]) for k, g in groups.items() if k[1] == name for v in g.values()}
-        data -= {None}
-        if len(data) > 1:
-            print(f"warning: the {name} tables mix runs on {len(data)} versions of its data (fingerprints "
-                  f"{', '.join(sorted(data))}): retrain the older runs or move them away", file=sys.stderr)
-    labels = {}  # a row label shared by several settings gets the setting's tag
-    for g in groups:
-        labels.setdefault(g[:4], set()).add(g[4:])
-    out = []
-    for g, seeds in groups.items():
-        runs_, keys = [v[1] for v in seeds.values()], next(iter(seeds.values()))[3]
-        other = groups.get(bases.get(g))
-        row = g[2] + (f" [{g[4][:6]}{'/' + g[5][:6] if g[5] else ''}]" if len(labels[g[:4]]) > 1 else "")
-        for m in keys:
-            vals = [v[2][m] for v in seeds.values() if _number(v[2].get(m))]
-            if not vals:
-                continue
-            test = (_significance(runs_, [v[1] for v in other.values()], m) if m in R10 else welch_test(
-                [v[2][m] for v in other.values() if _number(v[2].get(m))], vals) if m in LOWER else None) \
-                if other else None
-            out.append({"table": g[0], "dataset": g[1], "row": row, "schedule": g[3], "metric": m,
-                        "value": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1
-                        else 0.0, "n": len(vals), "p": test and test["p"], "diff": test and test["diff"],
-                        "run": "; ".join(map(str, runs_))})
-    return out
-
-
-def _significance(runs_: list[Path], base_runs: list[Path], metric: str) -> dict | None:
-    """paired_test of runs_ vs base_runs on each case's `metric` (mean over seeds), if both have ranks."""
-    def per_case(rs):
-        try:
-            ranks = [np.load(r / "test_ranks.npy", allow_pickle=False) for r in rs]
-        except (OSError, ValueError):
-            return None
-        if len({x.shape for x in ranks}) != 1:
-            return None
-        return np.mean([per_user(x)[metric] for x in ranks], axis=0)
-    a, b = per_case(base_runs), per_case(runs_)
-    return None if a is None or b is None or a.shape != b.shape else paired_test(a, b, n_boot=0)
-
-
-def _data_fingerprint(run: Path) -> str | None:
-    try:
-        return read_json(run / "run.json")["key"].get("data")
-    except (DataError, OSError, KeyError, TypeError, AttributeError):
-        return None
-
-
-def _number(v) -> bool:
-    return type(v) in (int, float) and math.isfinite(v)  # not True, not NaN, not a string
-
-
-def report_markdown(recs: list[dict]) -> str:
-    """A markdown table per TABLES entry, baselines first."""
-    def order(row_sched):
-        return next((i for i, p in enumerate(("popularity", "EASE", "no text", "all-MiniLM"))
-                     if row_sched[0].startswith(p)), 3), *row_sched
-    out = []
-    for table, (title, metrics) in TABLES.items():
-        rs = [r for r in recs if r["table"] == table]
-        if not rs:
-            continue
-        datasets = list(dict.fromkeys(r["dataset"] for r in rs))
-        cell = {(r["dataset"], r["row"], r["schedule"], r["metric"]): r for r in rs}
-        head = ["encoder"] + [f"{d} {m}" for d in datasets for m in metrics]
-        out += [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for row, sched in sorted(dict.fromkeys((r["row"], r["schedule"]) for r in rs), key=order):
-            vals = [_cell(cell.get((d, row, sched, m)), m) for d in datasets for m in metrics]
-            label = f"{row} ({sched})" if sched and table != "retrieval" else row
-            out.append("| " + " | ".join([label, *vals]) + " |")
-        srcs = sorted({(r["dataset"], r["row"], r["schedule"], r["run"]) for r in rs})
-        if any(r["n"] > 1 or r["p"] is not None for r in rs):
-            out += ["", "Mean ± std over seeds (n); * p < 0.05 and better than the off-the-shelf encoder's "
-                        "row (paired t-test over test users; collisions: Welch's over seeds; README)."]
-        out += ["", "Sources: " + "; ".join(f"{d} / {row}{f' ({s})' if s else ''}: `{run}`"
-                                            for d, row, s, run in srcs), ""]
-    return "\n".join(out) or "(no results found)"
-
-
-def _cell(r: dict | None, metric: str) -> str:
-    if r is None:
-        return "–"
-    text = f"{r['value']:.0f}" if metric in ("largest_group", "cold_start_n") else f"{r['value']:.4f}"
-    text += f" ± {r['std']:.4f} ({r['n']})" if r["n"] > 1 else ""
-    better = r["p"] is not None and r["p"] < 0.05 and (r["diff"] < 0 if metric in LOWER else r["diff"] > 0)
-    return text + (f"{'*' if better else ''} (p {r['p']:.2g})" if r["p"] is not None else "")
-
-
-CSV_HEADER = "table,dataset,row,schedule,metric,value,std,n,p,diff,run"
-
-
-def run_report(args) -> dict:
-    have = {p.name.lower(): p.name for p in Path(args.runs).glob("*") if p.is_dir()}
-    names = [Path(d).name.lower() for d in args.dataset]
-    if missing := [d for d, n in zip(args.dataset, names) if n not in have]:
-        raise DataError(f"no run folders for {', '.join(missing)} under {args.runs}/ (it holds: "
-                        f"{', '.join(sorted(have.values())) or 'nothing'})")
-    names = [have[n] for n in names]
-    recs = collect_report(args.runs, names)
-    path = Path(args.csv) if args.csv else Path(args.runs) / f"report-{'+'.join(names)}.csv"
-    if path.suffix != ".csv" or path.exists() and (not path.is_file() or not path.read_bytes().startswith(
-            b"table,dataset,row,")):  # this version's or an older report
-        raise DataError(f"{path}: not a .csv, or a file other than a report: choose another --csv")
-    print(report_markdown(recs))
-    def write(tmp):  # long format: a row per (table, dataset, row, schedule, metric)
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, CSV_HEADER.split(","))
-            w.writeheader()
-            w.writerows(recs)
-    atomic_write(path, write)
-    return {"task": "report", "datasets": names, "cells": len(recs), "csv": str(path)}
-
-
 TASKS = {  # --task -> (runner, help)
     "retrieval": (run_retrieval, "title -> document retrieval of --encoder"),
     "unisrec": (run_unisrec, "valid / test metrics of a UniSRec or SASRec-ID run"),
     "vqrec": (run_unisrec, "valid / test metrics of a VQ-Rec run (unisrec --mode vqrec)"),
     "tiger": (run_tiger, "test metrics of a TIGER run beside popularity"),
     "collisions": (run_collisions, "collision audit of an ids-* run's semantic IDs"),
-    "report": (run_report, "the paper's tables from the finished runs of each --dataset"),
 }
 
 
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
-    task = "report" if args.report else args.task
     sigterm = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     try:
-        if task is None:
-            raise DataError("pass --task TASK (or --report)")
-        check_flags(ap, args, f"--task {task}", EVAL_FLAGS["common"] | EVAL_FLAGS[task],
+        check_flags(ap, args, f"--task {args.task}", EVAL_FLAGS["common"] | EVAL_FLAGS[args.task],
                     positive=("max_length", "batch_size", "beam"), non_negative=("seed",),
                     fractions=("holdout",), upper={"seed": SEED_MAX})
-        if task != "report":
-            if len(args.dataset) != 1:
-                raise DataError("--task takes one --dataset (several are for the report)")
-            args.dataset = args.dataset[0]
         torch.manual_seed(args.seed)
         args.device = check_device(args.device)
-        print_json(TASKS[task][0](args))
-    except (DataError, BackboneError, WeightsError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # a last resort, as in train.py
-        if os.environ.get("ENCODEREC_DEBUG"):
-            raise
-        print(f"error: unexpected {type(e).__name__}: {str(e)[:300]} (a file edited by hand, or a bug: rerun "
-              "with ENCODEREC_DEBUG=1 and report the traceback)", file=sys.stderr)
-        return 1
+        print_json(TASKS[args.task][0](args))
+    except (Exception, KeyboardInterrupt) as e:
+        return cli_error(e)
     finally:
         signal.signal(signal.SIGTERM, sigterm)
     return 0

@@ -20,6 +20,7 @@ import eval as ev  # noqa: E402
 import rqvae as rq  # noqa: E402
 from ablations import stage  # noqa: E402  (train.main -> its last results.json; a failure exits)
 from data import read_array  # noqa: E402
+from report import collect_report, report_markdown  # noqa: E402
 
 SETTINGS = {  # name -> train.py options; the first of each tokenizer is the project's default
     "rqvae": ["--tokenizer", "rqvae"],
@@ -55,8 +56,8 @@ def main(argv=None) -> int:
             emb = ev.l2_rows(read_array(res["embeddings"], "item embeddings"))
             geometry.append((res["dataset"], enc, rq.embedding_stats(emb)))
             names.append(res["dataset"])
-    recs = [r for r in ev.collect_report(args.runs, list(dict.fromkeys(names))) if r["table"] == "collisions"]
-    print(ev.report_markdown(recs))
+    recs = [r for r in collect_report(args.runs, list(dict.fromkeys(names))) if r["table"] == "collisions"]
+    print(report_markdown(recs))
     print("| dataset | encoder | floor (identical embeddings) | mean cosine | effective rank |")
     print("|---|---|---|---|---|")
     for name, enc, g in geometry:

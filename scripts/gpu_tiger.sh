@@ -54,5 +54,5 @@ for ENC in minilm "$R/Scientific/encoder-minilm-gpu"; do
         --eval-every $((STEPS / 4)) --warmup-steps $((STEPS < 1000 ? STEPS : 1000)) "${C[@]}" \
         > "$OUT/tiger-$(basename "$ENC").log" 2>&1
 done
-python3 eval.py --task report --dataset Beauty --runs "$R" --csv "$OUT/report.csv" > "$OUT/report.md" 2>&1
+python3 scripts/report.py --dataset Beauty --runs "$R" --csv "$OUT/report.csv" > "$OUT/report.md" 2>&1
 tail -n 40 "$OUT/report.md"

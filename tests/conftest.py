@@ -1,4 +1,4 @@
-"""Shared test helpers: the project root on sys.path, the real-data location, offline mode."""
+"""Shared test helpers: the project root and scripts/ on sys.path, the real-data location, offline mode."""
 import os
 import sys
 from pathlib import Path
@@ -7,6 +7,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "scripts"))  # the tools import as modules: import report
 SHARED = Path(os.environ.get("ENCODEREC_SHARED", ROOT.parent / "shared")) / "data"
 LCREC = SHARED / "lcrec"
 os.environ.setdefault("ENCODEREC_OFFLINE", "1")  # tests never touch the network

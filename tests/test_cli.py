@@ -10,6 +10,7 @@ import torch
 
 import amazon_fixture as fx
 import eval as ev
+import report as rp
 import train
 from conftest import ROOT
 from data import load_dataset
@@ -174,7 +175,7 @@ def test_vqrec_trains_on_product_codes_and_evaluates(tmp_path, fixture_ds, capsy
     assert results["mode"] == "vqrec" and results["run"] == str(_one(runs, "unisrec-vqrec-minilm-*"))
     assert ev.main(["--task", "vqrec", "--dataset", str(fixture_ds), *_common(tmp_path)]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["test"] == results["test"]
-    recs = ev.collect_report(tmp_path / "runs", ["Fix"])
+    recs = rp.collect_report(tmp_path / "runs", ["Fix"])
     assert any(r["table"] == "collisions" and r["row"] == "all-MiniLM-L6-v2 / opq" for r in recs)
     assert ev.main(["--task", "vqrec", "--dataset", str(fixture_ds), *_common(tmp_path), "--run",
                     str(codes_run)]) == 2                                            # not a VQ-Rec run
@@ -205,8 +206,10 @@ def test_stage_all_smoke_then_everything_is_up_to_date(tmp_path, fixture_ds, min
                     "tiger-rqvae-minilm-*", "tiger-rqvae-encoder-minilm-*", "ease-items-*", "codes-opq-minilm-*",
                     "codes-opq-encoder-minilm-*", "unisrec-vqrec-minilm-*", "unisrec-vqrec-encoder-minilm-*"):
         assert (_one(runs, pattern) / "results.json").exists(), pattern
+    assert f"tables: python scripts/report.py --dataset Fix --runs {tmp_path / 'runs'}" in out.err
+    md = rp.report(tmp_path / "runs", ["Fix"])                    # the tables of what the pipeline made
     for table in ("Table 1 shape", "Table 2 shape", "Table 3 shape", "collisions", "cold-start"):
-        assert table in out.out
+        assert table in md
     first = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()}
 
     assert train.main(argv) == 0                                  # nothing left to do

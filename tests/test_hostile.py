@@ -21,6 +21,7 @@ import torch
 import amazon_fixture as fx
 import encoderec as er
 import eval as ev
+import report as rp
 import train
 import trainer
 from conftest import ROOT
@@ -511,7 +512,7 @@ def test_bad_results_json(runs, tmp_path, capsys, content):
     (run / "results.json").write_text(content)
     _refused(ev.main, ["--task", "unisrec", "--dataset", str(runs["ds"]), "--run", str(run), *runs["common"]],
              capsys, "results.json")
-    assert ev.main(["--report", "--dataset", "Fix", "--runs", str(tmp_path / "runs")]) == 0
+    assert rp.main(["--dataset", "Fix", "--runs", str(tmp_path / "runs")]) == 0
     err = capsys.readouterr().err
     assert "report skips" in err and str(run) in err
 
@@ -522,9 +523,9 @@ def test_report_marks_what_it_skips(tmp_path, capsys):
     trainer.write_json(run / "results.json", {"task": "unisrec", "encoder": "none", "steps": 3,
                                               "test": {"recall@10": float("nan"), "ndcg@10": True}})
     assert "NaN" not in (run / "results.json").read_text()                   # valid JSON: null
-    assert ev.main(["--report", "--dataset", "Fix", "--runs", str(tmp_path / "runs")]) == 0
+    assert rp.main(["--dataset", "Fix", "--runs", str(tmp_path / "runs")]) == 0
     assert "no unisrec metrics" in capsys.readouterr().err
-    _refused(ev.main, ["--report", "--dataset", "/abs/nowhere", "--runs", str(tmp_path / "runs")], capsys,
+    _refused(rp.main, ["--dataset", "/abs/nowhere", "--runs", str(tmp_path / "runs")], capsys,
              "no run folders for /abs/nowhere", "Fix")
 
 
@@ -614,7 +615,6 @@ EVAL_FLAGS = [
     (["tiger", "--beam", "0"], "--beam must be > 0"),
     (["tiger", "--mask-history"], "--mask-history does not apply to --task tiger"),
     (["collisions", "--holdout", "0.5"], "--holdout does not apply"),
-    (["report", "--run", "x"], "--run does not apply to --task report"),
     (["unisrec", "--device", "gpu"], "--device gpu is not a device"),
     (["unisrec", "--device", "mps"], "only cpu and cuda"),
 ]
@@ -623,6 +623,15 @@ EVAL_FLAGS = [
 @pytest.mark.parametrize("argv, needle", EVAL_FLAGS, ids=lambda a: " ".join(a) if isinstance(a, list) else "")
 def test_eval_flags(tmp_path, capsys, argv, needle):
     _refused(ev.main, ["--task", argv[0], "--dataset", _ds(tmp_path), *argv[1:]], capsys, needle)
+
+
+@pytest.mark.parametrize("argv, needle", [(["--run", "x"], "unrecognized arguments: --run x"),
+                                          (["--csv"], "argument --csv: expected one argument")])
+def test_report_flags(tmp_path, capsys, argv, needle):
+    with pytest.raises(SystemExit) as e:                    # argparse exits 2 itself: one line
+        rp.main(["--dataset", "Fix", "--runs", str(tmp_path / "runs"), *argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err
 
 
 @pytest.mark.parametrize("argv, needle", [(["--kcore", "0"], "--kcore must be >= 1"),
@@ -814,7 +823,7 @@ def test_report_csv_never_overwrites_other_files(runs, tmp_path, capsys):
     victim = tmp_path / "x.csv"
     victim.write_text("precious,data\n")
     for path in (victim, runs["ds"] / "Fix.inter.json"):
-        _refused(ev.main, ["--report", "--dataset", "Fix", "--runs", str(runs["tmp"] / "runs"), "--csv",
+        _refused(rp.main, ["--dataset", "Fix", "--runs", str(runs["tmp"] / "runs"), "--csv",
                            str(path)], capsys, f"{path}: not a .csv, or a file other than a report")
     assert victim.read_text() == "precious,data\n"
 
@@ -873,7 +882,7 @@ def test_report_warns_when_a_folder_mixes_data_versions(runs, tmp_path, capsys):
     info = json.loads((run / "run.json").read_text())
     info["key"]["data"] = "0123456789abcdef"
     (run / "run.json").write_text(json.dumps(info))
-    assert ev.main(["--report", "--dataset", "Fix", "--runs", str(tmp_path / "runs")]) == 0
+    assert rp.main(["--dataset", "Fix", "--runs", str(tmp_path / "runs")]) == 0
     assert "the Fix tables mix runs on 2 versions of its data" in capsys.readouterr().err
 
 

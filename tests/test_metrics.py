@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import eval as ev
+import report as rp
 
 from conftest import ROOT
 from eval import (full_ranking_ranks, mask_history, metrics_from_ranks, ranks_from_scores,
@@ -97,7 +98,8 @@ def test_uniform_scores_get_no_credit():
 @pytest.mark.parametrize("script,args", [
     ("train.py", ["--stage", "all", "--dataset", "no-such-dataset"]),
     ("eval.py", ["--task", "tiger", "--dataset", "no-such-dataset", "--run", "x"]),
-    ("eval.py", ["--report"]),
+    ("scripts/report.py", []),
+    ("eval.py", ["--dataset", "x"]),
 ])
 def test_user_errors_exit_cleanly(script, args):
     r = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True)
@@ -121,12 +123,12 @@ def test_paired_t_test_and_incomplete_beta_match_scipy():
     stats = pytest.importorskip("scipy.stats")
     special = pytest.importorskip("scipy.special")
     for a, b, x in [(0.5, 0.5, 0.3), (2, 3, 0.7), (10, 0.5, 0.99), (1000, 0.5, 0.999), (3.5, 0.5, 0.01)]:
-        assert ev._betainc(a, b, x) == pytest.approx(special.betainc(a, b, x), rel=1e-9, abs=1e-15)
+        assert rp._betainc(a, b, x) == pytest.approx(special.betainc(a, b, x), rel=1e-9, abs=1e-15)
     rng = np.random.default_rng(0)
     for n, shift in [(5, 0.3), (500, 0.02), (20_000, 0.001)]:
         x = rng.random(n)
         y = x + rng.normal(shift, 0.2, n)
-        ours, ref = ev.paired_test(x, y, n_boot=2000), stats.ttest_rel(y, x)
+        ours, ref = rp.paired_test(x, y, n_boot=2000), stats.ttest_rel(y, x)
         assert ours["t"] == pytest.approx(ref.statistic, rel=1e-9)
         assert ours["p"] == pytest.approx(ref.pvalue, rel=1e-6, abs=1e-12)
         lo, hi = ours["ci95"]
@@ -138,20 +140,20 @@ def test_welch_test_matches_scipy_and_refuses_what_it_cannot_test():
     rng = np.random.default_rng(1)
     for na, nb in [(3, 3), (2, 5), (10, 4)]:
         a, b = rng.normal(0.09, 0.004, na), rng.normal(0.095, 0.01, nb)
-        ours, ref = ev.welch_test(a, b), stats.ttest_ind(b, a, equal_var=False)
+        ours, ref = rp.welch_test(a, b), stats.ttest_ind(b, a, equal_var=False)
         assert ours["t"] == pytest.approx(ref.statistic, rel=1e-9)
         assert ours["p"] == pytest.approx(ref.pvalue, rel=1e-6)
         assert ours["diff"] == pytest.approx(b.mean() - a.mean())
-    assert ev.welch_test([0.1], [0.2, 0.3]) is None                      # one run: no variance to test
-    assert ev.welch_test([0.1, 0.1], [0.2, 0.2]) is None                 # deterministic: nothing to test
+    assert rp.welch_test([0.1], [0.2, 0.3]) is None                      # one run: no variance to test
+    assert rp.welch_test([0.1, 0.1], [0.2, 0.2]) is None                 # deterministic: nothing to test
 
 
 def test_paired_test_edges_and_per_user_metrics():
-    same = ev.paired_test(np.ones(10), np.ones(10))
+    same = rp.paired_test(np.ones(10), np.ones(10))
     assert same["diff"] == 0 and same["t"] == 0 and same["p"] == 1.0 and same["ci95"] == [0.0, 0.0]
-    better = ev.paired_test(np.zeros(10), np.ones(10))                 # constant gain: t = inf, p = 0
+    better = rp.paired_test(np.zeros(10), np.ones(10))                 # constant gain: t = inf, p = 0
     assert better["t"] == float("inf") and better["p"] == 0.0
-    u = ev.per_user(np.array([0, 1, 9, 10, ev.MISS]))
+    u = rp.per_user(np.array([0, 1, 9, 10, ev.MISS]))
     np.testing.assert_allclose(u["recall@10"], [1, 1, 1, 0, 0])
     np.testing.assert_allclose(u["ndcg@10"], [1, 1 / np.log2(3), 1 / np.log2(11), 0, 0])
     assert u["ndcg@10"].mean() == pytest.approx(ev.metrics_from_ranks(np.array([0, 1, 9, 10, ev.MISS]))["ndcg@10"])

@@ -1,4 +1,4 @@
-"""eval.py --task report: every kind of finished run lands in its table, with its run folder."""
+"""scripts/report.py: every kind of finished run lands in its table, with its run folder."""
 import json
 import os
 from pathlib import Path
@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 
 import eval as ev
+import report as rp
 
 
 def _write(path, obj):
@@ -37,7 +38,7 @@ def test_report_collects_every_table(tmp_path, capsys):
     _write(root / "encoder-minilm-6" / "history.json", [{"epoch": 1.0, "valid": {"recall@10": 0.9, "ndcg@10": 0.8}}])
     _write(root / "embed-minilm-7" / "results.json", {"task": "embed", "encoder": "minilm"})   # no table
     _write(root / "ease-items-8" / "results.json", {"task": "ease", "lambda": 30.0, "test": {**M, "recall@10": 0.3}})
-    recs = ev.collect_report(tmp_path / "runs", ["Fix"])
+    recs = rp.collect_report(tmp_path / "runs", ["Fix"])
     got = {(r["table"], r["row"], r["schedule"], r["metric"]): r["value"] for r in recs}
     assert got[("unisrec", "no text (SASRec-ID)", "", "recall@10")] == 0.5
     assert got[("unisrec", "all-MiniLM-L6-v2", "capped at 1 epochs", "recall@10")] == 0.61
@@ -47,12 +48,12 @@ def test_report_collects_every_table(tmp_path, capsys):
     assert got[("collisions", "all-MiniLM-L6-v2 / rqvae", "", "usage_l3")] == 0.8
     assert got[("retrieval", "all-MiniLM-L6-v2 (all items, 32 tokens)", "", "ndcg@10")] == 0.25
     assert got[("retrieval", "encoder-minilm (held-out items, epoch 1)", "", "recall@10")] == 0.9
-    md = ev.report_markdown(recs)
+    md = rp.report_markdown(recs)
     for title in ("Table 1 shape", "Table 2 shape", "Table 3 shape", "collisions"):
         assert title in md
     assert "| all-MiniLM-L6-v2 (capped at 1 epochs) | 0.6100 |" in md
     assert "runs/Fix/tiger-rqvae-minilm-3" in md                           # each cell names its run
-    assert ev.main(["--task", "report", "--dataset", "fix", "--runs", str(tmp_path / "runs")]) == 0
+    assert rp.main(["--dataset", "fix", "--runs", str(tmp_path / "runs")]) == 0
     out = capsys.readouterr().out
     assert "Table 2 shape" in out and json.loads(out.strip().splitlines()[-1])["datasets"] == ["Fix"]
     assert (tmp_path / "runs" / "report-Fix.csv").is_file()
@@ -67,7 +68,7 @@ def test_report_keeps_the_newest_of_equal_rows_and_names_custom_embeddings(tmp_p
     _write(root / "unisrec-custom" / "results.json",                          # --emb: the file is the source
            {"task": "unisrec", "encoder": "/x/bge.npy", "test": {**M, "recall@10": 0.7}})
     _write(root / "tiger-unfinished" / "last.pt", {})                        # no results.json: not reported
-    got = {(r["row"], r["metric"]): r["value"] for r in ev.collect_report(tmp_path / "runs", ["Fix"])}
+    got = {(r["row"], r["metric"]): r["value"] for r in rp.collect_report(tmp_path / "runs", ["Fix"])}
     assert got[("all-MiniLM-L6-v2", "recall@10")] == 0.9
     assert got[("bge.npy", "recall@10")] == 0.7                                # not mixed into MiniLM's row
     assert not any(r.startswith("tiger") for r, _ in got)
@@ -92,12 +93,12 @@ def test_seeds_are_averaged_and_encoderec_is_tested_against_its_backbone(tmp_pat
             _write(run / "run.json", {"key": {"mode": "inductive", "embeddings": f"{source}{seed}",
                                               "loop": {**loop, "seed": seed}}})
             np.save(run / "test_ranks.npy", ranks)
-    recs = {(r["row"], r["metric"]): r for r in ev.collect_report(tmp_path / "runs", ["Fix"])}
+    recs = {(r["row"], r["metric"]): r for r in rp.collect_report(tmp_path / "runs", ["Fix"])}
     tuned, base = recs[("EncodeRec (all-MiniLM-L6-v2)", "ndcg@10")], recs[("all-MiniLM-L6-v2", "ndcg@10")]
     assert tuned["n"] == base["n"] == 3 and tuned["std"] > 0 and tuned["value"] > base["value"]
     assert tuned["p"] < 1e-6 and tuned["diff"] > 0 and base["p"] is None
     assert recs[("EncodeRec (all-MiniLM-L6-v2)", "ndcg@50")]["p"] is None        # tested: @10 only
-    md = ev.report_markdown(list(recs.values()))
+    md = rp.report_markdown(list(recs.values()))
     assert f"{tuned['value']:.4f} ± {tuned['std']:.4f} (3)* (p " in md and "paired t-test" in md
 
 
@@ -118,7 +119,7 @@ def test_vqrec_seeds_average_and_pair_with_the_backbone_although_their_codes_dif
             _write(run / "run.json", {"key": {"mode": "vqrec", "codes": f"{source}{seed}", "embeddings": None,
                                               "loop": {"seed": seed}}})
             np.save(run / "test_ranks.npy", ranks)
-    recs = {(r["table"], r["row"], r["metric"]): r for r in ev.collect_report(tmp_path / "runs", ["Fix"])}
+    recs = {(r["table"], r["row"], r["metric"]): r for r in rp.collect_report(tmp_path / "runs", ["Fix"])}
     tuned = recs[("unisrec", "VQ-Rec on EncodeRec (all-MiniLM-L6-v2)", "ndcg@10")]
     assert tuned["n"] == 2 and tuned["p"] < 1e-6 and tuned["diff"] > 0
     assert recs[("cold", "VQ-Rec: all-MiniLM-L6-v2", "cold_start_n")]["value"] == 20
@@ -141,13 +142,13 @@ def test_collision_rows_name_their_setting_and_fewer_collisions_earn_the_star(tm
                                           "collisions": {"collision_rate": rate, "largest_group": 3}})
             _write(run / "run.json", {"key": {"tokenizer": "rqvae", "config": {"standardize": std},
                                               "embeddings": source, "seed": seed}})
-    recs = {(r["row"], r["metric"]): r for r in ev.collect_report(tmp_path / "runs", ["Fix"])}
+    recs = {(r["row"], r["metric"]): r for r in rp.collect_report(tmp_path / "runs", ["Fix"])}
     fewer = recs[("EncodeRec (all-MiniLM-L6-v2) / rqvae", "collision_rate")]
     more = recs[("EncodeRec (all-MiniLM-L6-v2) / rqvae, unscaled", "collision_rate")]
     assert fewer["n"] == 3 and fewer["diff"] < 0 and fewer["p"] < 0.01
     assert more["diff"] > 0 and more["p"] < 0.05
     assert recs[("all-MiniLM-L6-v2 / rqvae, unscaled", "collision_rate")]["p"] is None
-    md = ev.report_markdown(list(recs.values()))
+    md = rp.report_markdown(list(recs.values()))
     assert f"{fewer['value']:.4f} ± {fewer['std']:.4f} (3)* (p " in md
     assert f"{more['value']:.4f} ± {more['std']:.4f} (3) (p " in md and "Welch" in md
 
@@ -206,7 +207,7 @@ def test_popularity_is_one_row_whatever_the_encoder(tmp_path):
     for source in ("minilm", str(enc)):
         _write(root / f"tiger-rqvae-{Path(source).name}" / "results.json",
                {"task": "tiger", "encoder": source, "tokenizer": "rqvae", "test": M, "popularity": M})
-    rows = {r["row"] for r in ev.collect_report(tmp_path / "runs", ["Fix"]) if r["table"] == "tiger"}
+    rows = {r["row"] for r in rp.collect_report(tmp_path / "runs", ["Fix"]) if r["table"] == "tiger"}
     assert rows == {"popularity", "all-MiniLM-L6-v2 / rqvae", "EncodeRec (all-MiniLM-L6-v2) / rqvae"}
 
 
@@ -218,5 +219,5 @@ def test_an_encoder_run_under_any_out_name_is_encoderec(tmp_path):
     _write(enc / "run.json", {"key": {"temperature": 0.05}})
     _write(root / "unisrec-x" / "results.json", {"task": "unisrec", "encoder": str(enc), "test": M})
     _write(root / "unisrec-y" / "results.json", {"task": "unisrec", "encoder": str(root / "unisrec-x"), "test": M})
-    rows = {r["row"] for r in ev.collect_report(tmp_path / "runs", ["Fix"])}
+    rows = {r["row"] for r in rp.collect_report(tmp_path / "runs", ["Fix"])}
     assert rows == {"EncodeRec (all-MiniLM-L6-v2)", "unisrec-x"}                      # not every folder

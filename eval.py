@@ -2,12 +2,13 @@
 
 Leave-one-out, each target ranked against *all* items: Recall@K = share of targets in the top K, NDCG@K =
 mean of 1/log2(rank + 2) over them (rank 0 = first; one relevant item: ideal DCG 1). Ties are pessimistic;
-history items are not masked (RecBole's convention) unless `mask_history`. Each task prints its metrics as
-JSON on the last stdout line; scripts/report.py lays train.py's finished runs out as the paper's tables.
+history items are not masked (RecBole's convention). Each task prints its metrics as JSON on the last
+stdout line; scripts/report.py lays train.py's finished runs out as the paper's tables.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
@@ -51,14 +52,6 @@ def ranks_from_scores(scores: torch.Tensor, targets: torch.Tensor,
     return torch.where(torch.isnan(t[:, 0]), total, ranks)
 
 
-def mask_history(scores: torch.Tensor, history: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """-inf (in place) on each row's history items (B, L; negative = padding) but the target; `scores`."""
-    rows = torch.arange(len(history), device=history.device)[:, None].expand_as(history)
-    keep = (history >= 0) & (history != targets[:, None])
-    scores[rows[keep], history[keep]] = float("-inf")
-    return scores
-
-
 def ranks_from_topk(topk: torch.Tensor | np.ndarray, targets: torch.Tensor | np.ndarray) -> np.ndarray:
     """Ranks from top-K item ids (B, K) of generative models: the target's position, else MISS (a miss
     at every cutoff, also above K)."""
@@ -68,19 +61,16 @@ def ranks_from_topk(topk: torch.Tensor | np.ndarray, targets: torch.Tensor | np.
 
 
 def full_ranking_ranks(score_fn: Callable[[np.ndarray], torch.Tensor], n_cases: int,
-                       targets: np.ndarray, chunk_size: int = 1024,
-                       histories: np.ndarray | None = None, progress: bool = False,
+                       targets: np.ndarray, chunk_size: int = 1024, progress: bool = False,
                        counts: np.ndarray | None = None) -> np.ndarray:
     """Ranks of every case by score_fn(indices) -> (len(indices), I), `chunk_size` cases at a time (all 22k x
-    12k float32 scores would be 1 GB); `histories` (C, L): masked; `counts`: as in ranks_from_scores."""
+    12k float32 scores would be 1 GB); `counts`: as in ranks_from_scores."""
     out = np.empty(n_cases, dtype=np.int64)
     for s in tqdm(range(0, n_cases, chunk_size), "ranking", unit="chunk", leave=False, disable=not progress):
         idx = np.arange(s, min(s + chunk_size, n_cases))
         with torch.inference_mode():
             scores = score_fn(idx).float()
             tgt = torch.as_tensor(targets[idx], device=scores.device)
-            if histories is not None:
-                scores = mask_history(scores, torch.as_tensor(histories[idx], device=scores.device), tgt)
             cnt = None if counts is None else torch.as_tensor(counts, device=scores.device)
             out[idx] = ranks_from_scores(scores, tgt, cnt).cpu().numpy()
     return out
@@ -149,6 +139,7 @@ def retrieval_eval(encoder, ds, doc_fields=None, query_items=None, ks: Sequence[
 
 # ---- CLI
 def build_parser() -> argparse.ArgumentParser:
+    """The flags, each in the group of the tasks it applies to (check_flags refuses it elsewhere)."""
     ap = one_line_errors(argparse.ArgumentParser(
         description="Evaluate; the last stdout line is the metrics as JSON.", allow_abbrev=False))
     ap.add_argument("--task", required=True, choices=list(TASKS),
@@ -157,21 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data-dir", default="data", help="data and cache folder")
     ap.add_argument("--runs", default="runs", help="the run folders of train.py")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
-    ap.add_argument("--seed", type=int, default=0, help="also selects the --holdout items")
-    r = ap.add_argument_group("retrieval (--encoder also: collisions)")
-    r.add_argument("--encoder", default="minilm", help="minilm | mpnet | a fine-tuned run | a model folder")
-    r.add_argument("--weights", help="folder of a named backbone's files (offline)")
+    ap.add_argument("--seed", type=SEED, default=0, help="also selects the --holdout items")
+    group(ap, "retrieval collisions").add_argument(
+        "--encoder", default="minilm", help="minilm | mpnet | a fine-tuned run | a model folder")
+    r = group(ap, "retrieval")
     r.add_argument("--doc-fields", help="the document's fields (default: EncodeRec's)")
-    r.add_argument("--holdout", type=float, default=0.0, help="query only this seeded share of items")
-    r.add_argument("--max-length", type=int, help="token limit (default: the model's)")
-    r.add_argument("--batch-size", type=int, default=64, help="texts per encoder batch")
-    u = ap.add_argument_group("unisrec / tiger / collisions")
-    u.add_argument("--run", help="a run folder (default: the newest finished one)")
-    u.add_argument("--mask-history", action="store_true", help="unisrec: mask history items")
-    u.add_argument("--ranks", help="save each test case's (retrieval: query's) rank to this .npy")
-    u.add_argument("--beam", type=int, default=10, help="tiger: beam width = returned IDs")
-    u.add_argument("--no-constrain", action="store_true", help="tiger: free decoding (invalid IDs counted)")
-    u.add_argument("--tokenizer", choices=["rqvae", "rkmeans"], default="rqvae", help="collisions: which IDs")
+    r.add_argument("--holdout", type=bounded(float, 0, 1, open_high=True), default=0.0,
+                   help="query only this seeded share of items")
+    r.add_argument("--max-length", type=COUNT, help="token limit (default: the model's)")
+    r.add_argument("--batch-size", type=COUNT, default=64, help="texts per encoder batch")
+    group(ap, "unisrec vqrec tiger collisions").add_argument(
+        "--run", help="a run folder (default: the newest finished one)")
+    group(ap, "retrieval unisrec vqrec tiger").add_argument(
+        "--ranks", help="save each test case's (retrieval: query's) rank to this .npy")
+    t = group(ap, "tiger")
+    t.add_argument("--beam", type=COUNT, default=10, help="beam width = returned IDs")
+    t.add_argument("--no-constrain", action="store_true", help="free decoding (invalid IDs counted)")
+    group(ap, "collisions").add_argument("--tokenizer", choices=["rqvae", "rkmeans"], default="rqvae",
+                                         help="which IDs")
     return ap
 
 
@@ -185,8 +179,7 @@ def bounded(kind, low: float, high: float = math.inf, open_low: bool = False, op
                                              f"{text!r}") from None
         if not (math.isfinite(v) and (v > low if open_low else v >= low) and (v < high if open_high else
                                                                                  v <= high)):
-            want = [f"{'>' if open_low else '>='} {low:g}"] + \
-                [f"{'<' if open_high else '<='} {high:g}"] * (high < math.inf)
+            want = [f"{'>' if open_low else '>='} {low}"] + [f"{'<' if open_high else '<='} {high}"] * (high < math.inf)
             raise argparse.ArgumentTypeError(f"must be {' and '.join(want)}, got {text}")
         return v
     return parse
@@ -226,30 +219,32 @@ def sigterm_as_interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (a scheduler's kill) ends like Ctrl-C: one line
 
 
-def cli_error(e: BaseException) -> int:
-    """In a CLI's `except`: one line on stderr for what ended it, and the exit status (bad input 2,
-    interrupted 130, anything else 1: a bug, which ENCODEREC_DEBUG=1 raises with its traceback)."""
-    if isinstance(e, (DataError, BackboneError, WeightsError, ValueError, OSError)):
+WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def cli_error(e: BaseException, resumable: bool = False) -> int:
+    """In a CLI's `except`: one line on stderr naming what ended it, and the exit status: bad input or the
+    machine's refusal 2, a non-finite loss 1, interrupted 130, anything else 1 (a bug: ENCODEREC_DEBUG=1
+    raises it with its traceback). resumable: the CLI writes checkpoints that --resume continues from."""
+    if isinstance(e, (DataError, BackboneError, WeightsError, ValueError, FloatingPointError)):
         print(f"error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, FloatingPointError) else 2  # a NaN/inf loss: the data or lr, not a flag
+    if isinstance(e, OSError):  # the machine's, not the code's: one line naming the file
+        hint = (" Free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else
+                " Choose a writable --runs / --out" if e.errno in WRITE_ERRORS else "")
+        hint += "; writes are atomic, so --resume continues from the last checkpoint." if hint and resumable \
+            else "." if hint else ""
+        print(f"error: {e.filename or 'a file'}: {e.strerror or e}.{hint}", file=sys.stderr)
         return 2
-    if isinstance(e, KeyboardInterrupt):
-        print("error: interrupted", file=sys.stderr)
+    if isinstance(e, KeyboardInterrupt):  # Ctrl-C or SIGTERM; checkpoints are atomic: the last one stays
+        print("error: interrupted" + ("; --resume continues from the last checkpoint, if one was written"
+                                      if resumable else ""), file=sys.stderr)
         return 130
-    if os.environ.get("ENCODEREC_DEBUG"):  # a last resort, as in train.py
-        raise
+    if os.environ.get("ENCODEREC_DEBUG"):
+        raise e
     print(f"error: unexpected {type(e).__name__}: {str(e)[:300]} (a file edited by hand, or a bug: rerun "
           "with ENCODEREC_DEBUG=1 and report the traceback)", file=sys.stderr)
     return 1
-
-
-SEED_MAX = 2 ** 32 - 1  # numpy's and torch's seeds both take it
-
-
-EVAL_FLAGS = {"common": {"task", "dataset", "data_dir", "runs", "device", "seed"},
-              "retrieval": {"encoder", "weights", "doc_fields", "holdout", "max_length", "batch_size", "ranks"},
-              "unisrec": {"run", "mask_history", "ranks"}, "tiger": {"run", "beam", "no_constrain", "ranks"},
-              "vqrec": {"run", "mask_history", "ranks"},
-              "collisions": {"run", "encoder", "tokenizer"}}
 
 
 def encoder_label(encoder: str) -> str:
@@ -356,7 +351,7 @@ def run_retrieval(args) -> dict:
         raise DataError(f"{args.encoder} is an unfinished run: finish it (its command with --resume)")
     ds = load_dataset(args.dataset, args.data_dir)
     fields = parse_fields(args.doc_fields, DOCUMENT_FIELDS)
-    enc = load_encoder(args.encoder, weights=args.weights, device=args.device, max_length=args.max_length)
+    enc = load_encoder(args.encoder, device=args.device, max_length=args.max_length)
     queries = holdout_items(ds, args.holdout, args.seed, fields) if args.holdout > 0 else None
     out = retrieval_eval(enc, ds, doc_fields=fields, query_items=queries, batch_size=args.batch_size,
                          ranks_to=args.ranks)
@@ -364,12 +359,10 @@ def run_retrieval(args) -> dict:
             "holdout": args.holdout, "max_length": enc.max_length, **out}
 
 
-def evaluate_unisrec(model, ds, cases, max_len: int, mask_history: bool = False, ks=(10, 50),
-                     ranks_to=None) -> dict:
+def evaluate_unisrec(model, ds, cases, max_len: int, ks=(10, 50), ranks_to=None) -> dict:
     """summarize() of UniSRec's full ranking; ranks_to: save each case's rank (.npy, (C,))."""
     hist, _ = ds.histories(cases, max_len)  # (C, L), -1 = padding
-    masked = ds.histories(cases, int(ds.seq_lengths.max()))[0] if mask_history else None
-    ranks = full_ranking_ranks(score_fn(model, hist), len(cases), cases.target, histories=masked)
+    ranks = full_ranking_ranks(score_fn(model, hist), len(cases), cases.target)
     if ranks_to:
         save_npy(ranks_to, ranks)
     return summarize(ranks, ks, cold=cases.cold)
@@ -385,8 +378,8 @@ def run_unisrec(args) -> dict:
             else None
         return UniSRec(cfg, l2_rows(emb) if emb is not None and meta.get("normalize_input") else emb)
     run, ds, model, _ = _load(args, args.task, build)
-    return {"task": "unisrec", "dataset": ds.name, "run": str(run), "mask_history": args.mask_history,
-            **{s: evaluate_unisrec(model, ds, getattr(ds.splits, s), model.cfg.max_seq_len, args.mask_history,
+    return {"task": "unisrec", "dataset": ds.name, "run": str(run),
+            **{s: evaluate_unisrec(model, ds, getattr(ds.splits, s), model.cfg.max_seq_len,
                                    ranks_to=args.ranks if s == "test" else None) for s in ("valid", "test")}}
 
 
@@ -528,9 +521,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     sigterm = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     try:
-        check_flags(ap, args, f"--task {args.task}", EVAL_FLAGS["common"] | EVAL_FLAGS[args.task],
-                    positive=("max_length", "batch_size", "beam"), non_negative=("seed",),
-                    fractions=("holdout",), upper={"seed": SEED_MAX})
+        check_flags(ap, args, f"--task {args.task}", args.task)
         torch.manual_seed(args.seed)
         args.device = check_device(args.device)
         print_json(TASKS[args.task][0](args))

@@ -15,7 +15,6 @@ one. A user error is one line and exit code 2. The whole pipeline in one command
 from __future__ import annotations
 
 import argparse
-import errno
 import functools
 import json
 import os
@@ -638,9 +637,6 @@ def _has_cases(ds, **sizes) -> None:
                         f"({need})")
 
 
-WRITE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
-
-
 def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
@@ -657,27 +653,8 @@ def main(argv=None) -> int:
             if args.seeds:
                 say(f"--- seed {seed}")
             STAGES[args.stage](with_(args, seed=seed))
-    except (DataError, er.BackboneError, er.WeightsError, ValueError) as e:
-        say(f"error: {e}")
-        return 2
-    except FloatingPointError as e:  # a NaN/inf loss
-        say(f"error: {e}")
-        return 1
-    except OSError as e:  # the machine's, not the code's: one line naming the file
-        hint = (" Free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else
-                " Choose a writable --runs / --out" if e.errno in WRITE_ERRORS else "")
-        hint += "; writes are atomic, so --resume continues from the last checkpoint." if hint else ""
-        say(f"error: {e.filename or 'a file'}: {e.strerror or e}.{hint}")
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM; checkpoints are atomic: the last complete one stays
-        say("error: interrupted; --resume continues from the last checkpoint, if one was written")
-        return 130
-    except Exception as e:  # a last resort: one line; ENCODEREC_DEBUG=1 shows the traceback
-        if os.environ.get("ENCODEREC_DEBUG"):
-            raise
-        say(f"error: unexpected {type(e).__name__}: {str(e)[:300]} (a file edited by hand, or a bug: rerun "
-            "with ENCODEREC_DEBUG=1 and report the traceback)")
-        return 1
+    except (Exception, KeyboardInterrupt) as e:
+        return ev.cli_error(e, resumable=True)
     finally:
         trainer.release_locks()
         signal.signal(signal.SIGTERM, sigterm)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import eval as ev  # noqa: E402
 import train  # noqa: E402
 from ablations import stage  # noqa: E402
 from data import DOCUMENT_FIELDS, ITEM_TEXT_FIELDS, load_dataset, parse_fields  # noqa: E402
@@ -63,7 +64,7 @@ def commands(args, ds) -> list[list[str]]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    ap = ev.one_line_errors(argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False))
     ap.add_argument("--dataset", default=train.DEFAULT_DATASET, help="a name or a data folder (as train.py)")
     ap.add_argument("--budget", choices=list(BUDGETS), default="smoke", help="every schedule (smoke)")
     ap.add_argument("--backbone", default="minilm", help="the encoder fine-tuned (minilm)")

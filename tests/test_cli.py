@@ -194,10 +194,11 @@ def test_vqrec_trains_on_product_codes_and_evaluates(tmp_path, fixture_ds, capsy
     assert len(list(runs.glob("unisrec-vqrec-minilm-*"))) == 2                       # another run, not a resume
 
 
-def test_stage_all_smoke_then_everything_is_up_to_date(tmp_path, fixture_ds, minilm, capsys):
-    """The whole pipeline on the fixture catalog (real MiniLM), then a second call that only reads."""
-    argv = ["--stage", "all", "--dataset", str(fixture_ds), "--budget", "smoke", *_common(tmp_path)]
-    assert train.main(argv) == 0
+def test_pipeline_smoke_then_everything_is_up_to_date(tmp_path, fixture_ds, minilm, capsys):
+    """scripts/pipeline.py on the fixture catalog (real MiniLM), then a second call that only reads."""
+    import pipeline
+    argv = ["--dataset", str(fixture_ds), "--budget", "smoke", *_common(tmp_path)]
+    assert pipeline.main(argv) == 0
     out = capsys.readouterr()
     runs = tmp_path / "runs" / "Fix"
     for pattern in ("encoder-minilm-*", "retrieval-minilm-*", "retrieval-encoder-minilm-*", "embed-minilm-*",
@@ -206,19 +207,20 @@ def test_stage_all_smoke_then_everything_is_up_to_date(tmp_path, fixture_ds, min
                     "tiger-rqvae-minilm-*", "tiger-rqvae-encoder-minilm-*", "ease-items-*", "codes-opq-minilm-*",
                     "codes-opq-encoder-minilm-*", "unisrec-vqrec-minilm-*", "unisrec-vqrec-encoder-minilm-*"):
         assert (_one(runs, pattern) / "results.json").exists(), pattern
-    assert f"tables: python scripts/report.py --dataset Fix --runs {tmp_path / 'runs'}" in out.err
-    md = rp.report(tmp_path / "runs", ["Fix"])                    # the tables of what the pipeline made
+    assert "[pipeline] python train.py --stage encoder --encoder minilm --epochs 1 --max-length 32" in out.err
     for table in ("Table 1 shape", "Table 2 shape", "Table 3 shape", "collisions", "cold-start"):
-        assert table in md
+        assert table in out.out                                   # the report of what the pipeline made
     first = {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()}
 
-    assert train.main(argv) == 0                                  # nothing left to do
+    assert pipeline.main(argv) == 0                               # nothing left to do
     assert capsys.readouterr().err.count("up to date") >= 17
     assert {p: p.stat().st_mtime_ns for p in runs.rglob("*") if p.is_file()} == first
 
-    # a longer TIGER history: two new TIGER folders, nothing else redone, nothing moved or deleted
-    assert train.main(argv + ["--tiger-history", "10"]) == 0
-    assert len(list(runs.glob("tiger-*"))) == 4
+    # a longer TIGER history: a new TIGER folder on the same IDs, nothing else redone, moved or deleted
+    tiger = ["--stage", "tiger", "--dataset", str(fixture_ds), "--encoder", "minilm", "--max-length", "256",
+             "--rqvae-epochs", "20", "--max-steps", "30", "--eval-every", "30", "--warmup-steps", "10"]
+    assert train.main([*tiger, "--max-history", "10", *_common(tmp_path)]) == 0
+    assert len(list(runs.glob("tiger-*"))) == 3 and len(list(runs.glob("ids-*"))) == 2
     assert all(p.stat().st_mtime_ns == t for p, t in first.items())
 
 

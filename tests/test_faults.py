@@ -95,7 +95,7 @@ def test_encoder_killed_mid_run_resumes_to_the_same_weights(tmp_path):
     tiny = make_tiny(tmp_path / "tiny", dropout=0.1)        # dropout on: the RNG state must resume too
     ds = fx.write_lcrec(tmp_path / "Fix")
     common = ["--stage", "encoder", "--backbone", str(tiny), "--dataset", str(ds), "--epochs", "8",
-              "--batch-size", "3", "--no-eval", "--chunk-size", "2", "--lr", "1e-3", "--max-length", "32",
+              "--batch-size", "3", "--chunk-size", "2", "--lr", "1e-3", "--max-length", "32",
               "--doc-fields", "description,brand", "--data-dir", str(tmp_path / "cache"), "--device", "cpu"]
     _finish(_train([*common, "--out", str(tmp_path / "whole")]))
     cut = tmp_path / "cut"

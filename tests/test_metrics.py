@@ -11,7 +11,7 @@ import eval as ev
 import report as rp
 
 from conftest import ROOT
-from eval import (full_ranking_ranks, mask_history, metrics_from_ranks, ranks_from_scores,
+from eval import (full_ranking_ranks, metrics_from_ranks, ranks_from_scores,
                   ranks_from_topk, summarize)
 
 
@@ -55,16 +55,6 @@ def test_summarize_splits_cold():
     assert out["cold_start"]["ndcg@10"] == pytest.approx(0.5 / math.log2(3))
 
 
-def test_mask_history_keeps_target():
-    scores = torch.tensor([[0.9, 0.8, 0.1, 0.5], [0.9, 0.8, 0.1, 0.5]])
-    hist = torch.tensor([[0, 1, -1], [0, 3, 3]])
-    targets = torch.tensor([3, 3])
-    masked = mask_history(scores.clone(), hist, targets)
-    assert torch.isinf(masked[0, :2]).all() and masked[0, 3] == 0.5
-    assert torch.isinf(masked[1, 0]) and masked[1, 3] == 0.5  # target in history stays
-    assert ranks_from_scores(masked, targets).tolist() == [0, 1]
-
-
 def test_topk_ranks():
     topk = np.array([[5, 3, 1], [2, 4, 6], [7, 8, 9]])
     ranks = ranks_from_topk(topk, np.array([1, 2, 0]))
@@ -79,14 +69,10 @@ def test_chunked_equals_unchunked():
     g = torch.Generator().manual_seed(0)
     scores = torch.randint(0, 5, (37, 11), generator=g).float()  # many ties on purpose
     targets = np.random.default_rng(0).integers(0, 11, 37)
-    hist = np.random.default_rng(1).integers(-1, 11, (37, 4))
     full = ranks_from_scores(scores, torch.as_tensor(targets)).numpy()
     for chunk in (1, 5, 37, 100):
         got = full_ranking_ranks(lambda idx: scores[idx], 37, targets, chunk_size=chunk)
         np.testing.assert_array_equal(got, full)
-    masked = mask_history(scores.clone(), torch.as_tensor(hist), torch.as_tensor(targets))
-    got = full_ranking_ranks(lambda idx: scores[idx].clone(), 37, targets, chunk_size=8, histories=hist)
-    np.testing.assert_array_equal(got, ranks_from_scores(masked, torch.as_tensor(targets)).numpy())
 
 
 def test_uniform_scores_get_no_credit():
@@ -96,7 +82,8 @@ def test_uniform_scores_get_no_credit():
 
 
 @pytest.mark.parametrize("script,args", [
-    ("train.py", ["--stage", "all", "--dataset", "no-such-dataset"]),
+    ("scripts/pipeline.py", ["--dataset", "no-such-dataset"]),
+    ("train.py", ["--stage", "unisrec", "--dataset", "no-such-dataset"]),
     ("eval.py", ["--task", "tiger", "--dataset", "no-such-dataset", "--run", "x"]),
     ("scripts/report.py", []),
     ("eval.py", ["--dataset", "x"]),

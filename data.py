@@ -1,16 +1,18 @@
-"""Data layer: raw Amazon files (or an LC-Rec folder) -> catalog, sequences, splits, item text.
+"""Data layer: an LC-Rec folder -> catalog, sequences, splits, item text.
 
 EncodeRec (arXiv 2601.10837) evaluates on Amazon 2014 (Beauty, Sports, Toys) and 2018 (Scientific),
 5-core, leave-one-out, and on Amazon Reviews 2023 with BLaIR's absolute-timestamp split.
 Standard library + numpy: copyable alone.
 
-    ds = load_dataset("../shared/data/lcrec/Beauty")      # or a name: "beauty", "scientific", ...
+    ds = load_dataset("../shared/data/lcrec/Beauty")      # or a name prepared under data/: "beauty", ...
     ds.n_users, ds.n_items, ds.n_interactions
     ds.splits.test.user, ds.splits.test.target             # one evaluation case per row
     hist, lens = ds.histories(ds.splits.test, max_len=50)  # (B, 50) item indices, -1 = padding
     ds.title_texts(), ds.document_texts(), ds.item_texts(("title", "categories"))
 
-CLI: `python data.py --dataset D [--stats]`.
+A dataset is a folder in the LC-Rec layout: `X.inter.json` + `X.item.json`, and `X.time.json` (timestamps)
+for the time split. `python scripts/prepare_data.py --dataset NAME_OR_RAW_FOLDER` makes one from the raw
+Amazon releases (a registered name is downloaded) into data/<name>/, and describes any dataset (--stats).
 
 Conventions: item indices are 0-based catalog rows. Sequences are sorted by time with a *stable* sort (ties
 keep file order); a repeated (user, item) keeps its earliest interaction. Raw releases number users by
@@ -19,9 +21,6 @@ LC-Rec numbering). Text is HTML-unescaped and whitespace-normalised; an empty fi
 """
 from __future__ import annotations
 
-import argparse
-import ast
-import gzip
 import hashlib
 import html
 import json
@@ -30,12 +29,10 @@ import re
 import sys
 import tempfile
 import time
-import urllib.request
-import zlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -271,32 +268,6 @@ def time_splits(ds: Dataset, t1: int = BLAIR_T1, t2: int = BLAIR_T2) -> Splits:
 
 
 # ---- reading files
-def read_lines(path: Path, parse: Callable, keys: Sequence[str] = ()) -> Iterator[tuple[int, dict]]:
-    """(line number, dict) per non-empty line; bad input or a missing key -> DataError."""
-    lineno = 0
-    try:
-        with (gzip.open if path.suffix == ".gz" else open)(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = parse(line)
-                except (ValueError, SyntaxError, MemoryError, RecursionError) as e:
-                    raise DataError(f"{path}:{lineno}: malformed record ({type(e).__name__}: "
-                                    f"{str(e)[:120]}); fix or re-download it") from None
-                if not isinstance(rec, dict):
-                    raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-                if missing := [k for k in keys if rec.get(k) in (None, "")]:
-                    raise DataError(f"{path}:{lineno}: record lacks {', '.join(missing)} "
-                                    f"(keys present: {', '.join(sorted(rec)[:12])})")
-                yield lineno, rec
-    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise DataError(f"{path}: truncated or corrupt gzip after line {lineno} ({e}); download it "
-                        "again") from None
-    except UnicodeDecodeError as e:
-        raise DataError(f"{path}:{lineno + 1}: not UTF-8 text ({e.reason})") from None
-
-
 def read_json(path, fix: str = "fix or re-download it"):
     """A JSON file read strictly: a repeated key, NaN/Infinity, bad UTF-8 or a syntax error is a DataError
     naming the file (and line) and `fix`."""
@@ -385,9 +356,38 @@ def _text_field(r: dict, name: str, where: str):
                     "strings (valid Unicode)")
 
 
+def time_file(inter: Path) -> Path:
+    """The optional `X.time.json` beside `X.inter.json`."""
+    return inter.with_name(inter.name[: -len(".inter.json")] + ".time.json")
+
+
+def _read_times(path: Path, inter: dict, users: list[int], inter_path: Path) -> np.ndarray:
+    """`X.time.json` ({user: [timestamp, ...]}): the same users and lengths as inter.json, integers,
+    non-decreasing per user -> (N,) int64 in inter.json's order."""
+    raw = read_json(path, "fix it or prepare the folder again")
+    if not isinstance(raw, dict):
+        raise DataError(f"{path} must hold one JSON object")
+    if diff := sorted(set(_indices(raw, path, "user")) ^ set(users)):
+        raise DataError(f"{path}: user(s) {', '.join(map(str, diff[:5]))} are not in both it and "
+                        f"{inter_path.name}; prepare the folder again")
+    flat = []
+    for u in users:
+        t, n = raw[str(u)], len(inter[str(u)])
+        if not isinstance(t, list) or len(t) != n:
+            raise DataError(f"{path}: user {u}: {json.dumps(t)[:60]} is not a list of {n} timestamps (one "
+                            f"per item in {inter_path.name})")
+        for j, x in enumerate(t):
+            if type(x) is not int or not -2 ** 63 <= x < 2 ** 63 or j and x < t[j - 1]:  # never coerced
+                raise DataError(f"{path}: user {u}, position {j}: {json.dumps(x)[:40]} is not an integer "
+                                "timestamp at or after the one before it")
+        flat += t
+    return np.array(flat, np.int64)
+
+
 def load_lcrec(folder: Path) -> Dataset:
-    """`X.inter.json` ({user: [item, ...]}, chronological) + `X.item.json` ({item: {field: value}}).
-    Already processed: loaded as is, never re-filtered."""
+    """`X.inter.json` ({user: [item, ...]}, chronological) + `X.item.json` ({item: {field: value}}), and
+    the optional `X.time.json` ({user: [timestamp, ...]}, aligned with inter.json), which selects BLaIR's
+    time split. Already processed: loaded as is, never re-filtered."""
     found = find_lcrec(folder)
     if found is None:
         raise DataError(f"{folder}: no X.inter.json + X.item.json pair")
@@ -425,153 +425,12 @@ def load_lcrec(folder: Path) -> Dataset:
     if not flat:
         raise DataError(f"{inter_path}: no interactions")
     lengths, flat = np.array(lengths, np.int64), np.array(flat, np.int64)
+    times = time_file(inter_path)
+    times = _read_times(times, raw_inter, user_keys, inter_path) if times.exists() else None
     return Dataset(name=folder.name, release="lcrec", items=items, user_ids=[str(u) for u in user_keys],
                    seq_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-                   seq_items=flat, source=str(folder))
-
-
-# ---- raw releases
-@dataclass
-class RawFiles:
-    release: str  # '2014' | '2018' | '2023'
-    reviews: Path
-    meta: Path
-
-
-def find_raw(folder: Path) -> RawFiles | None:
-    """A folder's raw Amazon files (recognised by name), else None."""
-    def first(patterns):
-        return next((h for p in patterns for h in sorted(folder.glob(p))), None)
-    r14 = first(["reviews_*_5.json.gz", "reviews_*_5.json"])
-    if r14 is not None:
-        cat = r14.name[len("reviews_"):].split("_5.json")[0]
-        meta = first([f"meta_{cat}.json.gz", f"meta_{cat}.json"])
-        return RawFiles("2014", r14, meta) if meta else None
-    for release, ext, reviews in (("2023", ".jsonl", ("{}.jsonl.gz", "{}.jsonl")),
-                                  ("2018", ".json", ("{}_5.json.gz", "{}_5.json", "{}.csv"))):
-        meta = first([f"meta_*{ext}.gz", f"meta_*{ext}"])
-        if meta is not None:
-            cat = meta.name[len("meta_"):].split(ext)[0]
-            rev = first([p.format(cat) for p in reviews])
-            return RawFiles(release, rev, meta) if rev else None
-    return None
-
-
-def _parse_csv_rating(line: str):
-    parts = line.rstrip("\n").split(",")
-    if len(parts) != 4:
-        raise ValueError(f"expected 4 fields item,user,rating,timestamp, got {len(parts)}")
-    return {"asin": parts[0], "reviewerID": parts[1], "unixReviewTime": int(parts[3])}  # never float("10.5")
-
-
-def read_reviews(files: RawFiles) -> tuple[list[str], list[str], np.ndarray]:
-    """(user ids, item ids, timestamps) in file order."""
-    path, new = files.reviews, files.release == "2023"
-    ukey, ikey, tkey = (("user_id", "parent_asin", "timestamp") if new
-                        else ("reviewerID", "asin", "unixReviewTime"))
-    parse = _parse_csv_rating if not new and path.suffix == ".csv" else json.loads
-    users, items, times = [], [], []
-    for lineno, rec in read_lines(path, parse, (ukey, ikey, tkey)):
-        t, u, i = rec[tkey], rec[ukey], rec[ikey]
-        if type(t) is not int or not (isinstance(u, str) and isinstance(i, str)):  # never coerced
-            raise DataError(f"{path}:{lineno}: expected string {ukey} and {ikey} and an integer {tkey}, got "
-                            f"{u!r}, {i!r}, {t!r}")
-        users.append(u)
-        items.append(i)
-        times.append(t)
-    if not users:
-        raise DataError(f"{path}: no reviews")
-    return users, items, np.array(times, dtype=np.int64)
-
-
-def read_meta(files: RawFiles, wanted: set[str]) -> dict[str, Item]:
-    """Items of the wanted asins (a repeated asin: the first record). 2014 lines are Python literals,
-    2018 and 2023 lines JSON."""
-    path, rel = files.meta, files.release
-    parse = ast.literal_eval if rel == "2014" else json.loads
-    key = "parent_asin" if rel == "2023" else "asin"
-    out: dict[str, Item] = {}
-    for _, r in read_lines(path, parse, (key,)):
-        asin = str(r[key])
-        if asin not in wanted or asin in out:
-            continue
-        # 2014 has no features, 2018 says 'feature' and 'category', 2023 keeps the brand in details
-        f, c = ("feature", "category") if rel == "2018" else ("features", "categories")
-        details = r.get("details") if isinstance(r.get("details"), dict) else {}
-        brand = details.get("Brand") or r.get("store") if rel == "2023" else r.get("brand")
-        out[asin] = _item(r, asin=asin, features=None if rel == "2014" else clean_list(r.get(f)),
-                          brand=clean_text(brand), categories=clean_list(r.get(c)))
-    return out
-
-
-def k_core(users: np.ndarray, items: np.ndarray, k: int) -> np.ndarray:
-    """Iterative k-core: the mask of interactions whose user and item have >= k of them."""
-    keep = np.ones(len(users), dtype=bool)
-    while True:
-        uc = np.bincount(users[keep], minlength=users.max() + 1)
-        ic = np.bincount(items[keep], minlength=items.max() + 1)
-        new = keep & (uc[users] >= k) & (ic[items] >= k)
-        if new.sum() == keep.sum():
-            return keep
-        keep = new
-
-
-def process_raw(files: RawFiles, name: str, kcore: int = 5) -> Dataset:
-    """Reviews + meta -> deduplicated, k-core filtered, chronological sequences."""
-    user_ids, item_ids, times = read_reviews(files)
-    uvocab, uidx = np.unique(np.array(user_ids), return_inverse=True)
-    ivocab, iidx = np.unique(np.array(item_ids), return_inverse=True)
-    n_raw = len(uidx)
-    # dedupe (user, item): earliest, ties -> file order
-    o = np.lexsort((np.arange(n_raw), times, iidx, uidx))
-    pair = uidx[o].astype(np.int64) * len(ivocab) + iidx[o]
-    sel = np.sort(o[np.concatenate([[True], pair[1:] != pair[:-1]])])  # kept rows, in file order
-    if kcore > 1:
-        sel = sel[k_core(uidx[sel], iidx[sel], kcore)]
-    if len(sel) == 0:
-        raise DataError(f"{files.reviews}: no interactions left after {kcore}-core filtering of {n_raw} "
-                        f"reviews; use a larger file or a smaller --kcore")
-    u, i, t, fo = uidx[sel], iidx[sel], times[sel], sel
-    # number users by first review; stable chronological order inside a user
-    first_seen = np.full(len(uvocab), n_raw)
-    np.minimum.at(first_seen, u, fo)
-    users = np.unique(u)
-    unew = np.full(len(uvocab), -1)
-    unew[users] = np.argsort(np.argsort(first_seen[users], kind="stable"), kind="stable")
-    u = unew[u]
-    o = np.lexsort((fo, t, u))
-    u, i, t = u[o], i[o], t[o]
-    # number items by first appearance along the sorted sequences
-    present, first_pos = np.unique(i, return_index=True)
-    item_order = present[np.argsort(first_pos, kind="stable")]
-    inew = np.full(len(ivocab), -1)
-    inew[item_order] = np.arange(len(item_order))
-    asins = [str(a) for a in ivocab[item_order]]
-    meta = read_meta(files, set(asins))
-    if unknown := [a for a in asins if a not in meta]:
-        raise DataError(f"{files.reviews}: {len(unknown)} reviewed items have no record in {files.meta} "
-                        f"(e.g. {', '.join(unknown[:5])}); use both files of one release and category")
-    offsets = np.concatenate([[0], np.cumsum(np.bincount(u, minlength=len(users)))]).astype(np.int64)
-    return Dataset(name=name, release=files.release, items=[meta[a] for a in asins],
-                   user_ids=[str(x) for x in uvocab[users[np.argsort(unew[users])]]], seq_offsets=offsets,
-                   seq_items=inew[i].astype(np.int64), seq_times=t.astype(np.int64),
-                   protocol="time" if files.release == "2023" else "loo", source=str(files.reviews))
-
-
-# ---- registry
-SNAP14 = "https://snap.stanford.edu/data/amazon/productGraph/categoryFiles/"
-UCSD18 = "https://datarepo.eng.ucsd.edu/mcauley_group/data/amazon_v2/"
-UCSD23 = "https://datarepo.eng.ucsd.edu/mcauley_group/data/amazon_2023/raw/"
-
-_URLS = {"2014": [SNAP14 + "reviews_{}_5.json.gz", SNAP14 + "meta_{}.json.gz"],  # {} = the category
-         "2018": [UCSD18 + "categoryFilesSmall/{}_5.json.gz", UCSD18 + "metaFiles2/meta_{}.json.gz"],
-         "2023": [UCSD23 + "review_categories/{}.jsonl.gz", UCSD23 + "meta_categories/meta_{}.jsonl.gz"]}
-REGISTRY: dict[str, dict] = {
-    name: {"release": r, "category": c, "urls": [u.format(c) for u in _URLS[r]]} for name, r, c in [
-        ("beauty", "2014", "Beauty"), ("sports", "2014", "Sports_and_Outdoors"),
-        ("toys", "2014", "Toys_and_Games"), ("scientific", "2018", "Industrial_and_Scientific"),
-        ("baby", "2023", "Baby_Products"), ("games", "2023", "Video_Games"),
-        ("beauty2023", "2023", "All_Beauty")]}
+                   seq_items=flat, seq_times=times, protocol="loo" if times is None else "time",
+                   source=str(folder))
 
 
 # Copied from trainer.atomic_write (keeps this file copyable alone)
@@ -591,43 +450,6 @@ def atomic_write(path, write) -> Path:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
-
-
-def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 30.0) -> None:
-    """Stream `url` into `dest` atomically, with a progress bar; a wrong sha256 is a ValueError (no file)."""
-    from tqdm import tqdm
-
-    def fetch(tmp):
-        h = hashlib.sha256()
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=Path(dest).name, leave=False) as bar:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    h.update(chunk)
-                    bar.update(len(chunk))
-        if sha256 is not None and h.hexdigest() != sha256:
-            raise ValueError(f"{url}: sha256 {h.hexdigest()} != expected {sha256}; the download is corrupt "
-                             f"or the upstream file changed")
-    atomic_write(dest, fetch)
-
-
-def fetch_named(name: str, data_dir: Path) -> Path:
-    """data_dir/raw/<name>/ with the registered dataset's raw files (downloaded if missing)."""
-    folder = data_dir / "raw" / name
-    if find_lcrec(folder):  # an LC-Rec copy, placed by hand
-        return folder
-    todo = [(u, p) for u in REGISTRY[name]["urls"] if not (p := folder / u.rsplit("/", 1)[1]).exists()]
-    for url, path in todo:
-        try:
-            if os.environ.get("ENCODEREC_OFFLINE", "") not in ("", "0"):
-                raise OSError("ENCODEREC_OFFLINE is set")
-            download(url, path)
-        except (OSError, ValueError) as e:  # URLError is an OSError; ValueError: bad sha256
-            files = "; ".join(f"{p} <- {u}" for u, p in todo)
-            raise DataError(f"could not download {url} ({e}); place these files by hand: {files}; or pass "
-                            f"their folder: --dataset PATH") from None
-    return folder
 
 
 # ---- loading + cache
@@ -710,40 +532,45 @@ def _load_cache(path: Path) -> Dataset:
     return ds
 
 
-def resolve_source(dataset: str, data_dir: Path) -> tuple[str, Path]:
-    """A registered name or a folder -> (display name, folder)."""
-    p = Path(dataset).expanduser()
-    if p.is_dir() and dataset.lower() in REGISTRY:
-        raise DataError(f"--dataset {dataset} is both a registered name and a folder here: pass ./{dataset} "
-                        f"for the folder, or run elsewhere for the registered dataset")
-    if p.is_dir():
-        if not os.access(p, os.R_OK | os.X_OK):
-            raise DataError(f"dataset folder {p}: permission denied")
-        return p.resolve().name, p
-    if p.exists():
-        raise DataError(f"--dataset {dataset} is a file: pass the folder that holds the data files")
-    key = dataset.lower()
-    if key in REGISTRY:
-        return key, fetch_named(key, data_dir)
-    if os.sep in dataset or dataset.startswith("."):
-        raise DataError(f"dataset folder {dataset} does not exist")
-    raise DataError(f"unknown dataset {dataset!r}: use one of {', '.join(REGISTRY)} "
-                    f"or a folder (LC-Rec layout or raw Amazon files)")
 
 
-def load_dataset(dataset: str, data_dir: str | Path = "data", kcore: int = 5,
-                 protocol: str | None = None, use_cache: bool = True, verbose: bool = False) -> Dataset:
-    """A registered name (downloaded on first use) or a folder, through the cache. kcore: raw
-    releases only; protocol ('loo'|'time') overrides the release's split."""
+def resolve_source(dataset: str, data_dir: Path) -> Path:
+    """A folder, or a name prepared under data_dir (case-insensitive) -> the folder of its LC-Rec pair."""
+    p, named = Path(dataset).expanduser(), None
+    if os.sep not in dataset and not dataset.startswith((".", "~")) and data_dir.is_dir():
+        named = next((q for q in [data_dir / dataset, *sorted(data_dir.iterdir())]
+                      if q.is_dir() and q.name.lower() == dataset.lower()), None)
+    if p.is_dir() and named is not None and named.resolve() != p.resolve():
+        raise DataError(f"--dataset {dataset} is both a folder here and the prepared {named}: pass "
+                        f"./{dataset} for the folder, or {named} for the prepared one")
+    folder = p if p.is_dir() else named
+    if folder is None:
+        if p.exists():
+            raise DataError(f"--dataset {dataset} is a file: pass the folder that holds the data files")
+        if named is None and (os.sep in dataset or dataset.startswith((".", "~"))):
+            raise DataError(f"dataset folder {dataset} does not exist")
+        raise DataError(f"unknown dataset {dataset!r}: no folder {dataset} nor {data_dir / dataset}; "
+                        f"prepare a named Amazon release with `python scripts/prepare_data.py --dataset "
+                        f"{dataset}`, or pass an LC-Rec folder (X.inter.json + X.item.json)")
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise DataError(f"dataset folder {folder}: permission denied")
+    if find_lcrec(folder) is None:
+        raise DataError(f"{folder}: no LC-Rec pair (X.inter.json + X.item.json); a folder of raw Amazon "
+                        f"files is prepared into one with `python scripts/prepare_data.py --dataset "
+                        f"{dataset}`")
+    return folder
+
+
+def load_dataset(dataset: str, data_dir: str | Path = "data", use_cache: bool = True,
+                 verbose: bool = False) -> Dataset:
+    """An LC-Rec folder, or a name prepared under data_dir by scripts/prepare_data.py, through the cache."""
     data_dir = Path(data_dir)
-    name, folder = resolve_source(dataset, data_dir)
-    lc = find_lcrec(folder)
-    raw = None if lc else find_raw(folder)
-    if lc is None and raw is None:
-        raise DataError(f"{folder}: no LC-Rec pair (X.inter.json + X.item.json) and no raw Amazon files "
-                        f"(reviews_X_5.json.gz, X_5.json.gz, X.csv or X.jsonl.gz, with meta_X.json[l].gz)")
-    proc, options = data_dir / "processed", {"kcore": kcore if raw else None, "protocol": protocol}
-    fp = _fingerprint(list(lc) if lc else [raw.reviews, raw.meta], options, proc / "digests.json")
+    folder = resolve_source(dataset, data_dir)
+    name, (inter, item) = folder.resolve().name, find_lcrec(folder)
+    files = [inter, item, *[t for t in [time_file(inter)] if t.exists()]]
+    proc = data_dir / "processed"
+    # the options raw folders once had here, so that LC-Rec folders (and runs) keep their fingerprints
+    fp = _fingerprint(files, {"kcore": None, "protocol": None}, proc / "digests.json")
     cache = proc / f"{name}-{fp}.npz"
     t0 = time.perf_counter()
     if use_cache and cache.exists():
@@ -754,10 +581,8 @@ def load_dataset(dataset: str, data_dir: str | Path = "data", kcore: int = 5,
             return ds
         except Exception as e:  # truncated, tampered, another version: the cache is only a copy
             print(f"warning: unreadable cache {cache} ({type(e).__name__}): rebuilding it", file=sys.stderr)
-    ds = load_lcrec(folder) if lc else process_raw(raw, name, kcore)
-    if protocol not in (None, "loo", "time"):
-        raise DataError(f"unknown protocol {protocol!r}: use 'loo' or 'time'")
-    ds.name, ds.fingerprint, ds.protocol = name, fp, protocol or ds.protocol
+    ds = load_lcrec(folder)
+    ds.name, ds.fingerprint = name, fp
     if use_cache:
         try:
             _save_cache(ds, cache)
@@ -766,54 +591,3 @@ def load_dataset(dataset: str, data_dir: str | Path = "data", kcore: int = 5,
     if verbose:
         print(f"processed {folder} in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
     return ds
-
-
-# ---- statistics
-def stats_lines(ds: Dataset) -> list[str]:
-    n, L, s = ds.n_items, ds.seq_lengths, ds.splits
-    ic = np.bincount(ds.seq_items, minlength=n)
-
-    def coverage(label, values, words=()):
-        m = sum(v is None for v in values)
-        mean = f", mean {np.mean(words):.1f} words" if words else ""
-        return f"  {label:<14} missing {m:>7} of {n} ({m / n:.1%}){mean}"
-    texts = {f"{k}_text": getattr(ds, f"{k}_texts")() for k in ("title", "document", "item")}
-    return [f"users={ds.n_users} items={n} interactions={ds.n_interactions}",
-            f"dataset={ds.name} release={ds.release} protocol={ds.protocol} fingerprint={ds.fingerprint}",
-            "text coverage (items lacking the field):",
-            *(coverage(f, [getattr(it, f) for it in ds.items]) for f in ITEM_FIELDS),
-            *(coverage(k, t, [len(x.split()) for x in t if x]) for k, t in texts.items()),
-            f"sequence length: min {L.min()} median {np.median(L):.0f} mean {L.mean():.2f} max {L.max()}",
-            f"item frequency: min {ic.min()} median {np.median(ic):.0f} max {ic.max()}",
-            f"splits: train examples {len(s.train)}, valid cases {len(s.valid)} ({s.valid.cold.sum()} "
-            f"cold-start), test cases {len(s.test)} ({s.test.cold.sum()} cold-start)"]
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Load a dataset through the cache and describe it.",
-                                 allow_abbrev=False)
-    ap.add_argument("--dataset", required=True, help=f"{' | '.join(REGISTRY)} | PATH")
-    ap.add_argument("--data-dir", default="data", help="download and cache folder (default ./data)")
-    ap.add_argument("--kcore", type=int, default=5, help="k-core for raw releases (default 5)")
-    ap.add_argument("--protocol", choices=["loo", "time"], help="override the split")
-    ap.add_argument("--stats", action="store_true", help="print counts, text coverage, lengths")
-    ap.add_argument("--no-cache", action="store_true", help="ignore and do not write the cache")
-    args = ap.parse_args(argv)
-    try:
-        if args.kcore < 1:
-            raise DataError(f"--kcore must be >= 1, got {args.kcore}")
-        t0 = time.perf_counter()
-        ds = load_dataset(args.dataset, args.data_dir, kcore=args.kcore, protocol=args.protocol,
-                          use_cache=not args.no_cache)
-        elapsed = time.perf_counter() - t0
-        print("\n".join(stats_lines(ds)) if args.stats
-              else f"users={ds.n_users} items={ds.n_items} interactions={ds.n_interactions}")
-        print(f"load time {elapsed:.2f}s", file=sys.stderr)
-    except (DataError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

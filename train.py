@@ -34,7 +34,7 @@ import rqvae as rq
 import tiger as tg
 import trainer
 import unisrec as us
-from data import DOCUMENT_FIELDS, ITEM_TEXT_FIELDS, REGISTRY, DataError, file_sha256, load_dataset, \
+from data import DOCUMENT_FIELDS, ITEM_TEXT_FIELDS, DataError, file_sha256, load_dataset, \
     parse_fields, read_array, read_json
 
 DEFAULT_DATASET = "scientific"  # the one set with item descriptions, which EncodeRec's documents need
@@ -230,7 +230,8 @@ def stage_embed(args, ds=None) -> Path:
     missing = sum(t is None for t in texts)
     if missing == ds.n_items:
         raise DataError(f"{ds.name}: no item has any of the fields {', '.join(fields)}; choose other "
-                        f"--fields (python data.py --dataset {args.dataset} --stats lists them)")
+                        f"--fields (python scripts/prepare_data.py --dataset {args.dataset} --stats "
+                        "lists them)")
     folder, key, max_len = _weights(args, ds, args.encoder)
     key.update(fields=fields, max=max_len, pooled="raw")
     out = run_folder(args, "embed", ev.encoder_label(args.encoder), key)
@@ -516,7 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="A stage of EncodeRec; the last stdout line: its results.", allow_abbrev=False))
     ap.add_argument("--stage", required=True, choices=list(STAGES))
     g = ap.add_argument_group("every stage")
-    g.add_argument("--dataset", help=f"{' | '.join(REGISTRY)} | a data folder ({DEFAULT_DATASET})")
+    g.add_argument("--dataset", help="a data folder, or a name prepared under --data-dir by "
+                   f"scripts/prepare_data.py ({DEFAULT_DATASET})")
     g.add_argument("--data-dir", default="data", help="downloads and caches (./data)")
     g.add_argument("--runs", default="runs", help="where run folders go (./runs)")
     g.add_argument("--out", help="this stage's run folder instead of runs/<dataset>/<stage>-...")

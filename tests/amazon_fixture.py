@@ -1,4 +1,5 @@
-"""A tiny hand-made Amazon catalog written in the four formats data.py reads.
+"""A tiny hand-made Amazon catalog written in the LC-Rec layout data.py reads and the three raw release
+formats (2014, 2018 with its csv variant, 2023) that scripts/prepare_data.py prepares.
 
 The reviews below are in *file order* and exercise every processing rule:
   * u7 has 2 reviews -> dropped by the 5-core;

@@ -7,7 +7,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(1, str(ROOT / "scripts"))  # the tools import as modules: import report
+sys.path.insert(1, str(ROOT / "scripts"))  # the tools import as modules: import report, prepare_data
 SHARED = Path(os.environ.get("ENCODEREC_SHARED", ROOT.parent / "shared")) / "data"
 LCREC = SHARED / "lcrec"
 os.environ.setdefault("ENCODEREC_OFFLINE", "1")  # tests never touch the network

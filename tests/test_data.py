@@ -1,4 +1,5 @@
-"""data.py: loaders in four formats agree, processing rules, splits, text, errors, real data."""
+"""data.py and scripts/prepare_data.py: raw formats prepared into LC-Rec folders agree, processing rules,
+the round trip, splits, text, errors, real data."""
 import gzip
 import json
 import subprocess
@@ -10,12 +11,31 @@ import pytest
 
 import amazon_fixture as fx
 import data
+import prepare_data as pd
 from conftest import ROOT, lcrec_or_skip
 from data import DataError, Item, load_dataset
 
+FORMATS = {"2014": fx.write_2014, "2018": fx.write_2018,
+           "2018csv": lambda f: fx.write_2018(f, csv_ratings=True), "2023": fx.write_2023}
 
-def _load(folder, tmp_path, **kw):
+
+def _load(folder, tmp_path, kcore=5, **kw):
+    """A raw folder is prepared (into tmp_path/cache/<name>/) first; an LC-Rec folder loads as it is."""
+    folder = pd.prepare(str(folder), tmp_path / "cache", kcore=kcore)
     return load_dataset(str(folder), data_dir=tmp_path / "cache", **kw)
+
+
+def _raw(folder, kcore=5):
+    """The raw folder processed in memory, as prepare_data writes it."""
+    return pd.process_raw(pd.find_raw(folder), folder.name, kcore)
+
+
+def _assert_same_splits(a, b):
+    for split in ("train", "valid", "test"):
+        x, y = getattr(a.splits, split), getattr(b.splits, split)
+        for f in ("user", "pos", "target", "cold"):
+            np.testing.assert_array_equal(getattr(x, f), getattr(y, f))
+    np.testing.assert_array_equal(a.splits.train_items, b.splits.train_items)
 
 
 def _sequences(ds):
@@ -28,26 +48,47 @@ def lcrec(tmp_path):
     return _load(fx.write_lcrec(tmp_path / "lcrec"), tmp_path)
 
 
-@pytest.mark.parametrize("fmt", ["2014", "2018", "2018csv", "2023"])
+@pytest.mark.parametrize("fmt", list(FORMATS))
 def test_raw_formats_match_lcrec(fmt, tmp_path, lcrec):
-    folder = tmp_path / fmt
-    if fmt == "2014":
-        fx.write_2014(folder)
-    elif fmt == "2018":
-        fx.write_2018(folder)
-    elif fmt == "2018csv":
-        fx.write_2018(folder, csv_ratings=True)
-    else:
-        fx.write_2023(folder)
-    ds = _load(folder, tmp_path, protocol="loo")
+    ds = _raw(FORMATS[fmt](tmp_path / fmt))
     assert ds.release == fmt[:4]
     assert _sequences(ds) == fx.EXPECTED_INTER
     assert ds.user_ids == fx.EXPECTED_USERS
     assert ds.items == lcrec.items  # same catalog, field by field
-    for split in ("train", "valid", "test"):
-        a, b = getattr(ds.splits, split), getattr(lcrec.splits, split)
-        for f in ("user", "pos", "target", "cold"):
-            np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    ds.protocol = "loo"  # 2023's own split is the time split
+    _assert_same_splits(ds, lcrec)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_prepared_folder_round_trip(fmt, tmp_path):
+    """process_raw(raw) and load_lcrec(the prepared folder) agree on everything the library uses, text
+    that HTML-unescaping would change again included."""
+    folder = FORMATS[fmt](tmp_path / fmt)
+    meta = next(folder.glob("meta_*"))
+    lines = gzip.decompress(meta.read_bytes()).decode().splitlines()
+    tricky = "Tom &amp;amp; Jerry &lt;b&gt;  \u00e9t\u00e9"  # one unescape leaves '&amp;' and '<b>'
+    lines[0] = lines[0].replace("Alpha Lip Balm", tricky)
+    meta.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    raw = _raw(folder)
+    assert raw.items[4].title == "Tom &amp; Jerry <b> \u00e9t\u00e9"
+    prepared = pd.prepare(str(folder), tmp_path / "data")
+    assert prepared == tmp_path / "data" / fmt and sorted(p.name for p in prepared.iterdir()) == sorted(
+        f"{fmt}.{s}.json" for s in ("inter", "item", "prepared", *(["time"] if fmt == "2023" else [])))
+    ds = load_dataset(fmt, tmp_path / "data")
+    assert ds.name == fmt and ds.protocol == raw.protocol == ("time" if fmt == "2023" else "loo")
+    assert ds.items == raw.items
+    np.testing.assert_array_equal(ds.seq_offsets, raw.seq_offsets)
+    np.testing.assert_array_equal(ds.seq_items, raw.seq_items)
+    if fmt == "2023":
+        np.testing.assert_array_equal(ds.seq_times, raw.seq_times)
+    else:
+        assert ds.seq_times is None
+    _assert_same_splits(ds, raw)
+    before = {p.name: p.stat().st_mtime_ns for p in prepared.iterdir()}
+    assert pd.prepare(str(folder), tmp_path / "data") == prepared  # up to date: nothing rewritten
+    assert {p.name: p.stat().st_mtime_ns for p in prepared.iterdir()} == before
+    with pytest.raises(DataError, match="pass --out DIR for this one, or delete"):
+        pd.prepare(str(folder), tmp_path / "data", kcore=1)  # never a stale folder for other options
 
 
 def test_lcrec_fixture_by_hand(lcrec):
@@ -149,7 +190,8 @@ def test_cache_round_trip(tmp_path):
     np.testing.assert_array_equal(again.seq_items, first.seq_items)
     np.testing.assert_array_equal(again.seq_times, first.seq_times)
     # different options -> a different cache entry, never a stale one
-    _load(folder, tmp_path, kcore=1)
+    k1 = pd.prepare(str(folder), tmp_path / "cache", kcore=1, out=tmp_path / "k1")
+    load_dataset(str(k1), tmp_path / "cache")
     assert len(list((tmp_path / "cache" / "processed").glob("*.npz"))) == 2
 
 
@@ -242,21 +284,44 @@ def test_empty_after_filtering(tmp_path):
 
 def test_unknown_name_lists_valid_ones(tmp_path):
     with pytest.raises(DataError, match="beauty, sports, toys, scientific, baby, games, beauty2023"):
+        pd.prepare("beuaty", data_dir=tmp_path)
+    with pytest.raises(DataError, match=r"unknown dataset 'beuaty': .*prepare_data\.py --dataset beuaty"):
         load_dataset("beuaty", data_dir=tmp_path)
 
 
 def test_offline_download_names_files_to_place(tmp_path):
     with pytest.raises(DataError) as e:
-        load_dataset("scientific", data_dir=tmp_path)
+        pd.prepare("scientific", data_dir=tmp_path)
     msg = str(e.value)
     assert "Industrial_and_Scientific_5.json.gz" in msg and "meta_Industrial_and_Scientific.json.gz" in msg
     assert str(tmp_path / "raw" / "scientific") in msg
+    with pytest.raises(DataError, match=r"scripts/prepare_data\.py --dataset scientific"):
+        load_dataset("scientific", data_dir=tmp_path)
+
+
+def test_a_raw_folder_is_prepared_not_loaded(tmp_path):
+    folder = fx.write_2018(tmp_path / "r18")
+    with pytest.raises(DataError, match=r"r18: no LC-Rec pair .*scripts/prepare_data\.py --dataset .*r18"):
+        load_dataset(str(folder), tmp_path / "cache")
+    pd.prepare(str(folder), tmp_path / "cache")
+    assert load_dataset("R18", tmp_path / "cache").name == "r18"  # a prepared name, any case
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty: no LC-Rec pair .* and no raw Amazon files"):
+        pd.prepare(str(tmp_path / "empty"), tmp_path / "cache")
+
+
+def test_prepare_cli_prints_counts_then_is_up_to_date(tmp_path, capsys):
+    argv = ["--dataset", str(fx.write_2014(tmp_path / "r14")), "--data-dir", str(tmp_path / "d")]
+    assert pd.main(argv) == 0
+    out = capsys.readouterr()
+    assert out.out == "users=6 items=6 interactions=30\n" and "prepared " in out.err
+    assert pd.main(argv) == 0 and "r14: up to date" in capsys.readouterr().err
 
 
 def test_cli_error_is_a_message_not_a_traceback(tmp_path):
     folder = fx.write_lcrec(tmp_path / "lc")
     (folder / "Fix.inter.json").write_text("{\"0\": [0, 1,")
-    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "--dataset", str(folder),
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_data.py"), "--dataset", str(folder),
                         "--data-dir", str(tmp_path / "c"), "--stats"], capture_output=True, text=True)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr and "Fix.inter.json:1: malformed JSON" in r.stderr
@@ -284,7 +349,7 @@ def test_real_counts(name, tmp_path):
 
 def test_real_cli_stats_first_line(tmp_path):
     folder = lcrec_or_skip("Beauty")
-    r = subprocess.run([sys.executable, str(ROOT / "data.py"), "--dataset", str(folder),
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "prepare_data.py"), "--dataset", str(folder),
                         "--data-dir", str(tmp_path), "--stats"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()

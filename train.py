@@ -35,7 +35,7 @@ import tiger as tg
 import trainer
 import unisrec as us
 from data import DOCUMENT_FIELDS, ITEM_TEXT_FIELDS, DataError, file_sha256, load_dataset, \
-    parse_fields, read_array, read_json
+    parse_fields, read_array, read_json, weights_folder
 
 DEFAULT_DATASET = "scientific"  # the one set with item descriptions, which EncodeRec's documents need
 RKMEANS = {"levels": 3, "k": 256, "iters": 50, "standardize": True}  # residual k-means = RQ-VAE's codebooks
@@ -128,7 +128,7 @@ def _weights(args, ds, encoder: str) -> tuple[Path, dict, int]:
     (--max-length, else the folder's own)."""
     if (Path(encoder) / "run.json").is_file() and not done(Path(encoder)):
         raise DataError(f"{encoder} is an unfinished run: finish it (its command with --resume)")
-    folder = er.resolve_backbone(encoder)
+    folder = weights_folder(encoder)
     n = er.BertConfig.from_json(folder / "config.json").max_tokens
     if (args.max_length or 0) > n:
         raise DataError(f"--max-length {args.max_length}: {encoder} reads at most {n} tokens")

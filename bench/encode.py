@@ -2,7 +2,7 @@
 
 Documents = the first 1,000 non-empty descriptions in item order of ../shared/data/lcrec/Scientific,
 loaded through data.py (HTML-unescaped, whitespace-normalised). Same weights (the --backbone's folder as
-encoderec.resolve_backbone finds it), its own token limit (MiniLM 256, MPNet 384), batch 64, fp32, CPU.
+data.weights_folder finds it), its own token limit (MiniLM 256, MPNet 384), batch 64, fp32, CPU.
 Warm-up once each (unless --no-warmup), then the median of --repeats timed runs each, interleaved (ours,
 ST, ours, ...). Also checks that a folder written by save_pretrained loads in sentence-transformers and
 reproduces our embeddings; `--saved DIR` runs that check on an existing folder too (e.g. a fine-tuned run
@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import encoderec  # noqa: E402
-from data import DataError, load_dataset  # noqa: E402
+from data import BACKBONES, DataError, load_dataset, weights_folder  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "lcrec" / "Scientific"
 
@@ -60,7 +60,7 @@ def timed(fns: dict, repeats: int, warmup: bool = True) -> tuple[dict, dict]:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--backbone", choices=list(encoderec.BACKBONES), default="minilm")
+    ap.add_argument("--backbone", choices=list(BACKBONES), default="minilm")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-warmup", action="store_true", help="time from the first run (a slow model)")
@@ -72,7 +72,10 @@ def main():
 
     from sentence_transformers import SentenceTransformer
 
-    path = str(encoderec.resolve_backbone(args.backbone))
+    try:
+        path = str(weights_folder(args.backbone))
+    except DataError as e:
+        sys.exit(f"error: {e}")
     docs = load_docs(args.n)
     ours = encoderec.load_encoder(path, device="cpu")
     st = SentenceTransformer(path, device="cpu")

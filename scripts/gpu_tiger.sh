@@ -18,7 +18,7 @@
 # the same steps on a CPU: a check of the script, not of the speed.
 set -euo pipefail
 OUT=${OUT:-gpu-tiger}; MINUTES=${MINUTES:-1.5}; DEVICE=${DEVICE:-cuda}; D=${D:-.devdata}
-R=${RUNS:-/tmp/gpu-tiger-runs}; W=/tmp/gpu-tiger-minilm
+R=${RUNS:-/tmp/gpu-tiger-runs}; W=/tmp/gpu-tiger-cache/all-MiniLM-L6-v2
 export PYTHONUNBUFFERED=1 TQDM_MININTERVAL=30
 mkdir -p "$OUT" "$R"
 if [ "$DEVICE" = cpu ]; then AMP=(); COMPILE=(); else AMP=(--amp bf16); COMPILE=(--compile); fi
@@ -33,8 +33,8 @@ if src.is_dir() and not (dst / "model.safetensors").is_file():
     save_file({k: v.float().contiguous() for k, v in load_file(src / "model.safetensors").items()},
               dst / "model.safetensors")
 PY
-WEIGHTS=(); [ -d "$W" ] && WEIGHTS=(--weights "$W")
-C=(--runs "$R" --data-dir "$R/data" --device "$DEVICE" "${WEIGHTS[@]}")
+[ -d "$W" ] && export ENCODEREC_CACHE="${W%/*}"  # where `--encoder minilm` looks first (data.weights_folder)
+C=(--runs "$R" --data-dir "$R/data" --device "$DEVICE")
 B=(--dataset "$D/Beauty" --fields title,categories)
 
 { date -u; nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true; } > "$OUT/bench.txt"

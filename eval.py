@@ -177,9 +177,11 @@ def bounded(kind, low: float, high: float = math.inf, open_low: bool = False, op
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got "
                                              f"{text!r}") from None
-        if not (math.isfinite(v) and (v > low if open_low else v >= low) and (v < high if open_high else
-                                                                                 v <= high)):
-            want = [f"{'>' if open_low else '>='} {low}"] + [f"{'<' if open_high else '<='} {high}"] * (high < math.inf)
+        above = v > low if open_low else v >= low
+        below = v < high if open_high else v <= high
+        if not (math.isfinite(v) and above and below):
+            want = [f"{'>' if open_low else '>='} {low}"]
+            want += [f"{'<' if open_high else '<='} {high}"] if high < math.inf else []
             raise argparse.ArgumentTypeError(f"must be {' and '.join(want)}, got {text}")
         return v
     return parse
@@ -316,19 +318,16 @@ def _load(args, task: str, build):
     return run, ds, model.to(args.device).eval(), meta
 
 
-def read_semantic_ids(path: Path, n_items: int) -> tuple[np.ndarray, list[int]]:
-    """An ids-* run's semantic_ids.npy (N, 4) int64 and vocab sizes (its results.json), checked."""
+def read_semantic_ids(path: Path, n_items: int, device="cpu") -> SemanticIDs:
+    """An ids-* run's semantic_ids.npy (N, 4) with the vocab sizes of its results.json, checked by
+    SemanticIDs (codes in range, every ID one item)."""
     fix = f"delete {path.parent} and run train.py --stage rqvae again"
     vocab = run_results(path.parent).get("vocab_sizes")
-    ids = read_array(path, "semantic IDs", "i", rows=n_items, cols=4, fix=fix)
-    if not (isinstance(vocab, list) and len(vocab) == 4 and all(type(v) is int and v > 0 for v in vocab)):
-        raise DataError(f"{path.parent}/results.json: vocab_sizes {vocab!r} is not 4 positive integers; "
-                        f"{fix}")
-    if (ids < 0).any() or (ids >= np.array(vocab)).any():
-        raise DataError(f"{path}: codes outside 0..vocab_sizes {vocab}; {fix}")
-    if len(np.unique(ids, axis=0)) != len(ids):
-        raise DataError(f"{path}: two items share a semantic ID (the 4th code must tell them apart); {fix}")
-    return ids.astype(np.int64), vocab
+    codes = read_array(path, "semantic IDs", "i", rows=n_items, cols=4, fix=fix)
+    try:
+        return SemanticIDs(codes, vocab, device)
+    except (TypeError, ValueError) as e:  # vocab_sizes not a list of ints, or codes beyond it
+        raise DataError(f"{path}: {e} (vocab_sizes {vocab!r} in its results.json); {fix}") from None
 
 
 def l2_rows(x: np.ndarray) -> np.ndarray:
@@ -347,8 +346,6 @@ def read_run_embeddings(run: Path, path, n_items: int, what: str = "embeddings")
 
 
 def run_retrieval(args) -> dict:
-    if (Path(args.encoder) / "run.json").is_file() and not (Path(args.encoder) / "results.json").is_file():
-        raise DataError(f"{args.encoder} is an unfinished run: finish it (its command with --resume)")
     ds = load_dataset(args.dataset, args.data_dir)
     fields = parse_fields(args.doc_fields, DOCUMENT_FIELDS)
     enc = load_encoder(weights_folder(args.encoder), device=args.device, max_length=args.max_length)
@@ -387,7 +384,8 @@ def run_collisions(args) -> dict:
     """Collision audit of an ids-* run (+ its embeddings' geometry if unchanged)."""
     run = find_run(args, "collisions")
     ds = load_dataset(args.dataset, args.data_dir)
-    ids, vocab = read_semantic_ids(run / "semantic_ids.npy", ds.n_items)  # (N, 4)
+    sem = read_semantic_ids(run / "semantic_ids.npy", ds.n_items)
+    ids, vocab = sem.codes_np, sem.vocab_sizes  # (N, 4), 4 ints
     info, run_json = run_results(run), read_json(run / "run.json", f"delete {run} and train again")
     if info.get("dataset") != ds.name:
         raise DataError(f"{run} holds the semantic IDs of {info.get('dataset')}, not of {ds.name}")

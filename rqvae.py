@@ -390,6 +390,7 @@ class Recipe:
         stats = collision_stats(self.codes.cpu().numpy(), cfg.codebook_size)
         rec = {k: stats[k] for k in ("usage", "perplexity", "collision_rate", "largest_group")}
         if cfg.dead_code_restart:
-            counts = torch.stack([torch.bincount(c, minlength=cfg.codebook_size) for c in self.codes.T])  # (L, K)
+            counts = torch.stack([torch.bincount(c, minlength=cfg.codebook_size)
+                                  for c in self.codes.T])  # (L, K)
             rec["restarted"] = restart_dead_codes(self.model, counts, self.residuals)
         return rec

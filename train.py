@@ -6,11 +6,13 @@
     python train.py --stage unisrec --dataset D --encoder E  # text-based SASRec (E = none: SASRec-ID)
     python train.py --stage tiger   --dataset D --encoder E  # generative retrieval on semantic IDs
     python train.py --stage ease    --dataset D              # the linear anchor (Steck, 2019)
+    python train.py --stage retrieval --dataset D --encoder E  # title -> document retrieval (Table 1)
 
-E = minilm | mpnet | a run or BERT/MPNet folder. Run folder = runs/<dataset>/<stage>-<label>-<hash of the inputs:
-the data fingerprint, CONTENT hashes of upstream files, the options that change the result>, finished (so skipped)
-once it holds results.json. Stages make the upstream folders they need; --resume continues an unfinished
-one. A user error is one line and exit code 2. The whole pipeline in one command: scripts/pipeline.py.
+E = minilm | mpnet | a run or BERT/MPNet folder. Run folder = runs/<dataset>/<stage>-<label>-<hash of the
+inputs: the data fingerprint, CONTENT hashes of upstream files, the options that change the result>,
+finished (so skipped) once it holds results.json. Stages make the upstream folders they need; --resume
+continues an unfinished one. A user error is one line and exit code 2. The whole pipeline in one command:
+scripts/pipeline.py; the tables: scripts/report.py.
 """
 from __future__ import annotations
 
@@ -126,8 +128,6 @@ def source(args) -> str:
 def _weights(args, ds, encoder: str) -> tuple[Path, dict, int]:
     """An encoder's folder, the start of a key (the data and the weights' content) and the token limit
     (--max-length, else the folder's own)."""
-    if (Path(encoder) / "run.json").is_file() and not done(Path(encoder)):
-        raise DataError(f"{encoder} is an unfinished run: finish it (its command with --resume)")
     folder = weights_folder(encoder)
     n = er.BertConfig.from_json(folder / "config.json").max_tokens
     if (args.max_length or 0) > n:
@@ -171,8 +171,8 @@ def stage_encoder(args) -> Path:
     bs, lr = min(args.batch_size or 512, len(pairs)), args.lr or 5e-5
     folder, key, max_len = _weights(args, ds, args.encoder)
     key.update(doc_fields=doc_fields, holdout=args.holdout, batch_size=bs, lr=lr, epochs=args.epochs,
-               corpus=args.corpus, amp=args.amp, temperature=args.temperature, symmetric=args.symmetric, max=max_len,
-               seed=args.seed)
+               corpus=args.corpus, amp=args.amp, temperature=args.temperature, symmetric=args.symmetric,
+               max=max_len, seed=args.seed)
     out = run_folder(args, "encoder", ev.encoder_label(args.encoder), key)
     if done(out):
         return finish(out) or out
@@ -277,7 +277,8 @@ def stage_rqvae(args, ds=None) -> Path:
     results.json."""
     ds = ds or load_dataset(args.dataset, args.data_dir)
     if str(args.encoder).lower() == "none":
-        raise DataError("item codes are made from item text embeddings: --encoder minilm, mpnet or a run folder")
+        raise DataError("item codes are made from item text embeddings: --encoder minilm, mpnet or a run "
+                        "folder")
     emb, emb_path = _embeddings(args, ds)
     tok, pq = args.tokenizer, args.tokenizer in ("opq", "pq")
     emb = emb if pq else ev.l2_rows(emb)  # VQ-Rec's faiss gets raw vectors; TIGER's Sentence-T5 unit ones
@@ -338,7 +339,8 @@ def _loop(args, **kw) -> trainer.TrainConfig:
 
 
 def _length_order(args, hist: np.ndarray):
-    """trainer.fit's epoch order over histories (N, L) (-1 = pad): --group-by-length spans sorted by length."""
+    """trainer.fit's epoch order over histories (N, L) (-1 = pad): --group-by-length spans sorted by
+    length."""
     lengths = (hist >= 0).sum(1)  # (N,)
     return lambda e: trainer.epoch_order(lengths, args.batch_size, args.seed, e, args.group_by_length)
 
@@ -443,8 +445,7 @@ def stage_tiger(args) -> Path:
                         "reached")
     device, (rank, world) = args.device, trainer.rank_world()
     sem_path = stage_rqvae(with_(args, out=None, resume=True), ds)
-    codes, vocab = ev.read_semantic_ids(sem_path, ds.n_items)
-    ids = tg.SemanticIDs(codes, vocab, device)
+    ids = ev.read_semantic_ids(sem_path, ds.n_items, device)
     loop = _loop(args, max_steps=args.max_steps, eval_every=args.eval_every, grad_clip=TIGER_GRAD_CLIP)
     key = {"semantic_ids": content_hash(sem_path), "history": args.max_history, "warmup": warmup,
            "beam": args.beam, "grouping": args.group_by_length}
@@ -473,7 +474,7 @@ def stage_tiger(args) -> Path:
 
     decay = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear)}
     opt = _adamw(model, TIGER_WEIGHT_DECAY, lambda k: id(model.get_parameter(k)) not in decay)
-    meta = _meta(ds, out, model_config=asdict(model.cfg), semantic_ids=torch.as_tensor(codes),
+    meta = _meta(ds, out, model_config=asdict(model.cfg), semantic_ids=torch.as_tensor(ids.codes_np),
                  semantic_ids_path=str(sem_path))
     summary = trainer.fit(
         model, loss_fn, len(T), opt, out, loop, schedule=lambda s: trainer.lr_factor(s, warmup),
@@ -501,8 +502,9 @@ def stage_retrieval(args) -> Path:
     if done(out):
         return finish(out) or out
     enc = er.load_encoder(folder, device=args.device, max_length=max_len)
-    finish(out, {"task": "retrieval", "dataset": ds.name, "encoder": str(args.encoder), "doc_fields": doc_fields,
-                 "max_length": max_len, "run": str(out), **ev.retrieval_eval(enc, ds, doc_fields=doc_fields)})
+    finish(out, {"task": "retrieval", "dataset": ds.name, "encoder": str(args.encoder),
+                 "doc_fields": doc_fields, "max_length": max_len, "run": str(out),
+                 **ev.retrieval_eval(enc, ds, doc_fields=doc_fields)})
     return out
 
 
@@ -525,15 +527,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", action="store_true", help="continue the unfinished run in the folder")
     g.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda[:N]")
     g.add_argument("--seed", type=ev.SEED, default=0, help="(0; CPU runs are deterministic)")
-    g.add_argument("--seeds", type=ev.SEED, nargs="+", help="the stage once per seed (the report averages them)")
+    g.add_argument("--seeds", type=ev.SEED, nargs="+",
+                   help="the stage once per seed (the report averages them)")
     g.add_argument("--amp", choices=["off", "bf16"], default="off", help="CUDA autocast (off)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (README: what it costs)")
     g.add_argument("--max-minutes", type=ev.POSITIVE, help="stop at the first evaluation after it")
     g = ev.group(ap, "encoder embed rqvae unisrec tiger retrieval")
-    g.add_argument("--encoder", "--backbone", default="minilm",
-                   help="minilm | mpnet | a run or model folder | none (unisrec: no text); encoder: the backbone")
-    g.add_argument("--max-length", type=ev.COUNT, help="token limit (the model folder's sentence_bert_config: "
-                   "MiniLM 256, MPNet 384)")
+    g.add_argument("--encoder", "--backbone", default="minilm", help="minilm | mpnet | a run or model "
+                   "folder | none (unisrec: no text); --stage encoder: the backbone fine-tuned")
+    g.add_argument("--max-length", type=ev.COUNT, help="token limit (the model folder's "
+                   "sentence_bert_config: MiniLM 256, MPNet 384)")
     ev.group(ap, "embed rqvae unisrec tiger").add_argument(
         "--fields", help=f"the item text to embed ({','.join(ITEM_TEXT_FIELDS)})")
     g = ev.group(ap, "encoder unisrec tiger")
@@ -561,10 +564,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-standardize", action="store_true", help="unscaled coordinates (rqvae.py)")
     g = ev.group(ap, "unisrec tiger")
     g.add_argument("--max-epochs", type=ev.COUNT, help="cap on epochs (none: early stopping only)")
-    g.add_argument("--patience", type=ev.COUNT, default=10, help="evaluations without a better valid NDCG@10 (10)")
+    g.add_argument("--patience", type=ev.COUNT, default=10,
+                   help="evaluations without a better valid NDCG@10 (10)")
     g.add_argument("--max-history", type=ev.COUNT, help="history items (unisrec 50, tiger 20: the papers')")
-    g.add_argument("--group-by-length", type=ev.INDEX, help="batches of similar history length: epoch_order's "
-                   "spans, 0 = plain shuffle (tiger 50, unisrec 0)")
+    g.add_argument("--group-by-length", type=ev.INDEX, help="batches of similar history length: "
+                   "epoch_order's spans, 0 = plain shuffle (tiger 50, unisrec 0)")
     g = ev.group(ap, "unisrec")
     g.add_argument("--mode", choices=["inductive", "transductive", "vqrec"], default="inductive",
                    help="text only (the paper's), + item-ID embedding, or VQ-Rec (--tokenizer opq)")
@@ -573,7 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = ev.group(ap, "tiger")
     g.add_argument("--max-steps", type=ev.COUNT, default=200_000, help="training steps (200k, TIGER's)")
     g.add_argument("--eval-every", type=ev.COUNT, default=1000, help="steps between validations (1000)")
-    g.add_argument("--warmup-steps", type=ev.COUNT, help=f"linear warm-up, then inverse sqrt ({TIGER_WARMUP})")
+    g.add_argument("--warmup-steps", type=ev.COUNT,
+                   help=f"linear warm-up, then inverse sqrt ({TIGER_WARMUP})")
     g.add_argument("--beam", type=ev.COUNT, default=10, help="beam width = returned IDs (10)")
     return ap
 

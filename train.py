@@ -325,8 +325,7 @@ def fit_rqvae(emb: np.ndarray, cfg: rq.RQVAEConfig, out: Path, seed: int, device
     opt = _adamw(model, cfg.weight_decay, lambda name: name == "codebooks")
     trainer.fit(model, recipe.loss, len(emb), opt, out, tcfg, evaluate=recipe.end_of_epoch, resume=True,
                 desc="rq-vae", meta={**meta, "rqvae_config": asdict(cfg)})
-    if cfg.epochs == 0 and cfg.kmeans_init:
-        model.init_codebooks(recipe.x[:cfg.batch_size], seed=seed)
+    recipe.init_codebooks(torch.arange(min(cfg.batch_size, len(emb))))  # epochs 0: no batch did
     return model.eval()
 
 
@@ -493,18 +492,17 @@ def stage_tiger(args) -> Path:
 
 
 def stage_retrieval(args) -> Path:
-    """Title -> document retrieval of the --encoder over all items (Table 1) as a run folder."""
+    """Title -> document retrieval of the --encoder over all items (Table 1, eval.run_retrieval) as a run
+    folder."""
     ds = load_dataset(args.dataset, args.data_dir)
     doc_fields = parse_fields(args.doc_fields, DOCUMENT_FIELDS)
-    folder, key, max_len = _weights(args, ds, args.encoder)
+    _, key, max_len = _weights(args, ds, args.encoder)
     key.update(docs=doc_fields, max=max_len)
     out = run_folder(args, "retrieval", ev.encoder_label(args.encoder), key)
     if done(out):
         return finish(out) or out
-    enc = er.load_encoder(folder, device=args.device, max_length=max_len)
-    finish(out, {"task": "retrieval", "dataset": ds.name, "encoder": str(args.encoder),
-                 "doc_fields": doc_fields, "max_length": max_len, "run": str(out),
-                 **ev.retrieval_eval(enc, ds, doc_fields=doc_fields)})
+    res = ev.run_retrieval(with_(args, max_length=max_len, holdout=0.0, batch_size=64, ranks=None))
+    finish(out, {**res, "run": str(out)})
     return out
 
 
@@ -521,17 +519,15 @@ def build_parser() -> argparse.ArgumentParser:
     g = ap.add_argument_group("every stage")
     g.add_argument("--dataset", help="a data folder, or a name prepared under --data-dir by "
                    f"scripts/prepare_data.py ({DEFAULT_DATASET})")
-    g.add_argument("--data-dir", default="data", help="downloads and caches (./data)")
+    g.add_argument("--data-dir", default="data", help="prepared datasets and the processed cache (./data)")
     g.add_argument("--runs", default="runs", help="where run folders go (./runs)")
     g.add_argument("--out", help="this stage's run folder instead of runs/<dataset>/<stage>-...")
     g.add_argument("--resume", action="store_true", help="continue the unfinished run in the folder")
     g.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda[:N]")
+    g = ev.group(ap, "encoder rqvae unisrec tiger")
     g.add_argument("--seed", type=ev.SEED, default=0, help="(0; CPU runs are deterministic)")
     g.add_argument("--seeds", type=ev.SEED, nargs="+",
                    help="the stage once per seed (the report averages them)")
-    g.add_argument("--amp", choices=["off", "bf16"], default="off", help="CUDA autocast (off)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (README: what it costs)")
-    g.add_argument("--max-minutes", type=ev.POSITIVE, help="stop at the first evaluation after it")
     g = ev.group(ap, "encoder embed rqvae unisrec tiger retrieval")
     g.add_argument("--encoder", "--backbone", default="minilm", help="minilm | mpnet | a run or model "
                    "folder | none (unisrec: no text); --stage encoder: the backbone fine-tuned")
@@ -540,6 +536,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.group(ap, "embed rqvae unisrec tiger").add_argument(
         "--fields", help=f"the item text to embed ({','.join(ITEM_TEXT_FIELDS)})")
     g = ev.group(ap, "encoder unisrec tiger")
+    g.add_argument("--amp", choices=["off", "bf16"], default="off", help="CUDA autocast (off)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (README: what it costs)")
+    g.add_argument("--max-minutes", type=ev.POSITIVE, help="stop at the first evaluation after it")
     g.add_argument("--batch-size", type=ev.COUNT, help="encoder: pairs (512); unisrec 2048; tiger 256")
     g.add_argument("--lr", type=ev.bounded(float, 0, 1, open_low=True),
                    help="peak learning rate (encoder 5e-5, unisrec and tiger 1e-3)")
@@ -559,7 +558,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer", choices=["rqvae", "rkmeans", "opq", "pq"], default="rqvae",
                    help="semantic IDs: RQ-VAE or residual k-means; VQ-Rec's product codes: OPQ or PQ")
     g = ev.group(ap, "rqvae tiger")
-    g.add_argument("--rqvae-epochs", type=ev.INDEX, help=f"({rq.RQVAEConfig.epochs})")
+    g.add_argument("--rqvae-epochs", type=ev.NON_NEGATIVE, help=f"({rq.RQVAEConfig.epochs})")
     g.add_argument("--no-dead-code-restart", action="store_true", help="TIGER's plain recipe (rqvae.py)")
     g.add_argument("--no-standardize", action="store_true", help="unscaled coordinates (rqvae.py)")
     g = ev.group(ap, "unisrec tiger")
@@ -567,7 +566,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--patience", type=ev.COUNT, default=10,
                    help="evaluations without a better valid NDCG@10 (10)")
     g.add_argument("--max-history", type=ev.COUNT, help="history items (unisrec 50, tiger 20: the papers')")
-    g.add_argument("--group-by-length", type=ev.INDEX, help="batches of similar history length: "
+    g.add_argument("--group-by-length", type=ev.NON_NEGATIVE, help="batches of similar history length: "
                    "epoch_order's spans, 0 = plain shuffle (tiger 50, unisrec 0)")
     g = ev.group(ap, "unisrec")
     g.add_argument("--mode", choices=["inductive", "transductive", "vqrec"], default="inductive",
@@ -597,7 +596,7 @@ def _device(device: str) -> str:
 def check_args(ap: argparse.ArgumentParser, args) -> None:
     """Before anything runs: no flag the stage ignores (argparse checked each one's range), and the rules
     between flags."""
-    ev.check_flags(ap, args, f"--stage {args.stage}", args.stage)
+    ev.check_flags(ap, args, "--stage", args.stage)
 
     def given(*names):
         return next((f"--{k.replace('_', '-')}" for k in names if getattr(args, k) != ap.get_default(k)),
@@ -620,6 +619,8 @@ def check_args(ap: argparse.ArgumentParser, args) -> None:
         (args.tokenizer != "rqvae" and given("rqvae_epochs", "no_dead_code_restart"),
          f"{given('rqvae_epochs', 'no_dead_code_restart')} is an RQ-VAE option, not one of --tokenizer "
          f"{args.tokenizer}"),
+        (args.tokenizer in ("opq", "pq") and args.no_standardize,
+         f"--no-standardize is for semantic IDs (rqvae, rkmeans), not --tokenizer {args.tokenizer}"),
         (args.seeds and given("seed"), "--seed and --seeds: pass one"),
         (args.seeds and args.out, "--out names one folder; --seeds makes one per seed: drop --out"),
     ]

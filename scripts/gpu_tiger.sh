@@ -47,7 +47,7 @@ RATE=$(python3 -c "import re, sys; print(re.findall(r'fixed shapes[^|]*\| *([0-9
 STEPS=$(python3 -c "print(max(${MIN_STEPS:-1000}, min(200_000, int($RATE * 60 * $MINUTES / 256) // 4 * 4)))")
 echo "fixed-shape path: $RATE examples/s -> $STEPS steps of 256 per TIGER run ($MINUTES min)" | tee -a "$OUT/bench.txt"
 
-python3 train.py --stage encoder --backbone minilm --dataset "$D/Scientific" --max-length 256 --no-eval \
+python3 train.py --stage encoder --backbone minilm --dataset "$D/Scientific" --max-length 256 \
     "${AMP[@]}" --out "$R/Scientific/encoder-minilm-gpu" "${C[@]}" > "$OUT/encoder.log" 2>&1
 for ENC in minilm "$R/Scientific/encoder-minilm-gpu"; do
     python3 train.py --stage tiger "${B[@]}" --encoder "$ENC" "${AMP[@]}" "${COMPILE[@]}" --max-steps "$STEPS" \

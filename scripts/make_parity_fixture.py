@@ -57,7 +57,8 @@ def main():
     pick += [(int(k), "description") for k in rng.choice(long_, 8, replace=False)]
     texts = [clean(items[str(i)][f]) for i, f in pick]
 
-    vecs = model.encode(texts, batch_size=16, convert_to_numpy=True, normalize_embeddings=True).astype(np.float32)
+    vecs = model.encode(texts, batch_size=16, convert_to_numpy=True,
+                        normalize_embeddings=True).astype(np.float32)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp.npz")
     np.savez_compressed(tmp, index=np.array([i for i, _ in pick], dtype=np.int32),

@@ -36,6 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import data  # noqa: E402
+import eval as ev  # noqa: E402
 from data import (ITEM_FIELDS, DataError, Dataset, Item, _item, clean_list, clean_text,  # noqa: E402
                   find_lcrec)
 from trainer import atomic_write  # noqa: E402
@@ -247,7 +248,7 @@ def fetch_named(name: str, data_dir: Path) -> Path:
     return folder
 
 
-def resolve_source(dataset: str, data_dir: Path) -> tuple[str, Path | None]:
+def find_source(dataset: str, data_dir: Path) -> tuple[str, Path | None]:
     """A registered name or a folder -> (display name, folder); a registered name's folder is None."""
     p = Path(dataset).expanduser()
     if p.is_dir() and dataset.lower() in REGISTRY:
@@ -309,9 +310,16 @@ def prepare(dataset: str, data_dir: str | Path = "data", kcore: int = 5,
     data_dir/raw/<name>/ when missing) or a folder of raw Amazon files is processed into `out`, else
     data_dir/<name>/, unless that folder is already prepared; a folder holding an LC-Rec pair is itself."""
     data_dir = Path(data_dir)
-    name, folder = resolve_source(dataset, data_dir)
-    if folder is not None and find_lcrec(folder):
-        return folder
+    if dataset.lower() not in REGISTRY:  # a folder, or a name, that data.py loads as it is
+        try:
+            ready = data.resolve_source(dataset, data_dir)
+        except DataError:
+            ready = None
+        if ready is not None:
+            if out is not None or kcore != 5:
+                raise DataError(f"{ready} is already an LC-Rec folder: --out and --kcore apply to raw files")
+            return ready
+    name, folder = find_source(dataset, data_dir)
     dest = Path(out) if out is not None else data_dir / name
     record = {"dataset": name if folder is None else str(folder.resolve()), "kcore": kcore}
     if find_lcrec(dest):
@@ -355,18 +363,17 @@ def stats_lines(ds: Dataset) -> list[str]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="Prepare a dataset (raw Amazon files -> an LC-Rec folder), load "
-                                 "it through the cache and describe it.", allow_abbrev=False)
+    ap = ev.one_line_errors(argparse.ArgumentParser(
+        description="Prepare a dataset (raw Amazon files -> an LC-Rec folder), load it through the cache and "
+        "describe it.", allow_abbrev=False))
     ap.add_argument("--dataset", required=True, help=f"{' | '.join(REGISTRY)} | PATH (raw files or LC-Rec)")
     ap.add_argument("--data-dir", default="data", help="download, prepared and cache folder (default ./data)")
     ap.add_argument("--out", help="the prepared folder (default <data-dir>/<name>)")
-    ap.add_argument("--kcore", type=int, default=5, help="k-core for raw releases (default 5)")
+    ap.add_argument("--kcore", type=ev.COUNT, default=5, help="k-core for raw releases (default 5)")
     ap.add_argument("--stats", action="store_true", help="print counts, text coverage, lengths")
     ap.add_argument("--no-cache", action="store_true", help="ignore and do not write the cache")
     args = ap.parse_args(argv)
     try:
-        if args.kcore < 1:
-            raise DataError(f"--kcore must be >= 1, got {args.kcore}")
         t0 = time.perf_counter()
         folder = prepare(args.dataset, args.data_dir, args.kcore, args.out)
         ds = data.load_dataset(str(folder), args.data_dir, use_cache=not args.no_cache)
@@ -374,9 +381,8 @@ def main(argv=None) -> int:
         print("\n".join(stats_lines(ds)) if args.stats
               else f"users={ds.n_users} items={ds.n_items} interactions={ds.n_interactions}")
         print(f"load time {elapsed:.2f}s", file=sys.stderr)
-    except (DataError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except (Exception, KeyboardInterrupt) as e:
+        return ev.cli_error(e)
     return 0
 
 

@@ -637,6 +637,9 @@ TRAIN_FLAGS = [  # (extra argv after --stage, the flag the error must name)
     (["tiger", "--mode", "transductive"], "--mode does not apply to --stage tiger"),
     (["all"], "argument --stage: invalid choice: 'all'"),
     (["retrieval", "--emb", "x.npy"], "--emb does not apply to --stage retrieval"),
+    (["ease", "--amp", "bf16"], "--amp does not apply to --stage ease"),
+    (["embed", "--seed", "3"], "--seed does not apply to --stage embed"),
+    (["rqvae", "--tokenizer", "pq", "--no-standardize"], "--no-standardize is for semantic IDs"),
     (["unisrec", "--device", "cuda"], "--device cuda: this machine has"),
     (["unisrec", "--device", "cuda:7"], "--device cuda:7"),
     (["unisrec", "--device", "gpu"], "--device gpu is not a device"),
@@ -684,11 +687,20 @@ def test_report_flags(tmp_path, capsys, argv, needle):
     assert e.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: ") and needle in err
 
 
-@pytest.mark.parametrize("argv, needle", [(["--kcore", "0"], "--kcore must be >= 1"),
+@pytest.mark.parametrize("argv, needle", [(["--kcore", "0"], "--kcore: must be > 0"),
                                           (["--dataset", "/no/such"], "does not exist")])
 def test_data_cli(tmp_path, capsys, argv, needle):
     base = ["--dataset", _ds(tmp_path), "--data-dir", str(tmp_path / "c")]
     _refused(pd.main, [*base, *argv], capsys, needle)
+
+
+@pytest.mark.parametrize("argv, needle", [(["--lr", "0.1"], "--lr is set by the pipeline"),
+                                          (["--amp", "fp16"], "argument --amp: invalid choice"),
+                                          (["--no-such-flag"], "unrecognized arguments: --no-such-flag")])
+def test_pipeline_flags(tmp_path, capsys, argv, needle):
+    import pipeline
+    _refused(pipeline.main, ["--dataset", _ds(tmp_path), *argv, *_common(tmp_path)], capsys, needle)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_out_and_runs_that_are_files(tmp_path, capsys):

@@ -167,6 +167,41 @@ def test_dead_code_restart_revives_unused_codes(tmp_path):
     assert hist[-1]["valid"]["usage"][0] > hist[0]["valid"]["usage"][0]
 
 
+def test_the_recipe_copied_alone_trains_codes_that_tiger_alone_turns_into_ids(tmp_path):
+    """rqvae.py and tiger.py copied into an empty folder: the docstring's plain loop over rqvae.Recipe trains
+    the codes (k-means init, usage, dead-code restart) and tiger.semantic_ids makes them TIGER's IDs."""
+    import shutil
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    for name in ("rqvae.py", "tiger.py"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    script = (
+        "import numpy as np, torch, rqvae, tiger\n"
+        "torch.manual_seed(0)\n"
+        "rng = np.random.default_rng(0)\n"
+        "emb = (rng.standard_normal((20, 12)).repeat(10, 0) + 0.1 * rng.standard_normal((200, 12)))"
+        ".astype(np.float32)\n"
+        "cfg = rqvae.RQVAEConfig(input_dim=12, hidden_dims=(16, 8), latent_dim=4, codebook_size=8, "
+        "batch_size=64, epochs=5, kmeans_iters=10)\n"
+        "model = rqvae.RQVAE(cfg)\n"
+        "recipe = rqvae.Recipe(model, emb)\n"
+        "opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr)\n"
+        "for epoch in range(cfg.epochs):\n"
+        "    for idx in torch.randperm(len(emb)).split(cfg.batch_size):\n"
+        "        opt.zero_grad(); recipe.loss(idx).backward(); opt.step()\n"
+        "    rec = recipe.end_of_epoch()\n"
+        "ids, vocab = tiger.semantic_ids(rqvae.tokenize(model, emb), cfg.codebook_size)\n"
+        "tiger.SemanticIDs(ids, vocab)\n"
+        "print(bool(model.initialized), sorted(rec), ids.shape, len(np.unique(ids, axis=0)))\n")
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": "", "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "['collision_rate',", "'largest_group',", "'perplexity',",
+                                  "'restarted',", "'usage']", "(200,", "4)", "200"]
+
+
 def test_bad_embeddings_are_value_errors():
     with pytest.raises(ValueError, match="NaN"):
         rq.check_embeddings(np.full((4, 3), np.nan, np.float32))

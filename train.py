@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
 import signal
 import sys
 import time
@@ -582,17 +581,6 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _device(device: str) -> str:
-    """The device (joining torchrun's group if any); one this machine lacks is a user error."""
-    try:
-        return trainer.init_distributed(device)[0]
-    except (RuntimeError, ValueError) as e:
-        if os.environ.get("WORLD_SIZE", "1") == "1":
-            raise
-        raise DataError(f"WORLD_SIZE={os.environ['WORLD_SIZE']}: {str(e).strip()[:200]}; launch with "
-                        "torchrun, or unset it") from None
-
-
 def check_args(ap: argparse.ArgumentParser, args) -> None:
     """Before anything runs: no flag the stage ignores (argparse checked each one's range), and the rules
     between flags."""
@@ -656,7 +644,7 @@ def main(argv=None) -> int:
             args.dataset = DEFAULT_DATASET
             say(f"no --dataset given: using {DEFAULT_DATASET} (Amazon 2018 Industrial_and_Scientific 5-core, "
                 f"the one set with item descriptions)")
-        args.device = _device(args.device)
+        args.device = trainer.init_distributed(args.device)[0]  # joins torchrun's group, if any
         for seed in args.seeds or [args.seed]:
             if args.seeds:
                 say(f"--- seed {seed}")

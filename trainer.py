@@ -236,11 +236,14 @@ def release_locks() -> None:
 
 # ---- torchrun
 def init_distributed(device: str = "auto") -> tuple[str, int, int]:
-    """(device, rank, world); under torchrun, after joining the process group."""
+    """(device, rank, world); under torchrun, after joining the process group. A torchrun environment that
+    does not hold together is a ValueError naming it."""
     env = {k: os.environ.get(k, d) for k, d in (("WORLD_SIZE", "1"), ("RANK", "0"), ("LOCAL_RANK", "0"))}
+    where = ", ".join(f"{k}={v}" for k, v in env.items())
     if not all(v.isdigit() for v in env.values()) or int(env["RANK"]) >= int(env["WORLD_SIZE"]) > 0 or \
             int(env["LOCAL_RANK"]) >= int(env["WORLD_SIZE"]):
-        raise ValueError(f"{env}: ranks must be whole numbers below WORLD_SIZE")
+        raise ValueError(f"{where}: ranks must be whole numbers below WORLD_SIZE; launch with torchrun, or "
+                         "unset them")
     world = int(env["WORLD_SIZE"])
     cuda = torch.cuda.is_available() and device in ("auto", "cuda")
     if world <= 1:
@@ -252,7 +255,11 @@ def init_distributed(device: str = "auto") -> tuple[str, int, int]:
     if cuda:
         torch.cuda.set_device(device)
     if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        try:
+            torch.distributed.init_process_group("nccl" if cuda else "gloo")
+        except RuntimeError as e:
+            raise ValueError(f"{where}: {str(e).strip()[:200]}; launch with torchrun, or unset "
+                             "them") from None
     return device, torch.distributed.get_rank(), world
 
 

@@ -476,8 +476,8 @@ def test_fetch_into_cache(tiny, tmp_path, monkeypatch, source):
 
 
 def test_gradcache_replays_autocast_and_scales_by_the_incoming_gradient(tiny):
-    """The backward hook re-embeds under the autocast of the forward, and a GradScaler's factor reaches
-    every parameter gradient."""
+    """The backward hook re-embeds under the autocast of the forward, and a factor on the loss (a loss
+    scale) reaches every parameter gradient."""
     enc = er.load_encoder(tiny).eval()
     qs, ds = TEXTS[:6], TEXTS[4:10]
     g1 = (_step(enc, qs, ds, 2, False), _grads(enc))

@@ -213,8 +213,16 @@ def collect_report(runs, names) -> list[dict]:
             if res.get("steps") == 0:
                 print(f"warning: report skips {f.parent}: it trained 0 steps", file=sys.stderr)
                 continue
+            if str(res.get("dataset", name)).lower() != name.lower():  # copied or linked in from another
+                print(f"warning: report skips {f.parent}: a run of dataset {res.get('dataset')!r}, not {name}",
+                      file=sys.stderr)
+                continue
             recipe = source[2]
             for table, row, base, metrics, keys in records:
+                if odd := [m for m in keys if m in metrics and metrics[m] is not None
+                           and not _number(metrics[m])]:  # None: no evaluation case (JSON null)
+                    print(f"warning: {f.parent}: {table} metric {odd[0]} is {metrics[odd[0]]!r}, not a "
+                          "number: shown as –", file=sys.stderr)
                 if not any(_number(metrics.get(m)) for m in keys):
                     print(f"warning: report skips {f.parent} ({row}): no {table} metrics (no evaluation "
                           "cases?)", file=sys.stderr)
@@ -228,11 +236,15 @@ def collect_report(runs, names) -> list[dict]:
                 if base:
                     bases[g] = (table, name, base, g[3], g[4], "")
     for name in names:  # the tables compare runs on one catalog: say when a folder mixes data versions
-        data = {_data_fingerprint(v[1]) for k, g in groups.items() if k[1] == name for v in g.values()}
-        data -= {None}
+        data: dict[str, set] = {}
+        for k, g in groups.items():
+            for v in g.values() if k[1] == name else ():
+                data.setdefault(_data_fingerprint(v[1]), set()).add(str(v[1]))
+        data.pop(None, None)
         if len(data) > 1:
-            print(f"warning: the {name} tables mix runs on {len(data)} versions of its data (fingerprints "
-                  f"{', '.join(sorted(data))}): retrain the older runs or move them away", file=sys.stderr)
+            print(f"warning: the {name} tables mix runs on {len(data)} versions of its data: "
+                  + "; ".join(f"{fp}: {', '.join(sorted(fs))}" for fp, fs in sorted(data.items()))
+                  + ": retrain the older runs or move them away", file=sys.stderr)
     labels = {}  # a row label shared by several settings gets the setting's tag
     for g in groups:
         labels.setdefault(g[:4], set()).add(g[4:])
@@ -293,18 +305,30 @@ def report_markdown(recs: list[dict]) -> str:
         datasets = list(dict.fromkeys(r["dataset"] for r in rs))
         cell = {(r["dataset"], r["row"], r["schedule"], r["metric"]): r for r in rs}
         head = ["encoder"] + [f"{d} {m}" for d in datasets for m in metrics]
-        out += [f"### {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        out += [f"### {title}", "", "| " + " | ".join(map(_md, head)) + " |", "|" + "---|" * len(head)]
         for row, sched in sorted(dict.fromkeys((r["row"], r["schedule"]) for r in rs), key=order):
             vals = [_cell(cell.get((d, row, sched, m)), m) for d in datasets for m in metrics]
             label = f"{row} ({sched})" if sched and table != "retrieval" else row
-            out.append("| " + " | ".join([label, *vals]) + " |")
-        srcs = sorted({(r["dataset"], r["row"], r["schedule"], r["run"]) for r in rs})
+            out.append("| " + " | ".join([_md(label), *vals]) + " |")
+        srcs = sorted({(_md(r["dataset"]), _md(r["row"]), r["schedule"], _md(r["run"])) for r in rs})
         if any(r["n"] > 1 or r["p"] is not None for r in rs):
             out += ["", "Mean ± std over seeds (n); * p < 0.05 and better than the off-the-shelf encoder's "
                         "row (paired t-test over test users; collisions: Welch's over seeds; README)."]
         out += ["", "Sources: " + "; ".join(f"{d} / {row}{f' ({s})' if s else ''}: `{run}`"
                                             for d, row, s, run in srcs), ""]
     return "\n".join(out) or "(no results found)"
+
+
+def _md(text: str) -> str:
+    """Text from folder names in a markdown table cell: a `|` or a line break would end the cell or row."""
+    return str(text).replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+def _csv(rec: dict) -> dict:
+    """A record's text cells as spreadsheets read them safely: one starting with = + - @ (or a tab or CR) is
+    a formula there, so it gets a leading apostrophe (numbers stay numbers)."""
+    return {k: "'" + v if isinstance(v, str) and v[:1] in ("=", "+", "-", "@", "\t", "\r") else v
+            for k, v in rec.items()}
 
 
 def _cell(r: dict | None, metric: str) -> str:
@@ -336,7 +360,7 @@ def run_report(args) -> dict:
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, CSV_HEADER.split(","))
             w.writeheader()
-            w.writerows(recs)
+            w.writerows(map(_csv, recs))
     atomic_write(path, write)
     return {"task": "report", "datasets": names, "cells": len(recs), "csv": str(path)}
 

@@ -943,7 +943,18 @@ def test_report_warns_when_a_folder_mixes_data_versions(runs, tmp_path, capsys):
     info["key"]["data"] = "0123456789abcdef"
     (run / "run.json").write_text(json.dumps(info))
     assert rp.main(["--dataset", "Fix", "--runs", str(tmp_path / "runs")]) == 0
-    assert "the Fix tables mix runs on 2 versions of its data" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the Fix tables mix runs on 2 versions of its data" in err and f"0123456789abcdef: {run}" in err
+
+
+def test_report_skips_a_run_of_another_dataset_naming_it(runs, tmp_path, capsys):
+    import shutil
+    shutil.copytree(runs["tmp"] / "runs" / "Fix", tmp_path / "runs" / "Other")     # B's runs under runs/A/
+    assert rp.main(["--dataset", "Other", "--runs", str(tmp_path / "runs")]) == 0
+    cap = capsys.readouterr()
+    assert "report skips" in cap.err and "a run of dataset 'Fix', not Other" in cap.err
+    assert str(tmp_path / "runs" / "Other" / "unisrec-id-") in cap.err
+    assert json.loads(cap.out.strip().splitlines()[-1])["cells"] == 0
 
 
 # ------------------------------------------------------------------- found by a third hostile pass

@@ -221,3 +221,25 @@ def test_an_encoder_run_under_any_out_name_is_encoderec(tmp_path):
     _write(root / "unisrec-y" / "results.json", {"task": "unisrec", "encoder": str(root / "unisrec-x"), "test": M})
     rows = {r["row"] for r in rp.collect_report(tmp_path / "runs", ["Fix"])}
     assert rows == {"EncodeRec (all-MiniLM-L6-v2)", "unisrec-x"}                      # not every folder
+
+
+def test_folder_names_and_odd_metrics_cannot_forge_cells(tmp_path, capsys):
+    """A dataset folder or encoder name that holds `|`, a line break or a spreadsheet formula stays one
+    escaped cell (markdown) or a quoted text (CSV); a metric stored as a string is warned about by name."""
+    import csv
+    name = "=1+2|x"
+    root = tmp_path / "runs" / name
+    _write(root / "unisrec-id-1" / "results.json", {"task": "unisrec", "encoder": "none", "test": M})
+    _write(root / "unisrec-inductive-a-2" / "results.json",
+           {"task": "unisrec", "encoder": "-a|b\n| fake | row |", "test": {**M, "ndcg@10": "0.9"}})
+    assert rp.main(["--dataset", name, "--runs", str(tmp_path / "runs")]) == 0
+    cap = capsys.readouterr()
+    assert "metric ndcg@10 is '0.9', not a number" in cap.err and "unisrec-inductive-a-2" in cap.err
+    table = cap.out.split("### Table 2 shape")[1].split("\n\n")[1].splitlines()
+    assert len(table) == 4 and all(line.count(" | ") == 2 for line in table[2:])      # header, rule, 2 rows
+    assert "\\| fake \\| row \\|" in cap.out and "=1+2\\|x recall@10" in cap.out
+    with open(tmp_path / "runs" / f"report-{name}.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["dataset"] for r in rows} == {"'=1+2|x"}                             # no formula
+    assert all(not r["row"].startswith(("=", "+", "-", "@")) for r in rows)
+    assert {r["row"] for r in rows} >= {"'-a|b\n| fake | row |"}

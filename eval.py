@@ -357,8 +357,8 @@ def read_run_embeddings(run: Path, path, n_items: int, what: str = "embeddings")
     return read_array(path, f"item {what}", "i" if what == "codes" else "f", rows=n_items)
 
 
-def run_retrieval(args) -> dict:
-    ds = load_dataset(args.dataset, args.data_dir)
+def run_retrieval(args, ds=None) -> dict:
+    ds = ds or load_dataset(args.dataset, args.data_dir)
     fields = parse_fields(args.doc_fields, DOCUMENT_FIELDS)
     enc = load_encoder(weights_folder(args.encoder), device=args.device, max_length=args.max_length)
     queries = holdout_items(ds, args.holdout, args.seed, fields) if args.holdout > 0 else None

@@ -500,7 +500,7 @@ def stage_retrieval(args) -> Path:
     out = run_folder(args, "retrieval", ev.encoder_label(args.encoder), key)
     if done(out):
         return finish(out) or out
-    res = ev.run_retrieval(with_(args, max_length=max_len, holdout=0.0, batch_size=64, ranks=None))
+    res = ev.run_retrieval(with_(args, max_length=max_len, holdout=0.0, batch_size=64, ranks=None), ds)
     finish(out, {**res, "run": str(out)})
     return out
 

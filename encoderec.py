@@ -21,7 +21,6 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -595,7 +594,8 @@ def load_bert(folder: str | Path) -> BertModel:
             what = "not finite" if v.is_floating_point() else v.dtype
             raise WeightsError(f"{st_path}: tensor {k} is {what}; "
                                "expected finite float weights: re-download the model (not a quantised copy).")
-    model = BertModel(cfg, add_pooler=any(k.startswith("pooler.") for k in sd))
+    with torch.device("meta"):  # shapes only: a config too large for memory allocates nothing
+        model = BertModel(cfg, add_pooler=any(k.startswith("pooler.") for k in sd))
     expected = model.state_dict()
     wrong = [f"{k}: file {tuple(sd[k].shape)} vs config {tuple(v.shape)}" for k, v in expected.items()
              if k in sd and sd[k].shape != v.shape]
@@ -605,7 +605,7 @@ def load_bert(folder: str | Path) -> BertModel:
     if parts:
         raise WeightsError(f"{st_path} does not match {cfg_path}: {' | '.join(parts)}. "
                            "Use the weights' own config.json.")
-    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
+    model.to_empty(device="cpu").load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     return model
 
 
@@ -664,9 +664,9 @@ def load_encoder(folder, device="cpu", max_length=None, pooling=None) -> TextEnc
         tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     except Exception as e:
         raise WeightsError(f"{folder / 'tokenizer.json'}: unreadable ({e}); re-download or fix it.") from None
-    if tok.get_vocab_size() > bert.config.vocab_size:
-        raise WeightsError(f"{folder / 'tokenizer.json'} has {tok.get_vocab_size()} tokens, the model "
-                           f"{bert.config.vocab_size}: they do not belong together.")
+    if (top := max(tok.get_vocab().values(), default=0)) >= bert.config.vocab_size:
+        raise WeightsError(f"{folder / 'tokenizer.json'} has token id {top}, the model "
+                           f"{bert.config.vocab_size} embeddings: they do not belong together.")
     max_length = max_length or default_max_length(folder)
     pooling = pooling or _pooling_from_folder(folder)
     if device == "auto":
@@ -675,39 +675,21 @@ def load_encoder(folder, device="cpu", max_length=None, pooling=None) -> TextEnc
 
 
 # ---- saving in the sentence-transformers layout
-# Copied from trainer.atomic_write
-def atomic_write(path, write) -> Path:
-    """write(tmp) into a temp file beside `path`, then rename it onto `path`: a crash or a kill never
-    leaves half a file under the real name (at worst a stray `.name.*.part` that nothing reads)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as e:  # name the real file, not the temp one
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
 def save_pretrained(encoder: TextEncoder, out_dir):
     """A folder that `load_encoder` and `SentenceTransformer` both load (HF tensor names)."""
     from safetensors.torch import save
 
-    out = Path(out_dir)  # atomic_write makes the folders
+    out = Path(out_dir)
+    (out / "1_Pooling").mkdir(parents=True, exist_ok=True)
     src, tok, cfg = encoder.source_dir, encoder.tokenizer, encoder.bert.config
     js = lambda obj: json.dumps(obj, indent=2)  # noqa: E731
 
     def write(name, text):
-        atomic_write(out / name, lambda tmp: Path(tmp).write_text(text))
+        (out / name).write_text(text)
 
     def copy_or(name, make):  # src's file, else make() unless out has one
         if src is not None and (src / name).is_file() and (src / name).resolve() != (out / name).resolve():
-            atomic_write(out / name, lambda tmp: shutil.copyfile(src / name, tmp))
+            shutil.copyfile(src / name, out / name)
         elif not (out / name).is_file():
             write(name, make())
 
@@ -732,9 +714,9 @@ def save_pretrained(encoder: TextEncoder, out_dir):
     write("config_sentence_transformers.json", js({
         "__version__": {"pytorch": torch.__version__}, "prompts": {}, "default_prompt_name": None,
         "similarity_fn_name": "cosine"}))
-    # the weights last: a folder holding model.safetensors is complete (the pipeline's "done" marker)
+    # the weights last, whole or not at all (renamed into place): a folder holding them is complete
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous()
                for k, v in encoder.bert.state_dict().items()}
-    blob = save(tensors, metadata={"format": "pt"})  # bytes: a full disk is then a plain OSError
-    atomic_write(out / "model.safetensors", lambda tmp: Path(tmp).write_bytes(blob))
+    (tmp := out / ".model.safetensors.part").write_bytes(save(tensors, metadata={"format": "pt"}))
+    os.replace(tmp, out / "model.safetensors")
     return out

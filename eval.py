@@ -24,13 +24,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import BLAIR_T1, DOCUMENT_FIELDS, DataError, file_sha256, load_dataset, parse_fields, read_array, \
-    read_json, weights_folder
+from data import BLAIR_T1, DOCUMENT_FIELDS, DataError, file_sha256, find_lcrec, load_dataset, parse_fields, \
+    read_array, read_json, record, verify, weights_folder
 from encoderec import WeightsError, load_encoder
-from rqvae import collision_stats, embedding_stats
 from tiger import SemanticIDs, Tiger, TigerConfig, recommend
-from trainer import check_device, digest, json_safe, load_checkpoint, load_weights, \
-    save_npy
+from trainer import check_device, digest, json_safe, load_checkpoint, load_weights, save_npy
 from unisrec import UniSRec, UniSRecConfig, score_fn
 
 KS = (10,)
@@ -103,7 +101,11 @@ def summarize(ranks: np.ndarray, ks: Sequence[int] = KS, cold: np.ndarray | None
 
 
 def print_json(metrics: dict) -> None:
-    print(json.dumps(json_safe(metrics), sort_keys=True), flush=True)  # NaN (no case) -> null: valid JSON
+    try:
+        print(json.dumps(json_safe(metrics), sort_keys=True), flush=True)  # NaN (no case) -> null: valid JSON
+    except OSError as e:  # a closed pipe or a full disk: name stdout, and let Python's exit flush nothing
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise type(e)(e.errno, e.strerror, "stdout") from None
 
 
 # ---- retrieval
@@ -152,23 +154,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--runs", default="runs", help="the run folders of train.py")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     ap.add_argument("--seed", type=SEED, default=0, help="also selects the --holdout items")
-    group(ap, "retrieval collisions").add_argument(
-        "--encoder", default="minilm", help="minilm | mpnet | a fine-tuned run | a model folder")
     r = group(ap, "retrieval")
+    r.add_argument("--encoder", default="minilm", help="minilm | mpnet | a fine-tuned run | a model folder")
     r.add_argument("--doc-fields", help="the document's fields (default: EncodeRec's)")
     r.add_argument("--holdout", type=bounded(float, 0, 1, open_high=True), default=0.0,
                    help="query only this seeded share of items")
     r.add_argument("--max-length", type=COUNT, help="token limit (default: the model's)")
     r.add_argument("--batch-size", type=COUNT, default=64, help="texts per encoder batch")
-    group(ap, "unisrec vqrec tiger collisions").add_argument(
+    group(ap, "unisrec vqrec tiger").add_argument(
         "--run", help="a run folder (default: the newest finished one)")
     group(ap, "retrieval unisrec vqrec tiger").add_argument(
-        "--ranks", help="save each test case's (retrieval: query's) rank to this .npy")
+        "--ranks", help="save each test case's (retrieval: query's) rank to this new .npy")
     t = group(ap, "tiger")
     t.add_argument("--beam", type=COUNT, default=10, help="beam width = returned IDs")
     t.add_argument("--no-constrain", action="store_true", help="free decoding (invalid IDs counted)")
-    group(ap, "collisions").add_argument("--tokenizer", choices=["rqvae", "rkmeans"], default="rqvae",
-                                         help="which IDs")
     return ap
 
 
@@ -240,6 +239,8 @@ def cli_error(e: BaseException, resumable: bool = False) -> int:
     if isinstance(e, (DataError, WeightsError, ValueError, FloatingPointError)):
         print(f"error: {e}", file=sys.stderr)
         return 1 if isinstance(e, FloatingPointError) else 2  # a NaN/inf loss: the data or lr, not a flag
+    if isinstance(e, BrokenPipeError):  # the reader of stdout left (`| head -1`): end quietly, as git does
+        return 141
     if isinstance(e, OSError):  # the machine's, not the code's: one line naming the file
         hint = (" Free some space" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else
                 " Choose a writable --runs / --out" if e.errno in WRITE_ERRORS else "")
@@ -258,6 +259,17 @@ def cli_error(e: BaseException, resumable: bool = False) -> int:
     return 1
 
 
+def new_output(flag: str, path) -> Path:
+    """An output flag's .npy: a new file, or one that this flag wrote (data.record); never one in a run or
+    dataset folder, whose files it would replace."""
+    p = Path(path)
+    if p.suffix != ".npy" or (p.parent / "run.json").is_file() or find_lcrec(p.parent):
+        raise DataError(f"{flag} {p}: give a .npy path outside run and dataset folders")
+    if os.path.lexists(p) and (p.is_symlink() or not p.is_file() or verify(p) is None):
+        raise DataError(f"{flag} {p} exists and is not a file that {flag} wrote: choose a new path")
+    return p
+
+
 def encoder_label(encoder: str) -> str:
     """The name of an embedding source in run folders: minilm, a folder's name, emb-<stem> of an .npy."""
     p = Path(encoder)
@@ -273,22 +285,18 @@ def find_run(args, task: str) -> Path:
         if not (run / "results.json").is_file():
             raise DataError(f"{run} is not a finished run of train.py (no results.json)")
         res = run_results(run)
-        if res.get("task") != {"collisions": "rqvae", "vqrec": "unisrec"}.get(task, task) or \
+        if res.get("task") != {"vqrec": "unisrec"}.get(task, task) or \
                 task == "vqrec" and res.get("mode") != "vqrec":
             raise DataError(f"{run} is not a {task} run")
         return run
     name = Path(args.dataset).name.lower()
     roots = [p for p in Path(args.runs).glob("*") if p.name.lower() == name]
-    prefix, stage = {"collisions": ("ids", "rqvae"), "vqrec": ("unisrec-vqrec", "unisrec --mode vqrec")}.get(
-        task, (task, task))  # run folder, train.py stage
-    if task == "collisions":  # the IDs of --tokenizer on --encoder
-        prefix += f"-{args.tokenizer}-{encoder_label(args.encoder)}"
+    prefix, stage = {"vqrec": ("unisrec-vqrec", "unisrec --mode vqrec")}.get(task, (task, task))
     runs = [p.parent for r in roots for p in r.glob(f"{prefix}-*/results.json")
             if task != "unisrec" or not p.parent.name.startswith("unisrec-vqrec-")]  # --task vqrec
     if not runs:
-        which = f" --encoder {args.encoder} --tokenizer {args.tokenizer}" if task == "collisions" else ""
         raise DataError(f"no finished {task} run for {args.dataset} under {args.runs}/: train one with "
-                        f"`python train.py --stage {stage} --dataset {args.dataset}{which}`")
+                        f"`python train.py --stage {stage} --dataset {args.dataset}`")
     run = max(runs, key=lambda p: (p / "results.json").stat().st_mtime)
     print(f"evaluating {run} (the newest of {len(runs)}; --run picks another)", file=sys.stderr)
     return run
@@ -390,24 +398,6 @@ def run_unisrec(args) -> dict:
     return {"task": "unisrec", "dataset": ds.name, "run": str(run),
             **{s: evaluate_unisrec(model, ds, getattr(ds.splits, s), model.cfg.max_seq_len,
                                    ranks_to=args.ranks if s == "test" else None) for s in ("valid", "test")}}
-
-
-def run_collisions(args) -> dict:
-    """Collision audit of an ids-* run (+ its embeddings' geometry if unchanged)."""
-    run = find_run(args, "collisions")
-    ds = load_dataset(args.dataset, args.data_dir)
-    sem = read_semantic_ids(run / "semantic_ids.npy", ds.n_items)
-    ids, vocab = sem.codes_np, sem.vocab_sizes  # (N, 4), 4 ints
-    info, run_json = run_results(run), read_json(run / "run.json", f"delete {run} and train again")
-    if info.get("dataset") != ds.name:
-        raise DataError(f"{run} holds the semantic IDs of {info.get('dataset')}, not of {ds.name}")
-    emb = Path(str(info.get("embeddings")))
-    same = emb.is_file() and file_sha256(emb) == run_json.get("key", {}).get("embeddings")
-    return {"task": "collisions", "dataset": ds.name, "encoder": info.get("encoder"),
-            "tokenizer": info.get("tokenizer"), "semantic_ids": str(run / "semantic_ids.npy"),
-            **collision_stats(ids[:, :3], vocab[0]), "ids_unique": True, "vocab_sizes": vocab,
-            "max_dedup_code": int(ids[:, 3].max()),
-            "embeddings": embedding_stats(l2_rows(read_array(emb, "item embeddings"))) if same else None}
 
 
 def training_interactions(ds) -> np.ndarray:
@@ -522,7 +512,6 @@ TASKS = {  # --task -> (runner, help)
     "unisrec": (run_unisrec, "valid / test metrics of a UniSRec or SASRec-ID run"),
     "vqrec": (run_unisrec, "valid / test metrics of a VQ-Rec run (unisrec --mode vqrec)"),
     "tiger": (run_tiger, "test metrics of a TIGER run beside popularity"),
-    "collisions": (run_collisions, "collision audit of an ids-* run's semantic IDs"),
 }
 
 
@@ -534,7 +523,12 @@ def main(argv=None) -> int:
         check_flags(ap, args, "--task", args.task)
         torch.manual_seed(args.seed)
         args.device = check_device(args.device)
-        print_json(TASKS[args.task][0](args))
+        if getattr(args, "ranks", None):
+            new_output("--ranks", args.ranks)
+        result = TASKS[args.task][0](args)
+        if getattr(args, "ranks", None):
+            record([Path(args.ranks)])  # then a later --ranks may replace it
+        print_json(result)
     except (Exception, KeyboardInterrupt) as e:
         return cli_error(e)
     finally:

@@ -17,8 +17,8 @@ scripts/pipeline.py; the tables: scripts/report.py.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
+import os
 import signal
 import sys
 import time
@@ -36,25 +36,15 @@ import tiger as tg
 import trainer
 import unisrec as us
 from data import DOCUMENT_FIELDS, ITEM_TEXT_FIELDS, DataError, file_sha256, load_dataset, \
-    parse_fields, read_array, read_json, weights_folder
+    parse_fields, read_array, read_json, record, weights_folder
 
 DEFAULT_DATASET = "scientific"  # the one set with item descriptions, which EncodeRec's documents need
 RKMEANS = {"levels": 3, "k": 256, "iters": 50, "standardize": True}  # residual k-means = RQ-VAE's codebooks
+INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))  # str.translate: zero-width -> gone
 PQ_SHAPE = (32, 256)  # VQ-Rec's OPQ32,IVF1,PQ32x8: 32 sub-vectors of 256 codes
 
 
 # ----------------------------------------------------------------------------- run folders
-@functools.lru_cache(maxsize=None)
-def _sha256(path: str, size: int, mtime: int) -> str:  # (size, mtime): a memo within this process only
-    return file_sha256(Path(path))
-
-
-def content_hash(path: Path) -> str:
-    """sha256 of a file's bytes: the identity of weights, embeddings and semantic IDs (never their path)."""
-    st = Path(path).stat()
-    return _sha256(str(Path(path).resolve()), st.st_size, st.st_mtime_ns)
-
-
 def run_folder(args, stage: str, label: str, key: dict) -> Path:
     """runs/<dataset>/<stage>-<label>-<hash of key>, or --out; refused when it is unfinished (without
     --resume) or holds a run of other inputs."""
@@ -65,8 +55,9 @@ def run_folder(args, stage: str, label: str, key: dict) -> Path:
     RUN_KEYS[out] = trainer.digest(key)  # every rank: checkpoints record it (_meta)
     if world > 1 and stage in ("embed", "ids", "codes") and not done(out):
         raise DataError(f"make the {stage} folder first, in one process: torchrun runs encoder/unisrec/tiger")
-    if out.exists() and not out.is_dir():
-        raise DataError(f"{out} is a file, not a run folder: choose another --out")
+    if os.path.lexists(out) and not out.is_dir():
+        raise DataError(f"{out} is {'a dangling or looping link' if out.is_symlink() else 'a file'}, not a "
+                        "run folder: choose another --out")
     if rank > 0:  # rank 0 checks and writes the folder
         return out
     if out.is_dir() and not info.is_file() and any(not p.name.startswith(".") for p in out.iterdir()):
@@ -105,9 +96,10 @@ def finish(out: Path, results: dict | None = None) -> None:
     if results is None:
         say(f"up to date: {out}")
         results = ev.run_results(out)
-    else:
+    else:  # then the sha256 of every file it holds, which each reader checks
         trainer.write_json(out / "results.json", results)
-    print(json.dumps(trainer.json_safe(results)))
+        record([f for f in out.iterdir() if f.is_file() and not f.name.startswith(".")])
+    ev.print_json(results)
 
 
 def with_(args, **kw) -> argparse.Namespace:
@@ -131,7 +123,7 @@ def _weights(args, ds, encoder: str) -> tuple[Path, dict, int]:
     n = er.BertConfig.from_json(folder / "config.json").max_tokens
     if (args.max_length or 0) > n:
         raise DataError(f"--max-length {args.max_length}: {encoder} reads at most {n} tokens")
-    weights = content_hash(folder / "model.safetensors")
+    weights = file_sha256(folder / "model.safetensors")
     return folder, {"dataset": ds.name, "data": ds.fingerprint, "weights": weights}, \
         args.max_length or er.default_max_length(folder)
 
@@ -160,13 +152,19 @@ def stage_encoder(args) -> Path:
     held = ev.holdout_items(ds, args.holdout, args.seed, doc_fields) if args.holdout > 0 else np.zeros(0, int)
     pairs = [(titles[i], docs[i]) for i in sorted(set(range(ds.n_items)) - set(held.tolist()))
              if titles[i] and docs[i]]
-    if args.corpus < 1:  # an ablation: a seeded share of the training pairs
-        keep = np.random.default_rng(args.seed).permutation(len(pairs))[:round(args.corpus * len(pairs))]
-        pairs = [pairs[i] for i in sorted(keep)]
     if len(pairs) < 2:
         cause = f"after --holdout {args.holdout} keeps {len(held)} out" if len(held) else \
             f"({', '.join(doc_fields)}); choose other --doc-fields or data with descriptions"
         raise DataError(f"{ds.name}: only {len(pairs)} items have a title and a document {cause}")
+    if args.corpus < 1:  # an ablation: a seeded share of the training pairs
+        keep = np.random.default_rng(args.seed).permutation(len(pairs))[:round(args.corpus * len(pairs))]
+        if len(keep) < 2:
+            raise DataError(f"--corpus {args.corpus} keeps {len(keep)} of the {len(pairs)} pairs; 2 needed")
+        pairs = [pairs[i] for i in sorted(keep)]
+    for side in (0, 1):  # identical texts (spaces, zero-width characters aside): nothing to tell apart
+        if len({" ".join(pair[side].translate(INVISIBLE).split()) for pair in pairs}) < 2:
+            raise DataError(f"{ds.name}: every training {('title', 'document')[side]} is the same text; "
+                            "InfoNCE cannot learn from them")
     bs, lr = min(args.batch_size or 512, len(pairs)), args.lr or 5e-5
     folder, key, max_len = _weights(args, ds, args.encoder)
     key.update(doc_fields=doc_fields, holdout=args.holdout, batch_size=bs, lr=lr, epochs=args.epochs,
@@ -235,7 +233,7 @@ def stage_embed(args, ds=None) -> Path:
     key.update(fields=fields, max=max_len, pooled="raw")
     out = run_folder(args, "embed", ev.encoder_label(args.encoder), key)
     if done(out):
-        return finish(out) or _unchanged(out / "item_emb.npy")
+        return finish(out) or out / "item_emb.npy"  # read through data.verify
     if missing:
         say(f"warning: {missing} of {ds.n_items} items have none of {', '.join(fields)}: embedded from ''")
     say(f"{ds.name}: embedding {ds.n_items} items with {ev.encoder_label(args.encoder)} into {out}")
@@ -248,18 +246,8 @@ def stage_embed(args, ds=None) -> Path:
                         "--fields")
     trainer.save_npy(out / "item_emb.npy", emb)
     finish(out, {"task": "embed", "dataset": ds.name, "encoder": str(args.encoder), "shape": list(emb.shape),
-                 "items_without_text": missing, "normalized": False,
-                 "sha256": content_hash(out / "item_emb.npy")})
+                 "items_without_text": missing, "normalized": False})
     return out / "item_emb.npy"
-
-
-def _unchanged(path: Path) -> Path:
-    """A finished run's output, still the file it made (results.json keeps its sha256)."""
-    want = ev.run_results(path.parent).get("sha256")
-    if not path.is_file() or want is not None and content_hash(path) != want:
-        raise DataError(f"{path} was {'changed' if path.is_file() else 'removed'} after its run finished: "
-                        f"delete {path.parent} and run again")
-    return path
 
 
 def _embeddings(args, ds) -> tuple[np.ndarray, Path]:
@@ -285,13 +273,13 @@ def stage_rqvae(args, ds=None) -> Path:
     cfg = rq.RQVAEConfig(input_dim=emb.shape[1], dead_code_restart=restart, standardize=std)
     cfg = cfg if args.rqvae_epochs is None else replace(cfg, epochs=args.rqvae_epochs)
     rk = {**RKMEANS, "standardize": std}
-    key = {"dataset": ds.name, "embeddings": content_hash(emb_path), "l2": not pq, "tokenizer": tok,
+    key = {"dataset": ds.name, "embeddings": file_sha256(emb_path), "l2": not pq, "tokenizer": tok,
            "config": {"rqvae": asdict(cfg), "rkmeans": rk}.get(tok, PQ_SHAPE), "seed": args.seed,
            **({"data": ds.fingerprint} if pq else {})}  # the split picks the fitted items
     out = run_folder(args, "codes" if pq else "ids", f"{tok}-{ev.encoder_label(source(args))}", key)
     path = out / ("codes.npy" if pq else "semantic_ids.npy")
     if done(out):
-        return finish(out) or _unchanged(path)
+        return finish(out) or path
     say(f"{ds.name}: {tok} on {emb.shape[0]} x {emb.shape[1]} embeddings ({emb_path}) into {out}")
     res = {"task": "codes" if pq else "rqvae", "dataset": ds.name, "encoder": source(args), "seed": args.seed,
            "tokenizer": tok, "embeddings": str(emb_path)}
@@ -310,7 +298,7 @@ def stage_rqvae(args, ds=None) -> Path:
         res.update(vocab_sizes=list(vocab), standardize=std, collisions=rq.collision_stats(codes),
                    dead_code_restart=restart if tok == "rqvae" else None,
                    ids_unique=len(np.unique(ids, axis=0)) == len(ids))
-    finish(out, {**res, "sha256": content_hash(path)})
+    finish(out, res)
     return path
 
 
@@ -364,8 +352,8 @@ def stage_unisrec(args) -> Path:
     emb = ev.l2_rows(emb) if emb is not None and args.normalize else emb  # default: raw, as UniSRec's
     args = with_(args, lr=args.lr or 1e-3, batch_size=args.batch_size or 2048,   # UniSRec's finetune.yaml
                  group_by_length=args.group_by_length or 0)
-    key = {"embeddings": content_hash(emb_path) if emb_path else None, "mode": mode,
-           **({"codes": content_hash(codes_path)} if codes_path else {}),
+    key = {"embeddings": file_sha256(emb_path) if emb_path else None, "mode": mode,
+           **({"codes": file_sha256(codes_path)} if codes_path else {}),
            "grouping": args.group_by_length, "max_history": args.max_history, "normalize": args.normalize}
     label = f"{mode}-{ev.encoder_label(source(args))}" if text else "id"
     loop = _loop(args)
@@ -445,7 +433,7 @@ def stage_tiger(args) -> Path:
     sem_path = stage_rqvae(with_(args, out=None, resume=True), ds)
     ids = ev.read_semantic_ids(sem_path, ds.n_items, device)
     loop = _loop(args, max_steps=args.max_steps, eval_every=args.eval_every, grad_clip=TIGER_GRAD_CLIP)
-    key = {"semantic_ids": content_hash(sem_path), "history": args.max_history, "warmup": warmup,
+    key = {"semantic_ids": file_sha256(sem_path), "history": args.max_history, "warmup": warmup,
            "beam": args.beam, "grouping": args.group_by_length}
     label = f"{args.tokenizer}-{ev.encoder_label(source(args))}"
     out = _recommender_folder(args, ds, "tiger", label, loop, key)

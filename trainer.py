@@ -415,6 +415,8 @@ class _Run:
                     "learning rate or use --amp off and start again")
             raise FloatingPointError(f"training loss {value} at step {self.st.step + 1}; stopped before the "
                                      f"update. {kept}.")
+        if value == 0 and not self.st.step:  # e.g. InfoNCE over identical texts: no gradient, ever
+            raise ValueError("training loss exactly 0 at the first step: the data leave nothing to learn")
         opt = self.optimizer
         for g in opt.param_groups:
             g["lr"] = lr
@@ -550,10 +552,16 @@ def _resume(model, optimizer, out: Path, cfg: TrainConfig, meta: dict, dev) -> T
     if rank == 0:
         print(f"resumed from {path} at step {st.step} (best {cfg.metric} {st.best:.4f} "
               f"at step {st.best_step})")
-        best = out / "best.pt"
-        if cfg.metric and st.best_step == st.step and st.step and (
-                not best.is_file() or load_checkpoint(best).get("step") != st.step):
-            _save_best(out, model, st, meta)  # killed between last.pt and best.pt: these ARE the best weights
+    try:  # a lost best.pt: rebuilt from last.pt if it holds the best step, else by the next evaluation
+        intact = not (cfg.metric and st.best_step) or \
+            load_checkpoint(out / "best.pt", ("model", "step"))["step"] == st.best_step
+    except CheckpointError:
+        intact = False
+    if not intact and st.best_step == st.step and rank == 0:
+        _save_best(out, model, st, meta)
+    elif not intact and st.best_step != st.step:
+        print(f"warning: {out / 'best.pt'} is missing or damaged: the next evaluation writes a new one")
+        st.best, st.best_step, st.best_valid, st.evals_without_improvement = -math.inf, 0, None, 0
     return st
 
 

@@ -16,10 +16,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import encoderec as er  # noqa: E402
 import eval as ev  # noqa: E402
 import train  # noqa: E402
 from ablations import stage  # noqa: E402  (train.main -> its results; a failed stage ends the pipeline)
-from data import DOCUMENT_FIELDS, ITEM_TEXT_FIELDS, DataError, load_dataset, parse_fields  # noqa: E402
+from data import DOCUMENT_FIELDS, ITEM_TEXT_FIELDS, DataError, load_dataset, parse_fields, \
+    weights_folder  # noqa: E402
 from report import report  # noqa: E402
 
 BUDGETS = {  # every schedule in one place
@@ -39,14 +41,15 @@ OWN = {"stage", "dataset", "encoder", "emb", "out", "seed", "seeds", "mode", "ma
 def commands(budget: str, backbone: str, ds, fields: str | None) -> list[list[str]]:
     """The train.py commands of the pipeline on `ds`, in order; TUNED stands for the tuned encoder's
     folder."""
-    b = BUDGETS[budget]
+    positions = er.BertConfig.from_json(weights_folder(backbone) / "config.json").max_tokens
+    b = {**BUDGETS[budget], "encoder_max_length": min(BUDGETS[budget]["encoder_max_length"], positions)}
 
     def flag(name, key):  # a budget's schedule as flags (none: the stage's default)
         return [] if b[key] is None else [name, str(b[key])]
     has_text = any(t is not None for t in ds.item_texts(parse_fields(fields, ITEM_TEXT_FIELDS)))
     pairs = sum(bool(t and d) for t, d in zip(ds.title_texts(), ds.document_texts(DOCUMENT_FIELDS)))
     encoders = [backbone] if has_text else []
-    text = ["--max-length", "256"]  # the downstream embeddings: 256 tokens whatever the encoder trained on
+    text = ["--max-length", str(min(256, positions))]  # the downstream embeddings, whatever the encoder
     out = []
     if not has_text:
         print(f"[pipeline] {ds.name} has no item text: SASRec-ID only", file=sys.stderr)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import BACKBONES, DataError, read_json  # noqa: E402
+from data import BACKBONES, DataError, read_json, verify  # noqa: E402
 from eval import cli_error, encoder_label, one_line_errors, print_json, run_results  # noqa: E402
 from trainer import atomic_write, digest  # noqa: E402
 
@@ -204,6 +204,7 @@ def collect_report(runs, names) -> list[dict]:
         for f in sorted((Path(runs) / name).glob("*/results.json")):
             try:
                 res = run_results(f.parent)
+                verify(f.parent / "test_ranks.npy")  # edited ranks would fake a significance test
                 source = _source(str(res.get("encoder", "?")))  # reads the encoder run's files once
                 records, (sched, tag) = _records(f.parent, res, source), _setting(f.parent, res)
             except (DataError, OSError, KeyError, TypeError, ValueError, IndexError, AttributeError) as e:

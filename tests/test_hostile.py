@@ -219,22 +219,6 @@ def test_best_checkpoint_of_another_run_or_with_nan_weights(runs, tmp_path, caps
     _refused(ev.main, argv, capsys, "best.pt: weight", "NaN")
 
 
-def test_outputs_edited_after_their_run_are_refused(runs, tmp_path, capsys):
-    """A finished ids folder keeps its semantic_ids.npy's sha256: TIGER will not train on edited IDs."""
-    tmp = tmp_path / "t"
-    import shutil
-    shutil.copytree(runs["tmp"], tmp, ignore=shutil.ignore_patterns("tiger-*"))
-    ids = next((tmp / "runs" / "Fix").glob("ids-*"))
-    codes = np.load(ids / "semantic_ids.npy")
-    codes[[0, 1]] = codes[[1, 0]]                                     # still valid IDs, other items
-    np.save(ids / "semantic_ids.npy", codes)
-    argv = [a.replace(str(runs["tmp"]), str(tmp)) for a in runs["argv"]["tiger"]]
-    _refused(train.main, argv, capsys, "semantic_ids.npy was changed after its run finished")
-    other = fx.write_lcrec(tmp_path / "Other")
-    _refused(ev.main, ["--task", "collisions", "--dataset", str(other), "--run", str(runs["ids"]),
-                       "--data-dir", str(tmp_path / "c"), "--device", "cpu"], capsys, "not of Other")
-
-
 def test_last_resort_is_one_line(runs, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("ENCODEREC_DEBUG", raising=False)
     monkeypatch.setattr(ev, "evaluate_unisrec", lambda *a, **k: {}["boom"])
@@ -483,7 +467,7 @@ def test_bad_weights_and_tokenizer(tiny, what):
         (tiny / "config.json").write_text(json.dumps({**cfg, "vocab_size": 6}))
         sd["embeddings.word_embeddings.weight"] = sd["embeddings.word_embeddings.weight"][:6]
         save_file(sd, str(tiny / "model.safetensors"))
-        pattern = "tokenizer.json has .* tokens, the model 6"
+        pattern = "tokenizer.json has token id .*, the model 6 embeddings"
     else:
         with pytest.raises(ValueError, match="max_length=65: this model reads 1 to 64 tokens"):
             er.load_encoder(tiny, max_length=65)
@@ -551,8 +535,11 @@ def test_bad_semantic_ids(runs, tmp_path, capsys, edit):
     else:
         (run / "results.json").write_text(json.dumps(res))
     np.save(run / "semantic_ids.npy", ids)
-    _refused(ev.main, ["--task", "collisions", "--dataset", str(runs["ds"]), "--run", str(run), *runs["common"]],
-             capsys, str(run))
+    with pytest.raises(DataError, match="is not the file this project wrote"):   # the manifest refuses it
+        ev.read_semantic_ids(run / "semantic_ids.npy", 6)
+    (run / "sha256.json").unlink()                                      # then the content checks do
+    with pytest.raises(DataError, match=str(run)):
+        ev.read_semantic_ids(run / "semantic_ids.npy", 6)
 
 
 # ------------------------------------------------------------------------ results / run / history JSON
@@ -666,8 +653,8 @@ EVAL_FLAGS = [
     (["retrieval", "--beam", "3"], "--beam does not apply to --task retrieval"),
     (["unisrec", "--beam", "3"], "--beam does not apply to --task unisrec"),
     (["tiger", "--beam", "0"], "--beam: must be > 0"),
-    (["tiger", "--tokenizer", "rkmeans"], "--tokenizer does not apply to --task tiger"),
-    (["collisions", "--holdout", "0.5"], "--holdout does not apply"),
+    (["tiger", "--tokenizer", "rkmeans"], "unrecognized arguments: --tokenizer rkmeans"),
+    (["unisrec", "--holdout", "0.5"], "--holdout does not apply"),
     (["unisrec", "--device", "gpu"], "--device gpu is not a device"),
     (["unisrec", "--device", "mps"], "only cpu and cuda"),
 ]
@@ -873,6 +860,8 @@ def test_a_finished_folder_with_bad_results_is_not_up_to_date(runs, tmp_path, ca
     run = next((tmp / "runs" / "Fix").glob("unisrec-id-*"))
     (run / "results.json").write_text("[]")
     argv = [a.replace(str(runs["tmp"]), str(tmp)) for a in runs["argv"]["unisrec"]]
+    _refused(train.main, argv, capsys, "results.json is not the file this project wrote")
+    (run / "sha256.json").unlink()                                      # a folder from before manifests
     _refused(train.main, argv, capsys, "results.json holds list")
 
 
@@ -942,6 +931,7 @@ def test_report_warns_when_a_folder_mixes_data_versions(runs, tmp_path, capsys):
     info = json.loads((run / "run.json").read_text())
     info["key"]["data"] = "0123456789abcdef"
     (run / "run.json").write_text(json.dumps(info))
+    (run / "sha256.json").unlink()                              # else the edited run.json is refused
     assert rp.main(["--dataset", "Fix", "--runs", str(tmp_path / "runs")]) == 0
     err = capsys.readouterr().err
     assert "the Fix tables mix runs on 2 versions of its data" in err and f"0123456789abcdef: {run}" in err
@@ -1001,3 +991,188 @@ def test_sigterm_is_one_line_and_resumable(tmp_path):
 def test_warmup_beyond_the_run(tmp_path, capsys):
     _refused(train.main, ["--stage", "tiger", "--dataset", _ds(tmp_path), "--warmup-steps", "100",
                           "--max-steps", "2", *_common(tmp_path)], capsys, "--warmup-steps 100 > --max-steps 2")
+
+
+# ------------------------------------------------------------- outputs are recorded and verified (sha256.json)
+def _edit_number(path: Path):
+    """results.json with one metric changed and still valid: what a hand edit looks like."""
+    res = json.loads(path.read_text())
+    res["test"]["ndcg@10"] = 0.99
+    path.write_text(json.dumps(res))
+
+
+def test_every_reader_refuses_an_edited_output(runs, tmp_path, capsys):
+    run = _copy_run(runs["unisrec"], tmp_path / "runs" / "Fix" / runs["unisrec"].name)
+    assert "results.json" in json.loads((run / "sha256.json").read_text())
+    _edit_number(run / "results.json")
+    argv = [*runs["argv"]["unisrec"][:-6], "--out", str(run), *_common(tmp_path)]
+    _refused(train.main, argv, capsys, f"{run / 'results.json'} is not the file this project wrote")
+    _refused(ev.main, ["--task", "unisrec", "--dataset", str(runs["ds"]), "--run", str(run), *runs["common"]],
+             capsys, "results.json is not the file this project wrote", "edited or damaged")
+    assert rp.main(["--dataset", "Fix", "--runs", str(tmp_path / "runs")]) == 0
+    err = capsys.readouterr().err
+    assert "report skips" in err and "0.99" not in capsys.readouterr().out
+
+
+def test_zeroed_ranks_never_reach_the_significance_test(runs, tmp_path, capsys):
+    for name in ("unisrec", "tiger"):
+        _copy_run(runs[name], tmp_path / "runs" / "Fix" / runs[name].name)
+    ranks = tmp_path / "runs" / "Fix" / runs["tiger"].name / "test_ranks.npy"
+    np.save(ranks, np.zeros_like(np.load(ranks)))
+    assert rp.main(["--dataset", "Fix", "--runs", str(tmp_path / "runs")]) == 0
+    err = capsys.readouterr().err
+    assert f"report skips {ranks.parent}" in err and f"{ranks} is not the file this project wrote" in err
+
+
+def test_edited_semantic_ids_are_refused_by_tiger(runs, tmp_path, capsys):
+    import shutil
+    tmp = tmp_path / "t"
+    shutil.copytree(runs["tmp"], tmp, ignore=shutil.ignore_patterns("tiger-*"))
+    ids = next((tmp / "runs" / "Fix").glob("ids-*")) / "semantic_ids.npy"
+    codes = np.load(ids)
+    np.save(ids, codes[[1, 0, *range(2, len(codes))]])                  # still valid IDs, other items
+    argv = [a.replace(str(runs["tmp"]), str(tmp)) for a in runs["argv"]["tiger"]]
+    _refused(train.main, argv, capsys, f"{ids} is not the file this project wrote")
+
+
+def test_a_consistently_edited_cache_is_rebuilt(tmp_path, capsys):
+    folder, cache_dir = _ds(tmp_path), tmp_path / "c"
+    ds = load_dataset(folder, cache_dir)
+    cache = next((cache_dir / "processed").glob("*.npz"))
+    z = dict(np.load(cache))
+    z["seq_items"] = z["seq_items"][::-1].copy()                        # valid arrays, other histories
+    with open(cache, "wb") as f:
+        np.savez(f, **z)
+    again = load_dataset(folder, cache_dir)
+    assert "rebuilding it" in capsys.readouterr().err
+    assert (again.seq_items == ds.seq_items).all()
+
+
+# ------------------------------------------------------------------------------ output flags never destroy
+def test_ranks_never_overwrites_what_it_did_not_write(runs, tmp_path, capsys):
+    run = _copy_run(runs["unisrec"], tmp_path / runs["unisrec"].name)
+    base = ["--task", "unisrec", "--dataset", str(runs["ds"]), "--run", str(run), *runs["common"]]
+    inter = Path(runs["ds"]) / "Fix.inter.json"
+    stranger = tmp_path / "mine.npy"
+    np.save(stranger, np.arange(3))
+    before = {p: p.read_bytes() for p in (inter, run / "best.pt", stranger)}
+    for target, needle in [(inter, "outside run and dataset folders"), (run / "best.pt", "outside run"),
+                           (run / "x.npy", "outside run"), (stranger, "is not a file that --ranks wrote"),
+                           (tmp_path / "r.txt", "give a .npy")]:
+        _refused(ev.main, [*base, "--ranks", str(target)], capsys, needle)
+    assert all(p.read_bytes() == b for p, b in before.items())
+    out = tmp_path / "out" / "ranks.npy"
+    for _ in range(2):                                                   # its own file: replaced
+        assert ev.main([*base, "--ranks", str(out)]) == 0
+    assert np.load(out).shape == (len(load_dataset(str(runs["ds"]), tmp_path / "c2").splits.test),)
+
+
+# --------------------------------------------------------------------- degenerate training is refused
+def _encoder_argv(tmp_path, folder):
+    return ["--stage", "encoder", "--backbone", str(make_tiny(tmp_path / "tiny")), "--dataset", str(folder),
+            "--epochs", "1", "--batch-size", "4", "--max-length", "16", *_common(tmp_path)]
+
+
+@pytest.mark.parametrize("title, side", [("Same thing", "title"), ("\u200b \u200b", "title"),
+                                         (None, "document")])
+def test_training_that_cannot_learn_is_refused(tmp_path, capsys, title, side):
+    folder = Path(_ds(tmp_path))
+    items = json.loads((folder / "Fix.item.json").read_text())
+    for it in items.values():
+        it["title"] = title or it["title"]
+        it["description"] = "one description" if side == "document" else it["description"]
+        it["description"] = it["description"] or "some text"
+        it["brand"] = it["categories"] = "" if side == "document" else it["brand"]
+    (folder / "Fix.item.json").write_text(json.dumps(items))
+    _refused(train.main, _encoder_argv(tmp_path, folder), capsys, f"every training {side} is the same text")
+    assert not list((tmp_path / "runs").rglob("model.safetensors"))
+
+
+def test_corpus_too_small_names_corpus(tmp_path, capsys):
+    _refused(train.main, [*_encoder_argv(tmp_path, _ds(tmp_path)), "--corpus", "1e-300"], capsys,
+             "--corpus 1e-300 keeps 0 of the")
+
+
+def test_a_zero_first_loss_stops_before_any_checkpoint(tmp_path):
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(ValueError, match="loss exactly 0 at the first step"):
+        trainer.fit(model, lambda idx: model(torch.zeros(len(idx), 2)).sum() * 0, 8,
+                    torch.optim.SGD(model.parameters(), lr=0.1), tmp_path / "run",
+                    trainer.TrainConfig(batch_size=4, max_epochs=1, metric=None))
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+# ------------------------------------------------------------------------------ errors name the thing
+def test_a_config_too_large_for_memory_names_the_config(tiny):
+    cfg = json.loads((tiny / "config.json").read_text())
+    (tiny / "config.json").write_text(json.dumps({**cfg, "intermediate_size": 2 ** 31}))
+    with pytest.raises(er.WeightsError, match="does not match .*config.json"):
+        er.load_encoder(tiny)
+
+
+def test_a_tokenizer_id_beyond_the_vocabulary(tiny):
+    tok = json.loads((tiny / "tokenizer.json").read_text())
+    tok["model"]["vocab"]["zzz"] = 10 ** 6
+    (tiny / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(er.WeightsError, match="tokenizer.json has token id 1000000"):
+        er.load_encoder(tiny)
+
+
+def _ease(tmp_path, **kw):
+    """`python train.py --stage ease` on the fixture, its stdout wherever kw says."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "--stage", "ease", "--dataset", _ds(tmp_path),
+           *_common(tmp_path)]
+    return subprocess.run(cmd, stderr=subprocess.PIPE, text=True, cwd=tmp_path, **kw)
+
+
+def test_a_closed_stdout_ends_quietly_and_a_full_one_is_named(tmp_path):
+    r, w = os.pipe()
+    os.close(r)                                                          # the reader left: `| head -1`
+    done = _ease(tmp_path, stdout=w)
+    os.close(w)
+    assert done.returncode == 141 and "error" not in done.stderr and "Traceback" not in done.stderr
+    if Path("/dev/full").exists():
+        with open("/dev/full", "w") as full:
+            done = _ease(tmp_path, stdout=full)
+        assert done.returncode == 2 and done.stderr.strip().splitlines()[-1].startswith("error: stdout: ")
+        assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+
+
+def test_a_symlink_loop_as_out(tmp_path, capsys):
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)
+    _refused(train.main, ["--stage", "ease", "--dataset", _ds(tmp_path), "--out", str(loop),
+                          *_common(tmp_path)], capsys, "a dangling or looping link, not a run folder")
+
+
+def test_pipeline_fits_a_backbone_with_few_positions(tmp_path):
+    import pipeline
+    tiny = make_tiny(tmp_path / "tiny")
+    cfg = json.loads((tiny / "config.json").read_text())
+    (tiny / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 64}))
+    cmds = pipeline.commands("paper", str(tiny), load_dataset(_ds(tmp_path), tmp_path / "c"), None)
+    lengths = {c[c.index("--max-length") + 1] for c in cmds if "--max-length" in c}
+    assert lengths == {"64"}
+
+
+# ------------------------------------------------------------------------- resume from what is there
+@pytest.mark.parametrize("best_is_last", [True, False])
+def test_a_damaged_best_checkpoint_with_a_good_last_one_resumes(runs, tmp_path, capsys, best_is_last):
+    """last.pt holding the best step rebuilds best.pt; otherwise the best weights are lost, and the run
+    goes on (a later evaluation writes best.pt) or, when training was over, says what to delete."""
+    u = tmp_path / "u"
+    argv = [*runs["argv"]["unisrec"][:-6], "--out", str(u), *_common(tmp_path)]
+    argv[argv.index("--max-epochs") + 1] = "2"
+    assert train.main(argv) == 0
+    (u / "results.json").unlink()
+    ck = torch.load(u / "last.pt", weights_only=True)
+    ck["state"]["best_step"] = ck["state"]["step"] - (0 if best_is_last else 1)
+    torch.save(ck, u / "last.pt")
+    _planted("truncated", u / "best.pt", tmp_path)
+    capsys.readouterr()
+    if best_is_last:
+        assert train.main([*argv, "--resume"]) == 0
+        assert trainer.load_checkpoint(u / "best.pt")["step"] == ck["state"]["step"]
+    else:
+        _refused(train.main, [*argv, "--resume"], capsys, f"{u / 'best.pt'} is not a readable checkpoint",
+                 f"delete {u}")

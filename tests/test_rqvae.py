@@ -1,6 +1,6 @@
 """Tests for rqvae.py and its CLI wiring: the code -> latent round trip, k-means (no empty code on
 separable data, determinism), the straight-through gradient, the collision audit on a hand example, a short training run, checkpoints,
-and `train.py --stage rqvae` / `eval.py --task collisions` end to end on the fixture catalog.
+and `train.py --stage rqvae` end to end on the fixture catalog.
 Tiny random configs, 1 thread."""
 import json
 from dataclasses import replace
@@ -215,7 +215,7 @@ def _common(tmp_path):
 
 
 @pytest.mark.parametrize("tokenizer", ["rkmeans", "rqvae"])
-def test_cli_stage_rqvae_then_collision_audit(tmp_path, tokenizer, capsys):
+def test_cli_stage_rqvae_then_its_ids_are_guarded(tmp_path, tokenizer, capsys):
     folder = fx.write_lcrec(tmp_path / "Fix")
     emb_path = tmp_path / "emb.npy"
     np.save(emb_path, np.random.default_rng(0).standard_normal((6, 16)).astype(np.float32))
@@ -233,24 +233,17 @@ def test_cli_stage_rqvae_then_collision_audit(tmp_path, tokenizer, capsys):
     capsys.readouterr()
     assert train.main(argv) == 0                       # same inputs: nothing to do
     assert "up to date" in capsys.readouterr().err
-    audit_argv = ["--task", "collisions", "--dataset", str(folder), "--tokenizer", tokenizer, "--encoder",
-                  str(emb_path), *_common(tmp_path)]
-    assert ev.main(audit_argv) == 0                    # the newest ids-* folder
-    audit = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert audit["items"] == 6 and audit["ids_unique"] is True and len(audit["usage"]) == 3
-    assert audit["unique_prefixes"] == res["collisions"]["unique_prefixes"]
-    assert audit["embeddings"]["items"] == 6 and audit["embeddings"]["dim"] == 16   # the IDs' own input
-    np.save(emb_path, np.zeros((6, 16), np.float32))                                # another file now
-    assert ev.main(audit_argv + ["--run", str(run)]) == 0
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["embeddings"] is None
+    np.save(run / "semantic_ids.npy", ids[::-1])                                   # other items' IDs
+    assert train.main(["--stage", "tiger", *argv[2:], "--max-steps", "1", "--warmup-steps", "1"]) == 2   # refused, not used
+    assert "semantic_ids.npy is not the file this project wrote" in capsys.readouterr().err
 
 
 def test_cli_errors_exit_2(tmp_path, capsys):
     folder = fx.write_lcrec(tmp_path / "Fix")
-    # the audit reads a finished folder and names the command that makes one
-    assert ev.main(["--task", "collisions", "--dataset", str(folder), *_common(tmp_path)]) == 2
+    # evaluation reads a finished folder and names the command that makes one
+    assert ev.main(["--task", "tiger", "--dataset", str(folder), *_common(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "python train.py --stage rqvae" in err and "Traceback" not in err
+    assert "python train.py --stage tiger" in err and "Traceback" not in err
     # no text: the missing embedding cannot be made
     notext = tmp_path / "NoText"
     notext.mkdir()

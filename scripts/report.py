@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import BACKBONES, DataError, read_json, verify  # noqa: E402
+from data import BACKBONES, DataError, find_lcrec, read_json, verify  # noqa: E402
 from eval import cli_error, encoder_label, one_line_errors, print_json, run_results  # noqa: E402
 from trainer import atomic_write, digest  # noqa: E402
 
@@ -356,6 +356,8 @@ def run_report(args) -> dict:
     if path.suffix != ".csv" or path.exists() and (not path.is_file() or not path.read_bytes().startswith(
             b"table,dataset,row,")):  # this version's or an older report
         raise DataError(f"{path}: not a .csv, or a file other than a report: choose another --csv")
+    if (path.parent / "run.json").is_file() or find_lcrec(path.parent):
+        raise DataError(f"--csv {path}: write it outside run and dataset folders")
     print(report_markdown(recs))
     def write(tmp):  # long format: a row per (table, dataset, row, schedule, metric)
         with open(tmp, "w", newline="") as f:

@@ -872,6 +872,10 @@ def test_report_csv_never_overwrites_other_files(runs, tmp_path, capsys):
         _refused(rp.main, ["--dataset", "Fix", "--runs", str(runs["tmp"] / "runs"), "--csv",
                            str(path)], capsys, f"{path}: not a .csv, or a file other than a report")
     assert victim.read_text() == "precious,data\n"
+    for folder in (runs["ds"], runs["unisrec"]):                        # a new file, but in a data or run folder
+        _refused(rp.main, ["--dataset", "Fix", "--runs", str(runs["tmp"] / "runs"), "--csv",
+                           str(folder / "r.csv")], capsys, "outside run and dataset folders")
+        assert not (folder / "r.csv").exists()
 
 
 def test_a_name_that_is_also_a_folder_here(tmp_path, capsys, monkeypatch):

@@ -519,8 +519,12 @@ def cached_info_nce(encoder: TextEncoder, queries, documents, chunk_size: int | 
     chunk_size = chunk_size or max(B, 1)
     dev = encoder.device
     amp = torch.is_autocast_enabled(dev.type), torch.get_autocast_dtype(dev.type)
-    chunks = [encoder.tokenize(texts[i: i + chunk_size]) for texts in (queries, documents)
-              for i in range(0, B, chunk_size)]
+    chunks, orders = [], []
+    for texts in (queries, documents):  # chunks of similar length pad little; rows are put back after (a)
+        enc = encoder.tokenizer.encode_batch(encoder._check_texts(texts))
+        orders.append(order := np.argsort([len(e.ids) for e in enc], kind="stable"))
+        chunks += [encoder._collate([enc[i] for i in order[s: s + chunk_size]])
+                   for s in range(0, B, chunk_size)]
     states, embs = [], []
     with torch.no_grad():  # (a)
         for batch in tqdm(chunks, desc="embed chunks", unit="chunk", leave=False, disable=not progress):
@@ -529,7 +533,8 @@ def cached_info_nce(encoder: TextEncoder, queries, documents, chunk_size: int | 
     after = _rng_state(dev)
     half = len(chunks) // 2
     empty = torch.zeros(0, encoder.dim, device=dev)  # a rank may hold no pair
-    q, d = (torch.cat(e) if half else empty for e in (embs[:half], embs[half:]))  # (B, d) each
+    q, d = (torch.cat(e)[np.argsort(o)] if half else empty  # (B, d) each, in batch order
+            for e, o in ((embs[:half], orders[0]), (embs[half:], orders[1])))
     off, n_all = 0, B
     if distributed:  # (B, d) -> (B_global, d); ids too, so false negatives span ranks
         (q, off), (d, _) = _gather_rows(q), _gather_rows(d)
@@ -540,7 +545,7 @@ def cached_info_nce(encoder: TextEncoder, queries, documents, chunk_size: int | 
     with torch.enable_grad():  # (b)
         full = info_nce_loss(q, d, temperature, symmetric, q_ids, d_ids)
         gq, gd = torch.autograd.grad(full, [q, d])
-    grads = [*gq[off: off + B].split(chunk_size), *gd[off: off + B].split(chunk_size)]  # this rank's rows
+    grads = [*gq[off: off + B][orders[0]].split(chunk_size), *gd[off: off + B][orders[1]].split(chunk_size)]
 
     def replay(grad_out):  # (c)
         with torch.enable_grad(), torch.autocast(dev.type, dtype=amp[1], enabled=amp[0]):

@@ -350,8 +350,7 @@ def stage_unisrec(args) -> Path:
     codes = read_array(codes_path, "product codes", "i", ds.n_items) if codes_path else None
     emb, emb_path = _embeddings(args, ds) if text and not codes_path else (None, None)
     emb = ev.l2_rows(emb) if emb is not None and args.normalize else emb  # default: raw, as UniSRec's
-    args = with_(args, lr=args.lr or 1e-3, batch_size=args.batch_size or 2048,   # UniSRec's finetune.yaml
-                 group_by_length=args.group_by_length or 0)
+    args = with_(args, lr=args.lr or 1e-3, batch_size=args.batch_size or 2048)   # UniSRec's finetune.yaml
     key = {"embeddings": file_sha256(emb_path) if emb_path else None, "mode": mode,
            **({"codes": file_sha256(codes_path)} if codes_path else {}),
            "grouping": args.group_by_length, "max_history": args.max_history, "normalize": args.normalize}
@@ -397,7 +396,6 @@ def stage_unisrec(args) -> Path:
 # warm-up steps. Ours: AdamW (it needs a smaller peak lr, --lr 1e-3), weight decay 0.01 on Linear weights
 # only, gradients clipped at norm 1, 1,000 warm-up steps (--warmup-steps).
 TIGER_WEIGHT_DECAY, TIGER_GRAD_CLIP, TIGER_WARMUP = 0.01, 1.0, 1000
-TIGER_GROUPING = 50  # epoch_order's spans: batches pad little on CPU (README's deviations table)
 TIGER_STEPS = {"max_steps": 200_000, "eval_every": 1000, "warmup_steps": TIGER_WARMUP}  # at batch 256
 
 
@@ -423,7 +421,6 @@ def stage_tiger(args) -> Path:
     _has_cases(ds, max_history=args.max_history, beam=args.beam)
     s = (args.batch_size or 256) / 256  # same examples: steps / s; lr * sqrt(s) (Adam's rule)
     args = with_(args, lr=args.lr or 1e-3 * s ** 0.5, batch_size=args.batch_size or 256,
-                 group_by_length=TIGER_GROUPING if args.group_by_length is None else args.group_by_length,
                  **{k: max(1, round(v / s)) for k, v in TIGER_STEPS.items() if getattr(args, k) in (None, v)})
     warmup = args.warmup_steps or TIGER_WARMUP
     if warmup > args.max_steps:
@@ -553,8 +550,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--patience", type=ev.COUNT, default=10,
                    help="evaluations without a better valid NDCG@10 (10)")
     g.add_argument("--max-history", type=ev.COUNT, help="history items (unisrec 50, tiger 20: the papers')")
-    g.add_argument("--group-by-length", type=ev.NON_NEGATIVE, help="batches of similar history length: "
-                   "epoch_order's spans, 0 = plain shuffle (tiger 50, unisrec 0)")
+    g.add_argument("--group-by-length", type=ev.NON_NEGATIVE, default=50, help="batches of similar history "
+                   "length, sorted in spans of this many batches (50): little padding; 0 = plain shuffle")
     g = ev.group(ap, "unisrec")
     g.add_argument("--mode", choices=["inductive", "transductive", "vqrec"], default="inductive",
                    help="text only (the paper's), + item-ID embedding, or VQ-Rec (--tokenizer opq)")

@@ -9,15 +9,20 @@ sides, tau 0.05 = ST's scale 20, AdamW lr 5e-5, fp32, CPU.
 
 First the loss of the batch with dropout off on both sides (it must agree to 1e-5); then, in training mode,
 --repeats timed steps each (loss, backward, AdamW step), interleaved (ours, ST, ours, ...), after one
-warm-up step each unless --no-warmup. Prints pairs/s and the ratio.
+warm-up step each unless --no-warmup. Prints pairs/s and the ratio. --against REV adds encoderec.py as
+committed at git revision REV (its cached_info_nce on a copy of the same encoder): a change timed against
+the code before it, in the same run.
 
-    python bench/finetune.py [--pairs 512] [--repeats 1] [--no-warmup] [--threads N] [--max-length 256]
+    python bench/finetune.py [--pairs 512] [--repeats 1] [--no-warmup] [--threads N] [--max-length 256] \
+        [--against REV]
 """
 
 import argparse
 import copy
+import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -43,6 +48,15 @@ def load_pairs(n: int) -> tuple[list[str], list[str]]:
     return qs, ds_
 
 
+def module_at(rev: str) -> types.ModuleType:
+    """encoderec.py as committed at `rev` (its functions take this checkout's encoder objects)."""
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:encoderec.py"], capture_output=True,
+                         text=True, check=True).stdout
+    mod = sys.modules[f"encoderec_at_{rev}"] = types.ModuleType(f"encoderec_at_{rev}")  # dataclasses look it up
+    exec(compile(src, f"encoderec.py@{rev}", "exec"), mod.__dict__)
+    return mod
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backbone", choices=list(BACKBONES), default="minilm")
@@ -52,6 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--against", metavar="REV", help="also time encoderec.py at this git revision")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     from sentence_transformers import SentenceTransformer
@@ -75,6 +90,20 @@ def main(argv=None) -> int:
     b = cmnrl(copy.copy(st_features), None).item()
     assert torch.equal(ref, ours.bert.embeddings.word_embeddings.weight), "the loss changed the weights"
     print(f"first-step loss (dropout off): ours {a:.6f}, sentence-transformers {b:.6f}, |diff| {abs(a - b):.2e}")
+    steps, labels = {}, {"ours": "encoderec.cached_info_nce", "st": "ST CachedMultipleNegativesRankingLoss"}
+    if args.against:
+        old, before = module_at(args.against), copy.deepcopy(ours)
+        c = old.cached_info_nce(before, queries, docs, args.chunk_size, 0.05).item()
+        print(f"first-step loss (dropout off) of encoderec.py at {args.against}: {c:.6f}, |diff| to ours "
+              f"{abs(a - c):.2e}")
+        before.train()
+        opt_before = torch.optim.AdamW(before.parameters(), lr=5e-5)
+
+        def step_before():
+            opt_before.zero_grad()
+            old.cached_info_nce(before, queries, docs, args.chunk_size, 0.05).backward()
+            opt_before.step()
+        steps["before"], labels["before"] = step_before, f"cached_info_nce at {args.against}"
 
     ours.train(), st.train()
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=5e-5)
@@ -90,12 +119,14 @@ def main(argv=None) -> int:
         cmnrl(copy.copy(st_features), None).backward()
         opt_st.step()
     t0 = time.perf_counter()
-    med, _ = timed({"ours": step_ours, "st": step_st}, args.repeats, warmup=not args.no_warmup)
+    med, _ = timed({"ours": step_ours, "st": step_st, **steps}, args.repeats, warmup=not args.no_warmup)
     print(f"\n| step (loss + backward + AdamW) | s / step (median of {args.repeats}) | pairs/s |")
     print("|---|---|---|")
-    for name, label in (("ours", "encoderec.cached_info_nce"), ("st", "ST CachedMultipleNegativesRankingLoss")):
+    for name, label in labels.items():
         print(f"| {label} | {med[name]:.2f} | {len(queries) / med[name]:.1f} |")
-    print(f"\nours / ST pairs/s: {med['st'] / med['ours']:.2f}x (whole benchmark {time.perf_counter() - t0:.0f} s)")
+    print(f"\nours / ST pairs/s: {med['st'] / med['ours']:.2f}x", end="")
+    print(f"; ours / {args.against}: {med['before'] / med['ours']:.2f}x" if args.against else "", end="")
+    print(f" (whole benchmark {time.perf_counter() - t0:.0f} s)")
     return 0
 
 

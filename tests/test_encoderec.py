@@ -308,12 +308,16 @@ def test_gradcache_equals_unchunked(tiny, symmetric):
     for k, g in _grads(enc).items():
         torch.testing.assert_close(g, g_full[k], atol=1e-6, rtol=1e-5)
 
-    # dropout on: GradCache == plain autograd through the same chunked forward (same RNG stream)
+    # dropout on: GradCache == plain autograd through the same chunks, each side sorted by token count
+    # (the rows put back in batch order), with the same RNG stream
     enc.train()
     enc.zero_grad()
     torch.manual_seed(1)
-    embs = [enc(texts[i:i + 3]) for texts in (qs, ds) for i in range(0, 7, 3)]
-    loss = er.info_nce_loss(torch.cat(embs[:3]), torch.cat(embs[3:]), 0.05, symmetric, **ids)
+    orders = [np.argsort([len(enc.tokenizer.encode(t).ids) for t in texts], kind="stable") for texts in (qs, ds)]
+    assert all((o != np.arange(7)).any() for o in orders)                     # the sort does permute
+    embs = [enc([texts[j] for j in o[i:i + 3]]) for texts, o in zip((qs, ds), orders) for i in range(0, 7, 3)]
+    q, d = (torch.cat(e)[np.argsort(o)] for e, o in ((embs[:3], orders[0]), (embs[3:], orders[1])))
+    loss = er.info_nce_loss(q, d, 0.05, symmetric, **ids)
     loss.backward()
     g_ref, rng_ref = _grads(enc), torch.get_rng_state()
     enc.zero_grad()

@@ -2,14 +2,15 @@
 before and after fine-tuning, and the validation curves of a dataset's runs.
 
     python scripts/show.py recs --dataset D --run RUN [RUN ...] [--users N | --user ID ...] [--seed S]
-    python scripts/show.py neighbours --dataset D [--run ENCODER_RUN] [--titles N | --item I ...] [--seed S]
+    python scripts/show.py neighbours --dataset D [--run RUN] [--titles N] [--seed S | --moved | --item I ...]
     python scripts/show.py curves --dataset NAME [NAME ...] [--runs runs] [--out PNG]
 
 recs: a finished UniSRec, SASRec-ID, VQ-Rec, TIGER or EASE run (several: side by side) and a few test users:
 the last items of each history, the held-out target and each run's top 10 by title, with [T] the target and
 [h] an item of the user's history; below, the target's rank as the run's test_ranks.npy holds it.
-neighbours: for a few titles (the ones the encoder run held out of fine-tuning, if it held any) the top 5
-documents of the backbone and of the fine-tuned encoder over all documents, [=] marking the title's own.
+neighbours: for a few titles (seeded, or those whose document moved most, among the ones the encoder run held
+out of fine-tuning if it held any) the top 5 documents of the backbone and of the fine-tuned encoder over all
+documents, [=] marking the title's own, and a summary line over all those titles.
 curves: validation Recall@10 / NDCG@10 per evaluation (history.json) of every run of the datasets, one line
 per run: a text table, and a PNG when matplotlib (an optional extra) is installed.
 """
@@ -178,6 +179,11 @@ def recs(args) -> None:
 
 
 # ---- neighbours before and after fine-tuning
+def _encode(folder, device, max_len: int, queries: list[str], docs: list[str]):
+    enc = load_encoder(folder, device=device, max_length=max_len)
+    return tuple(torch.from_numpy(enc.encode(t, show_progress=False)) for t in (queries, docs))  # unit rows
+
+
 def neighbours(args) -> None:
     run = ev.find_run(args, "encoder")  # --run, else the newest finished encoder run of --dataset
     res = ev.run_results(run)
@@ -194,20 +200,24 @@ def neighbours(args) -> None:
     held = [int(i) for i in res.get("holdout_items") or []]
     pairs = [i for i in range(ds.n_items) if titles[i] and i in item_doc]  # any of them may be --item
     pool = held or pairs
-    queries = [pairs[j] for j in lookup([str(i) for i in pairs], args.item, "--item")] if args.item else \
-        [pool[j] for j in choose(len(pool), args.titles, args.seed)]
-    every = sorted(set(pool) | set(queries))  # ranked for the summary line; the shown ones in detail too
-    shown = [every.index(i) for i in queries]
+    given = [pairs[j] for j in lookup([str(i) for i in pairs], args.item, "--item")] if args.item else []
+    every = sorted(set(pool) | set(given))  # all ranked (the summary line), a few shown in detail
     targets, doc_texts = np.array([item_doc[i] for i in every]), list(doc_id)
-    ranks, tops = {}, {}
-    for side, folder in (("backbone", weights_folder(res["backbone"])), ("fine-tuned", run)):
-        enc = load_encoder(folder, device=args.device, max_length=max_len)
-        D, Q = (torch.from_numpy(enc.encode(t, show_progress=False)) for t in (doc_texts,
-                                                                                 [titles[i] for i in every]))
-        ranks[side] = ev.full_ranking_ranks(lambda idx: Q[idx] @ D.T, len(every), targets, counts=counts)
-        tops[side] = _top(Q[shown] @ D.T, targets[shown], args.k)  # as retrieval_eval ranks: (shown, k)
+    vectors = {side: _encode(folder, args.device, max_len, [titles[i] for i in every], doc_texts)
+               for side, folder in (("backbone", weights_folder(res["backbone"])), ("fine-tuned", run))}
+    ranks = {side: ev.full_ranking_ranks(lambda idx: Q[idx] @ D.T, len(every), targets, counts=counts)
+             for side, (Q, D) in vectors.items()}  # as retrieval_eval ranks them
+    if given:
+        shown = [every.index(i) for i in given]
+    elif args.moved:  # the largest rank ratios, up or down: a move near the top counts more than far below
+        moved = np.abs(np.log1p(ranks["fine-tuned"]) - np.log1p(ranks["backbone"]))
+        shown = sorted(np.argsort(-moved, kind="stable")[:args.titles].tolist())
+    else:
+        shown = choose(len(every), args.titles, args.seed).tolist()
+    queries = [every[q] for q in shown]
+    tops = {side: _top(Q[shown] @ D.T, targets[shown], args.k) for side, (Q, D) in vectors.items()}
     kind = "held out of fine-tuning" if held else "of the catalog (this run held none out: seen in training)"
-    how = "given" if args.item else f"seed {args.seed}"
+    how = "given" if args.item else "the ones fine-tuning moved most" if args.moved else f"seed {args.seed}"
     print(f"{ds.name}: {len(queries)} of the {len(pool)} titles {kind} ({how}); each searched {len(doc_id)} "
           f"distinct documents ({int(counts.sum())} items) at {max_len} tokens; [=] the title's own document")
     print(f"  backbone: {res['backbone']} ({weights_folder(res['backbone'])})\n  fine-tuned: {run}")
@@ -272,7 +282,7 @@ def curves_table(curves: dict, rows: int = 15) -> str:
         out += [(f"  {e:>5g} | " + " | ".join(c.get(e, "–").ljust(15) for c in cell)).rstrip()
                 for e in shown]
         out += [f"  {x}: {r}" for x, r in zip(letters, runs)] + [""]
-    return "\n".join(out) or "(no run has a validation history)"
+    return "\n".join(out)
 
 
 def curves_png(curves: dict, path: Path) -> bool:
@@ -344,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--runs", default="runs", help="where to look for it: the run folders of train.py")
     n.add_argument("--titles", type=ev.COUNT, default=3, help="how many seeded titles")
     n.add_argument("--item", nargs="+", help="these items' titles (catalog indices) instead")
+    n.add_argument("--moved", action="store_true", help="the titles whose document's rank changed most")
     n.add_argument("--k", type=ev.COUNT, default=5, help="documents shown per encoder")
     n.add_argument("--max-length", type=ev.COUNT, help="token limit (default: the run's own)")
     c = tools["curves"]

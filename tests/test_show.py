@@ -174,3 +174,20 @@ def test_ties_list_the_target_below_its_equals_as_the_metric_ranks_it():
     targets = np.array([1, 3])
     assert show._top(scores, targets, 3).tolist() == [[2, 1, 0], [0, 1, 2]]   # pessimistic ties
     assert ev.ranks_from_scores(scores, torch.as_tensor(targets)).tolist() == [1, 3]
+
+
+def test_moved_shows_the_titles_whose_document_moved_most(tiny, capsys, tmp_path):
+    from encoderec import load_encoder
+    ds, enc_run = tiny["ds"], tiny["encoder"]
+    held = json.loads((enc_run / "results.json").read_text())["holdout_items"]
+    ranks, max_len = [], json.loads((enc_run / "run.json").read_text())["key"]["max"]
+    for folder in (tiny["backbone"], enc_run):
+        ev.retrieval_eval(load_encoder(folder, max_length=max_len), ds, query_items=held, progress=False,
+                          ranks_to=tmp_path / "r.npy")
+        ranks.append(np.load(tmp_path / "r.npy"))
+    change = np.abs(np.log1p(ranks[1]) - np.log1p(ranks[0]))
+    assert show.main(["neighbours", *tiny["common"], "--run", str(enc_run), "--moved", "--titles", "2"]) == 0
+    out = capsys.readouterr().out
+    shown = [int(b.split(" ")[0]) for b in out.split("\n#")[1:]]
+    assert "(the ones fine-tuning moved most)" in out and len(shown) == 2
+    assert sorted(change[[held.index(i) for i in shown]]) == sorted(change)[-2:]

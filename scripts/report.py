@@ -1,12 +1,13 @@
 """The paper's tables from train.py's finished runs, with their significance tests (EncodeRec marks p < 0.05).
 
-    python scripts/report.py --dataset Scientific [Beauty ...] [--runs runs] [--csv PATH]
+    python scripts/report.py --dataset Scientific [Beauty ...] [--runs runs] [--csv PATH] [--curves]
 
 Reads runs/<dataset>/*/results.json: a markdown table per TABLES entry on stdout, every cell in a CSV
 (default runs/report-<datasets>.csv, long format), the summary as JSON on the last stdout line. Runs of one
 setting that differ by seed are averaged; a fine-tuned encoder's row is tested against its backbone's row of
 the same setting: a paired t-test over test users (paired_test on test_ranks.npy), Welch's over seeds for
-collisions. Other tools call `report(runs, names)` (the markdown), or collect_report and report_markdown.
+collisions. --curves adds each run's validation curve (scripts/show.py curves). Other tools call
+`report(runs, names)` (the markdown), or collect_report and report_markdown.
 """
 from __future__ import annotations
 
@@ -359,6 +360,9 @@ def run_report(args) -> dict:
     if (path.parent / "run.json").is_file() or find_lcrec(path.parent):
         raise DataError(f"--csv {path}: write it outside run and dataset folders")
     print(report_markdown(recs))
+    if args.curves:  # scripts/show.py: a text table, and a PNG when matplotlib is installed
+        from show import curves
+        print(curves(args.runs, names, path.with_name(f"curves-{'+'.join(names)}.png")))  # beside the CSV
     def write(tmp):  # long format: a row per (table, dataset, row, schedule, metric)
         with open(tmp, "w", newline="") as f:
             w = csv.DictWriter(f, CSV_HEADER.split(","))
@@ -380,6 +384,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dataset", required=True, nargs="+", help="names or folders (their runs/<name>/)")
     ap.add_argument("--runs", default="runs", help="the run folders of train.py")
     ap.add_argument("--csv", help="CSV path (default runs/report-<datasets>.csv)")
+    ap.add_argument("--curves", action="store_true",
+                    help="also the validation curves (curves-<datasets>.png beside the CSV, with matplotlib)")
     args = ap.parse_args(argv)
     try:
         print_json(run_report(args))

@@ -163,8 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=COUNT, default=64, help="texts per encoder batch")
     group(ap, "unisrec vqrec tiger").add_argument(
         "--run", help="a run folder (default: the newest finished one)")
-    group(ap, "retrieval unisrec vqrec tiger").add_argument(
-        "--ranks", help="save each test case's (retrieval: query's) rank to this new .npy")
+    ap.add_argument("--ranks", help="save each test case's (retrieval: query's) rank to this new .npy")
     t = group(ap, "tiger")
     t.add_argument("--beam", type=COUNT, default=10, help="beam width = returned IDs")
     t.add_argument("--no-constrain", action="store_true", help="free decoding (invalid IDs counted)")
@@ -523,10 +522,10 @@ def main(argv=None) -> int:
         check_flags(ap, args, "--task", args.task)
         torch.manual_seed(args.seed)
         args.device = check_device(args.device)
-        if getattr(args, "ranks", None):
+        if args.ranks:
             new_output("--ranks", args.ranks)
         result = TASKS[args.task][0](args)
-        if getattr(args, "ranks", None):
+        if args.ranks:
             record([Path(args.ranks)])  # then a later --ranks may replace it
         print_json(result)
     except (Exception, KeyboardInterrupt) as e:

@@ -310,12 +310,6 @@ class RQVAE(nn.Module):
         out = (torch.stack(codes, 1), z_q, torch.stack(losses))  # L x (B,) -> (B, L)
         return (*out, torch.stack(residuals)) if return_residuals else out
 
-    def codes_to_latent(self, codes: torch.Tensor) -> torch.Tensor:
-        """Codes (B, L) -> quantised latent (B, D)."""
-        codes = torch.as_tensor(codes, device=self.codebooks.device).long()
-        levels = torch.arange(codes.shape[1], device=codes.device)
-        return self.codebooks[levels, codes].sum(1)  # (B, L, D) -> (B, D)
-
     def decode(self, z_q: torch.Tensor) -> torch.Tensor:
         """Quantised latent (B, D) -> reconstruction (B, d) in the input's units."""
         return self.decoder(z_q) * self.std + self.mean

@@ -40,7 +40,6 @@ from data import DOCUMENT_FIELDS, ITEM_TEXT_FIELDS, DataError, file_sha256, load
 
 DEFAULT_DATASET = "scientific"  # the one set with item descriptions, which EncodeRec's documents need
 RKMEANS = {"levels": 3, "k": 256, "iters": 50, "standardize": True}  # residual k-means = RQ-VAE's codebooks
-INVISIBLE = dict.fromkeys(map(ord, "\u200b\u200c\u200d\u2060\ufeff"))  # str.translate: zero-width -> gone
 PQ_SHAPE = (32, 256)  # VQ-Rec's OPQ32,IVF1,PQ32x8: 32 sub-vectors of 256 codes
 
 
@@ -162,7 +161,7 @@ def stage_encoder(args) -> Path:
             raise DataError(f"--corpus {args.corpus} keeps {len(keep)} of the {len(pairs)} pairs; 2 needed")
         pairs = [pairs[i] for i in sorted(keep)]
     for side in (0, 1):  # identical texts (spaces, zero-width characters aside): nothing to tell apart
-        if len({" ".join(pair[side].translate(INVISIBLE).split()) for pair in pairs}) < 2:
+        if len({" ".join("".join(filter(str.isprintable, pair[side])).split()) for pair in pairs}) < 2:
             raise DataError(f"{ds.name}: every training {('title', 'document')[side]} is the same text; "
                             "InfoNCE cannot learn from them")
     bs, lr = min(args.batch_size or 512, len(pairs)), args.lr or 5e-5

@@ -357,6 +357,7 @@ def fit(model: torch.nn.Module, loss_fn, n_examples: int, optimizer: torch.optim
                 loss = loss_fn(idx)
             value = run.step(loss, lr, len(idx))
             st.step, st.examples = st.step + 1, st.examples + len(idx)
+            run.forecast(cap, n_batches, desc)
             end_of_epoch = st.step % n_batches == 0
             bar.update(1)
             bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.1e}", refresh=False)
@@ -400,6 +401,16 @@ class _Run:
         self.dev = next(model.parameters()).device
         self.t_saved = self.t_seg = time.perf_counter()
         self.seg_loss, self.seg_n = 0.0, 0
+        self.first, self.t1 = st.step, 0.0
+
+    def forecast(self, cap: int | None, n_batches: int, desc: str) -> None:
+        """Once, at this call's 4th step: the training time ahead, timed on steps 2 to 4."""
+        if self.st.step == self.first + 1:
+            self.t1 = time.perf_counter()
+        elif self.st.step == self.first + 4 and self.rank == 0:
+            per, left = (time.perf_counter() - self.t1) / 3, cap - self.st.step if cap else n_batches
+            tqdm.write(f"{desc}: {per:.2f} s a step, so ~{per * left / 60:.1f} min of steps "
+                       f"{'to the end' if cap else 'an epoch'} (evaluations aside)")
 
     def step(self, loss: torch.Tensor, lr: float, n: int) -> float:
         """One update; returns the global batch loss (non-finite: raises before the update)."""

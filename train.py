@@ -232,7 +232,7 @@ def stage_embed(args, ds=None) -> Path:
     key.update(fields=fields, max=max_len, pooled="raw")
     out = run_folder(args, "embed", ev.encoder_label(args.encoder), key)
     if done(out):
-        return finish(out) or out / "item_emb.npy"  # read through data.verify
+        return finish(out) or out / "item_emb.npy"
     if missing:
         say(f"warning: {missing} of {ds.n_items} items have none of {', '.join(fields)}: embedded from ''")
     say(f"{ds.name}: embedding {ds.n_items} items with {ev.encoder_label(args.encoder)} into {out}")

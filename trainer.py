@@ -25,6 +25,7 @@ import math
 import os
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -409,8 +410,8 @@ class _Run:
             self.t1 = time.perf_counter()
         elif self.st.step == self.first + 4 and self.rank == 0:
             per, left = (time.perf_counter() - self.t1) / 3, cap - self.st.step if cap else n_batches
-            tqdm.write(f"{desc}: {per:.2f} s a step, so ~{per * left / 60:.1f} min of steps "
-                       f"{'to the end' if cap else 'an epoch'} (evaluations aside)")
+            tqdm.write(f"{desc}: {per:.2f} s a step, ~{per * left / 60:.1f} min of steps "
+                       f"{'to the end' if cap else 'an epoch'} (evaluations aside)", file=sys.stderr)
 
     def step(self, loss: torch.Tensor, lr: float, n: int) -> float:
         """One update; returns the global batch loss (non-finite: raises before the update)."""

@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=COUNT, default=64, help="texts per encoder batch")
     group(ap, "unisrec vqrec tiger").add_argument(
         "--run", help="a run folder (default: the newest finished one)")
-    ap.add_argument("--ranks", help="save each test case's (retrieval: query's) rank to this new .npy")
+    ap.add_argument("--ranks", type=new_npy,
+                    help="save each test case's (retrieval: query's) rank to this new .npy")
     t = group(ap, "tiger")
     t.add_argument("--beam", type=COUNT, default=10, help="beam width = returned IDs")
     t.add_argument("--no-constrain", action="store_true", help="free decoding (invalid IDs counted)")
@@ -258,15 +259,15 @@ def cli_error(e: BaseException, resumable: bool = False) -> int:
     return 1
 
 
-def new_output(flag: str, path) -> Path:
-    """An output flag's .npy: a new file, or one that this flag wrote (data.record); never one in a run or
+def new_npy(path: str) -> str:
+    """An output flag's .npy (argparse type): new, or one this flag wrote (data.record); not in a run or
     dataset folder, whose files it would replace."""
     p = Path(path)
     if p.suffix != ".npy" or (p.parent / "run.json").is_file() or find_lcrec(p.parent):
-        raise DataError(f"{flag} {p}: give a .npy path outside run and dataset folders")
+        raise argparse.ArgumentTypeError(f"{p}: give a .npy path outside run and dataset folders")
     if os.path.lexists(p) and (p.is_symlink() or not p.is_file() or verify(p) is None):
-        raise DataError(f"{flag} {p} exists and is not a file that {flag} wrote: choose a new path")
-    return p
+        raise argparse.ArgumentTypeError(f"{p} exists and is not a file this flag wrote: choose a new path")
+    return path
 
 
 def encoder_label(encoder: str) -> str:
@@ -384,16 +385,16 @@ def evaluate_unisrec(model, ds, cases, max_len: int, ks=(10, 50), ranks_to=None)
     return summarize(ranks, ks, cold=cases.cold)
 
 
+def build_unisrec(meta: dict, run: Path) -> UniSRec:  # for _load: the model on the inputs it was trained on
+    cfg = UniSRecConfig(**meta["model_config"])
+    if cfg.mode == "vqrec":
+        return UniSRec(cfg, codes=read_run_embeddings(run, meta["codes_path"], meta.get("n_items"), "codes"))
+    emb = read_run_embeddings(run, meta["item_emb_path"], meta.get("n_items")) if cfg.mode != "id" else None
+    return UniSRec(cfg, l2_rows(emb) if emb is not None and meta.get("normalize_input") else emb)
+
+
 def run_unisrec(args) -> dict:
-    def build(meta, run):
-        cfg = UniSRecConfig(**meta["model_config"])
-        if cfg.mode == "vqrec":
-            codes = read_run_embeddings(run, meta["codes_path"], meta.get("n_items"), "codes")
-            return UniSRec(cfg, codes=codes)
-        emb = read_run_embeddings(run, meta["item_emb_path"], meta.get("n_items")) if cfg.mode != "id" \
-            else None
-        return UniSRec(cfg, l2_rows(emb) if emb is not None and meta.get("normalize_input") else emb)
-    run, ds, model, _ = _load(args, args.task, build)
+    run, ds, model, _ = _load(args, args.task, build_unisrec)
     return {"task": "unisrec", "dataset": ds.name, "run": str(run),
             **{s: evaluate_unisrec(model, ds, getattr(ds.splits, s), model.cfg.max_seq_len,
                                    ranks_to=args.ranks if s == "test" else None) for s in ("valid", "test")}}
@@ -522,8 +523,6 @@ def main(argv=None) -> int:
         check_flags(ap, args, "--task", args.task)
         torch.manual_seed(args.seed)
         args.device = check_device(args.device)
-        if args.ranks:
-            new_output("--ranks", args.ranks)
         result = TASKS[args.task][0](args)
         if args.ranks:
             record([Path(args.ranks)])  # then a later --ranks may replace it

@@ -48,10 +48,10 @@ def run_folder(args, stage: str, label: str, key: dict) -> Path:
     """runs/<dataset>/<stage>-<label>-<hash of key>, or --out; refused when it is unfinished (without
     --resume) or holds a run of other inputs."""
     key = trainer.json_safe({"stage": stage, **key})
-    name = f"{stage}-{label}-{trainer.digest(key)}"
-    out = Path(args.out) if args.out else Path(args.runs) / key["dataset"] / name
+    digest = trainer.digest(key)
+    out = Path(args.out) if args.out else Path(args.runs) / key["dataset"] / f"{stage}-{label}-{digest}"
     info, (rank, world) = out / "run.json", trainer.rank_world()
-    RUN_KEYS[out] = trainer.digest(key)  # every rank: checkpoints record it (_meta)
+    RUN_KEYS[out] = digest  # every rank: checkpoints record it (_meta)
     if world > 1 and stage in ("embed", "ids", "codes") and not done(out):
         raise DataError(f"make the {stage} folder first, in one process: torchrun runs encoder/unisrec/tiger")
     if os.path.lexists(out) and not out.is_dir():
@@ -97,7 +97,7 @@ def finish(out: Path, results: dict | None = None) -> None:
         results = ev.run_results(out)
     else:  # then the sha256 of every file it holds, which each reader checks
         trainer.write_json(out / "results.json", results)
-        record([f for f in out.iterdir() if f.is_file() and not f.name.startswith(".")])
+        record([f for f in out.iterdir() if f.is_file() and f.suffix != ".pt" and f.name[0] != "."])
     ev.print_json(results)
 
 

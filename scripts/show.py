@@ -27,11 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as ev  # noqa: E402
-from data import DataError, load_dataset, read_json, weights_folder  # noqa: E402
+from data import DataError, load_dataset, read_json, verify, weights_folder  # noqa: E402
 from encoderec import load_encoder  # noqa: E402
 from tiger import SemanticIDs, Tiger, TigerConfig, recommend  # noqa: E402
 from trainer import check_device  # noqa: E402
-from unisrec import UniSRec, UniSRecConfig, score_fn  # noqa: E402
+from unisrec import score_fn  # noqa: E402
 
 K = 10  # the recommendations shown: the cutoff of the reported metrics
 
@@ -45,15 +45,6 @@ def _cut(text: str, width: int) -> str:
 
 
 # ---- recommendations as titles
-def _unisrec(meta, run):
-    """eval.run_unisrec's model of a run (UniSRec, SASRec-ID or VQ-Rec) on the inputs it was trained on."""
-    cfg = UniSRecConfig(**meta["model_config"])
-    if cfg.mode == "vqrec":
-        return UniSRec(cfg, codes=ev.read_run_embeddings(run, meta["codes_path"], meta["n_items"], "codes"))
-    emb = None if cfg.mode == "id" else ev.read_run_embeddings(run, meta["item_emb_path"], meta["n_items"])
-    return UniSRec(cfg, ev.l2_rows(emb) if emb is not None and meta.get("normalize_input") else emb)
-
-
 def _ease(ds, lam: float, device: str):
     """EASE's weights B (I, I) refitted as eval.ease_run fits them (no run folder keeps them)."""
     train = ev.training_interactions(ds)
@@ -82,7 +73,7 @@ def recommender(run: Path, args):
     task, a = res.get("task"), argparse.Namespace(run=str(run), dataset=args.dataset, data_dir=args.data_dir,
                                                   runs=None, device=args.device)
     if task == "unisrec":
-        _, ds, model, _ = ev._load(a, "unisrec", _unisrec)
+        _, ds, model, _ = ev._load(a, "unisrec", ev.build_unisrec)
         kind = {"id": "SASRec-ID", "vqrec": "VQ-Rec"}.get(model.cfg.mode, f"UniSRec ({model.cfg.mode})")
 
         def top(cases):
@@ -132,6 +123,7 @@ def _test_ranks(path: Path, n: int) -> np.ndarray | None:
     """A run's saved rank of each test case (train.py writes it; older runs may lack it: None)."""
     if not path.is_file():
         return None
+    verify(path)  # an edited file would misplace the target's mark
     try:
         ranks = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:

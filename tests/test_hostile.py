@@ -1061,7 +1061,7 @@ def test_ranks_never_overwrites_what_it_did_not_write(runs, tmp_path, capsys):
     np.save(stranger, np.arange(3))
     before = {p: p.read_bytes() for p in (inter, run / "best.pt", stranger)}
     for target, needle in [(inter, "outside run and dataset folders"), (run / "best.pt", "outside run"),
-                           (run / "x.npy", "outside run"), (stranger, "is not a file that --ranks wrote"),
+                           (run / "x.npy", "outside run"), (stranger, "is not a file this flag wrote"),
                            (tmp_path / "r.txt", "give a .npy")]:
         _refused(ev.main, [*base, "--ranks", str(target)], capsys, needle)
     assert all(p.read_bytes() == b for p, b in before.items())

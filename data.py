@@ -29,7 +29,6 @@ import os
 import re
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -627,8 +626,7 @@ def resolve_source(dataset: str, data_dir: Path) -> Path:
     return folder
 
 
-def load_dataset(dataset: str, data_dir: str | Path = "data", use_cache: bool = True,
-                 verbose: bool = False) -> Dataset:
+def load_dataset(dataset: str, data_dir: str | Path = "data", use_cache: bool = True) -> Dataset:
     """An LC-Rec folder, or a name prepared under data_dir by scripts/prepare_data.py, through the cache."""
     data_dir = Path(data_dir)
     folder = resolve_source(dataset, data_dir)
@@ -639,13 +637,9 @@ def load_dataset(dataset: str, data_dir: str | Path = "data", use_cache: bool = 
     # fingerprints (in run keys and checkpoints) stay the same
     fp = _fingerprint(files, {"kcore": None, "protocol": None})
     cache = proc / f"{name}-{fp}.npz"
-    t0 = time.perf_counter()
     if use_cache and cache.exists():
         try:
-            ds = _load_cache(cache)
-            if verbose:
-                print(f"loaded {cache} in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
-            return ds
+            return _load_cache(cache)
         except Exception as e:  # truncated, tampered, another version: the cache is only a copy
             print(f"warning: unreadable cache {cache} ({type(e).__name__}): rebuilding it", file=sys.stderr)
     ds = load_lcrec(folder)
@@ -655,6 +649,4 @@ def load_dataset(dataset: str, data_dir: str | Path = "data", use_cache: bool = 
             _save_cache(ds, cache)
         except OSError as e:
             print(f"warning: could not write the cache {cache}: {e}", file=sys.stderr)
-    if verbose:
-        print(f"processed {folder} in {time.perf_counter() - t0:.2f}s", file=sys.stderr)
     return ds

@@ -252,7 +252,6 @@ def relative_position_bucket(rel: torch.Tensor, bidirectional: bool, num_buckets
 
 # CPU inference (bench/encode.py): the feed-forward runs over token tiles of FFN_TILE_ELEMS floats (24 MB),
 # under glibc's mmap threshold, so its memory is reused, not page-faulted afresh each call
-FFN_TILING = True
 FFN_TILE_ELEMS = 6 << 20
 
 
@@ -265,12 +264,12 @@ class BertLayer(nn.Module):
 
     def forward(self, x, attn_mask):
         x = self.attention(x, attn_mask)
-        if not FFN_TILING or self.training or torch.is_grad_enabled():
+        if self.training or torch.is_grad_enabled():
             return self.output(self.intermediate(x), x)
         return self._ffn_inference(x)
 
     def _ffn_inference(self, x):
-        """output(intermediate(x), x) without dropout, over token tiles (see FFN_TILING)."""
+        """output(intermediate(x), x) without dropout, over token tiles (see FFN_TILE_ELEMS)."""
         B, L, H = x.shape
         flat = x.reshape(B * L, H)  # (B, L, H) -> (T, H)
         out = torch.empty_like(flat)
@@ -505,11 +504,12 @@ def cached_info_nce(encoder: TextEncoder, queries, documents, chunk_size: int | 
                     progress: bool = False) -> torch.Tensor:
     """`info_nce_loss` of (query, document) texts with GradCache (Gao et al., 2021): `.backward()` gives
     the exact full-batch gradient in one chunk's memory. (a) Embed chunks without a graph, keeping RNG
-    states; (b) cache the loss's gradient w.r.t. the embeddings; (c) the returned leaf's backward hook
-    re-embeds each chunk with a graph (same RNG state, autocast) and back-propagates the cached gradient
-    times the incoming one. One process, chunk_size None or >= B: plain autograd. Under torchrun (b) uses
-    all-gathered embeddings; each rank back-propagates its rows and returns the global loss times its
-    share of rows (trainer.fit sums over ranks)."""
+    states, but the last (the longest documents); (b) cache the loss's gradient w.r.t. the embeddings; (c)
+    the returned leaf's backward hook back-propagates the cached gradient times the incoming one through
+    that chunk's graph, then re-embeds each other chunk with a graph (same RNG state, autocast) to do so.
+    One process, chunk_size None or >= B: plain autograd. Under torchrun (b) uses all-gathered embeddings;
+    each rank back-propagates its rows and returns the global loss times its share of rows (trainer.fit
+    sums over ranks)."""
     B = len(queries)
     if len(documents) != B:
         raise ValueError(f"{B} queries but {len(documents)} documents; pairs must align.")
@@ -526,14 +526,15 @@ def cached_info_nce(encoder: TextEncoder, queries, documents, chunk_size: int | 
         chunks += [encoder._collate([enc[i] for i in order[s: s + chunk_size]])
                    for s in range(0, B, chunk_size)]
     states, embs = [], []
-    with torch.no_grad():  # (a)
-        for batch in tqdm(chunks, desc="embed chunks", unit="chunk", leave=False, disable=not progress):
-            states.append(_rng_state(dev))
+    bar = tqdm(chunks, desc="embed chunks", unit="chunk", leave=False, disable=not progress)
+    for i, batch in enumerate(bar):
+        states.append(_rng_state(dev))
+        with torch.set_grad_enabled(i == len(chunks) - 1):  # (a)
             embs.append(encoder(batch).float())
     after = _rng_state(dev)
     half = len(chunks) // 2
     empty = torch.zeros(0, encoder.dim, device=dev)  # a rank may hold no pair
-    q, d = (torch.cat(e)[np.argsort(o)] if half else empty  # (B, d) each, in batch order
+    q, d = (torch.cat(e).detach()[np.argsort(o)] if half else empty  # (B, d) each, in batch order
             for e, o in ((embs[:half], orders[0]), (embs[half:], orders[1])))
     off, n_all = 0, B
     if distributed:  # (B, d) -> (B_global, d); ids too, so false negatives span ranks
@@ -549,7 +550,9 @@ def cached_info_nce(encoder: TextEncoder, queries, documents, chunk_size: int | 
 
     def replay(grad_out):  # (c)
         with torch.enable_grad(), torch.autocast(dev.type, dtype=amp[1], enabled=amp[0]):
-            bar = tqdm(chunks, desc="re-embed chunks", unit="chunk", leave=False, disable=not progress)
+            if chunks:  # the last chunk's graph, kept since (a)
+                embs[-1].backward(grads[-1] * grad_out)
+            bar = tqdm(chunks[:-1], desc="re-embed chunks", unit="chunk", leave=False, disable=not progress)
             for batch, state, g in zip(bar, states, grads):
                 _set_rng_state(dev, state)
                 encoder(batch).float().backward(g * grad_out)

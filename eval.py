@@ -415,11 +415,10 @@ def training_counts(ds) -> np.ndarray:
     return np.bincount(ds.seq_items[training_interactions(ds)], minlength=ds.n_items)
 
 
-def popularity_ranks(ds, cases, chunk_size: int = 1024) -> np.ndarray:
+def popularity_ranks(ds, cases) -> np.ndarray:
     """Ranks with items scored by training count (popularity)."""
     counts = torch.as_tensor(training_counts(ds), dtype=torch.float32)  # (I,)
-    return full_ranking_ranks(lambda idx: counts.expand(len(idx), -1), len(cases), cases.target,
-                              chunk_size=chunk_size)
+    return full_ranking_ranks(lambda idx: counts.expand(len(idx), -1), len(cases), cases.target)
 
 
 # ---- EASE (Steck, WWW 2019): the linear item-item anchor
@@ -475,12 +474,12 @@ def ease_run(ds, lambdas=EASE_LAMBDAS, ranks_to=None, device="cpu") -> dict:
 
 
 def evaluate_tiger(model, ds, cases, ids, beam: int = 10, constrain: bool = True,
-                   ks=(5, 10), progress: bool = True, batch_size: int = 256, ranks_to=None) -> dict:
+                   ks=(5, 10), ranks_to=None) -> dict:
     """summarize() of TIGER's top-`beam` items; unconstrained: + the invalid share; ranks_to: as in
     evaluate_unisrec (MISS beyond the beam)."""
     hist, _ = ds.histories(cases, model.cfg.max_items)  # (C, L), -1 = padding
-    items, _ = recommend(model, hist, ids, beam=beam, constrain=constrain, batch_size=batch_size,
-                         progress=progress)  # (C, beam), -1 = invalid
+    items, _ = recommend(model, hist, ids, beam=beam, constrain=constrain,
+                         progress=True)  # (C, beam), -1 = invalid
     ranks = ranks_from_topk(items, cases.target)
     if ranks_to:
         save_npy(ranks_to, ranks)

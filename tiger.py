@@ -176,13 +176,6 @@ class SemanticIDs:
         row = torch.searchsorted(self.item_keys, keys).clamp(max=self.n_items - 1)
         return torch.where(self.item_keys[row] == keys, self.key_items[row], -1)
 
-    def key_of(self, codes: torch.Tensor) -> torch.Tensor:
-        """Mixed-radix key of full codes (..., n_levels) -> (...,)."""
-        key = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
-        for lvl, v in enumerate(self.vocab_sizes):
-            key = key * v + codes[..., lvl]
-        return key
-
 
 # ----------------------------------------------------------------------------- tokenisation
 def _int_2d(x, device, what: str) -> torch.Tensor:
@@ -584,25 +577,23 @@ def _beam_search(model: Tiger, src, ids: SemanticIDs, beam: int, k: int,
 
 
 def recommend(model: Tiger, hist, ids: SemanticIDs, beam: int = 10, k: int | None = None,
-              constrain: bool = True, batch_size: int = 256, max_items: int | None = None,
-              progress: bool = False, amp: str = "off") -> tuple[np.ndarray, np.ndarray]:
+              constrain: bool = True, batch_size: int = 256,
+              progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Top-k items (C, k) int64 (-1 = invalid ID) and scores (C, k) of histories (C, L), `batch_size`
     users at a time, sorted by history length so a batch carries little padding; in input order."""
     hist = np.asarray(hist)
     ids = ids.to(model.device)
-    max_items = model.cfg.max_items if max_items is None else max_items
+    max_items = model.cfg.max_items
     k = beam if k is None else k
     C = len(hist)
     lengths = np.minimum((hist >= 0).sum(1), max_items) if C else np.zeros(0, int)
     order = np.argsort(lengths, kind="stable")
     items = np.full((C, k), -1, dtype=np.int64)
     scores = np.full((C, k), -np.inf, dtype=np.float32)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     for s in tqdm(range(0, C, batch_size), desc=f"beam search ({'constrained' if constrain else 'free'})",
                   unit="batch", leave=False, disable=not progress):
         rows = order[s:s + batch_size]
         src = tokenize_histories(hist[rows], ids, max_items)
-        with torch.autocast(model.device.type, dtype=dtype, enabled=dtype is not None):
-            it, sc, _ = beam_search(model, src, ids, beam, k, constrain)
+        it, sc, _ = beam_search(model, src, ids, beam, k, constrain)
         items[rows], scores[rows] = it.cpu().numpy(), sc.float().cpu().numpy()
     return items, scores

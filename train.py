@@ -339,7 +339,8 @@ def stage_unisrec(args) -> Path:
     """UniSRec on frozen item embeddings, or SASRec on item IDs (--encoder none): Adam, full softmax, early
     stopping on valid NDCG@10 (UniSRec's fine-tuning); the best model tested."""
     ds = load_dataset(args.dataset, args.data_dir)
-    args = with_(args, max_history=args.max_history or 50)  # UniSRec's
+    args = with_(args, max_history=args.max_history or 50,  # UniSRec's
+                 group_by_length=args.group_by_length or 0)
     _has_cases(ds, max_history=args.max_history)
     text = str(args.encoder).lower() != "none"
     mode = args.mode if text else "id"
@@ -416,7 +417,8 @@ def stage_tiger(args) -> Path:
     """TIGER on the semantic IDs of the --encoder: teacher forcing, early stopping on the valid NDCG@10 of
     constrained beam search; the best checkpoint tested beside popularity."""
     ds = load_dataset(args.dataset, args.data_dir)
-    args = with_(args, max_history=args.max_history or 20)  # TIGER's
+    args = with_(args, max_history=args.max_history or 20,  # TIGER's
+                 group_by_length=50 if args.group_by_length is None else args.group_by_length)
     _has_cases(ds, max_history=args.max_history, beam=args.beam)
     s = (args.batch_size or 256) / 256  # same examples: steps / s; lr * sqrt(s) (Adam's rule)
     args = with_(args, lr=args.lr or 1e-3 * s ** 0.5, batch_size=args.batch_size or 256,
@@ -549,8 +551,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--patience", type=ev.COUNT, default=10,
                    help="evaluations without a better valid NDCG@10 (10)")
     g.add_argument("--max-history", type=ev.COUNT, help="history items (unisrec 50, tiger 20: the papers')")
-    g.add_argument("--group-by-length", type=ev.NON_NEGATIVE, default=50, help="batches of similar history "
-                   "length, sorted in spans of this many batches (50): little padding; 0 = plain shuffle")
+    g.add_argument("--group-by-length", type=ev.NON_NEGATIVE, help="batches of similar history length, "
+                   "sorted in spans of this many batches (tiger 50; unisrec 0 = plain shuffle, padded per "
+                   "length group)")
     g = ev.group(ap, "unisrec")
     g.add_argument("--mode", choices=["inductive", "transductive", "vqrec"], default="inductive",
                    help="text only (the paper's), + item-ID embedding, or VQ-Rec (--tokenizer opq)")

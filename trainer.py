@@ -90,7 +90,7 @@ def epoch_order(lengths: np.ndarray, batch_size: int, seed: int, epoch: int, buc
     """The N examples in epoch `epoch`'s order (consecutive runs of batch_size = the batches): a permutation
     seeded by (seed, epoch); with buckets > 1 each run of `buckets` batches is sorted by history length
     (`lengths` (N,)) and the full batches shuffled, so a batch pads little while its users still come from the
-    whole shuffle. UniSRec's and TIGER's default (--group-by-length 50; 0 = the plain shuffle)."""
+    whole shuffle. TIGER's default (--group-by-length 50)."""
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(lengths))
     if buckets <= 1 or not len(perm):

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 MODES = ("inductive", "transductive", "id", "vqrec")
+LENGTH_GROUP = 128  # rows per padded group in encode (fewer: less padding, smaller and slower matmuls)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -74,12 +75,22 @@ class UniSRecConfig:
 
 
 # ----------------------------------------------------------------------------- adaptor
+class Dropout(nn.Dropout):
+    """nn.Dropout whose keep mask on CPU comes from torch.rand: the same Bernoulli(1 - p) draw for about half
+    the cost of the CPU bernoulli_ behind nn.Dropout (bench/order.py)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and 0 < self.p < 1 and x.is_cpu):
+            return super().forward(x)
+        return x * ((torch.rand_like(x) >= self.p) * (1 / (1 - self.p)))
+
+
 class PWLayer(nn.Module):
     """Parametric whitening (UniSRec Eq. 1)."""
 
     def __init__(self, d_in: int, d_out: int, dropout: float, init_std: float = 0.02):
         super().__init__()
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.bias = nn.Parameter(torch.zeros(d_in))
         self.lin = nn.Linear(d_in, d_out, bias=False)
         nn.init.normal_(self.lin.weight, 0.0, init_std)
@@ -134,11 +145,11 @@ class Block(nn.Module):
         self.n_heads, self.attn_p = cfg.n_heads, cfg.attn_dropout
         self.qkv = nn.Linear(D, 3 * D)  # q, k, v (RecBole: three Linears)
         self.proj = nn.Linear(D, D)
-        self.drop1 = nn.Dropout(cfg.hidden_dropout)
+        self.drop1 = Dropout(cfg.hidden_dropout)
         self.ln1 = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
         self.ff1 = nn.Linear(D, cfg.inner_size)
         self.ff2 = nn.Linear(cfg.inner_size, D)
-        self.drop2 = nn.Dropout(cfg.hidden_dropout)
+        self.drop2 = Dropout(cfg.hidden_dropout)
         self.ln2 = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, valid: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
@@ -210,7 +221,7 @@ class UniSRec(nn.Module):
             self.item_id_emb = nn.Embedding(cfg.n_items + 1, D, padding_idx=0)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, D)
         self.ln = nn.LayerNorm(D, eps=cfg.layer_norm_eps)
-        self.drop = nn.Dropout(cfg.hidden_dropout)
+        self.drop = Dropout(cfg.hidden_dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self._init_weights()
 
@@ -288,18 +299,12 @@ class UniSRec(nn.Module):
         """VQ-Rec's item representation: the mean of its codes' embeddings, (n,) -> (n, D)."""
         return F.embedding_bag(self.code_rows[items], self.code_emb.weight, mode="mean")
 
-    def _run(self, hist, all_positions: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        items, valid, lengths = self.prepare(hist)                    # (B, W) each, (B,)
-        x = self.embed_items(items, valid) + self.pos_emb.weight[:items.shape[1]]  # (B, W, D) + (W, D)
-        last = None if all_positions else (lengths - 1).clamp(min=0)  # (B,) column of the last item
-        return self._transform(x, valid, last), lengths
-
-    def _transform(self, x: torch.Tensor, valid: torch.Tensor, last: torch.Tensor | None) -> torch.Tensor:
-        """LN -> dropout -> blocks (the last only at `last`, if given); shape-static, for compile_core."""
+    def _transform(self, x: torch.Tensor, valid: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """LN -> dropout -> blocks, the last only at `last` (B,): (B, W, D) -> (B, D); for compile_core."""
         x = self.drop(self.ln(x))
         for i, blk in enumerate(self.blocks):
             x = blk(x, valid, last if i == len(self.blocks) - 1 else None)
-        return x if last is None else x.squeeze(1)  # (B, W, D) | (B, 1, D) -> (B, D)
+        return x.squeeze(1)  # (B, 1, D) -> (B, D)
 
     def compile_core(self, **kwargs) -> UniSRec:
         """torch.compile the transformer and the adaptor (dynamic shapes); state-dict keys unchanged."""
@@ -311,13 +316,16 @@ class UniSRec(nn.Module):
                 self.adaptor.forward = torch.compile(self.adaptor.forward, **kwargs)
         return self
 
-    def hidden_states(self, hist) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final states at every packed position (B, W, D) and lengths (B,)."""
-        return self._run(hist, all_positions=True)
-
     def encode(self, hist) -> torch.Tensor:
-        """Final state at the last real position: (B, L) -> (B, D)."""
-        return self._run(hist, all_positions=False)[0]
+        """Final state at the last real position: (B, L) -> (B, D). On CPU, rows sorted by length run in
+        groups, each padded to its own longest history (a GPU keeps one pass: launches cost more there)."""
+        items, valid, lengths = self.prepare(hist)  # (B, W) each, (B,)
+        order, out = lengths.argsort(), []
+        for rows in order.split(LENGTH_GROUP if items.is_cpu else max(1, len(order))):
+            W = max(1, int(lengths[rows].max()))
+            x = self.embed_items(items[rows, :W], valid[rows, :W]) + self.pos_emb.weight[:W]  # (b, W, D)
+            out.append(self._transform(x, valid[rows, :W], (lengths[rows] - 1).clamp(min=0)))
+        return torch.cat(out)[order.argsort()]  # (B, D), rows back in batch order
 
     def logits(self, seq: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """(B, D) x (I, D) -> (B, I): cosine / tau (text modes) or dot product ('id'); float32

@@ -48,12 +48,12 @@ def load_pairs(n: int) -> tuple[list[str], list[str]]:
     return qs, ds_
 
 
-def module_at(rev: str) -> types.ModuleType:
-    """encoderec.py as committed at `rev` (its functions take this checkout's encoder objects)."""
-    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:encoderec.py"], capture_output=True,
+def module_at(rev: str, name: str = "encoderec") -> types.ModuleType:
+    """The module `name` as committed at `rev` (encoderec's functions take this checkout's encoder objects)."""
+    src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{name}.py"], capture_output=True,
                          text=True, check=True).stdout
-    mod = sys.modules[f"encoderec_at_{rev}"] = types.ModuleType(f"encoderec_at_{rev}")  # dataclasses look it up
-    exec(compile(src, f"encoderec.py@{rev}", "exec"), mod.__dict__)
+    mod = sys.modules[f"{name}_at_{rev}"] = types.ModuleType(f"{name}_at_{rev}")  # dataclasses look it up
+    exec(compile(src, f"{name}.py@{rev}", "exec"), mod.__dict__)
     return mod
 
 

@@ -77,6 +77,14 @@ def hf_prefix_fn(ids: tg.SemanticIDs):
     return fn
 
 
+def key_of(ids: tg.SemanticIDs, codes: torch.Tensor) -> torch.Tensor:
+    """Mixed-radix key of full codes (..., n_levels) -> (...,), as SemanticIDs keys its items."""
+    key = torch.zeros(codes.shape[:-1], dtype=torch.long, device=codes.device)
+    for lvl, v in enumerate(ids.vocab_sizes):
+        key = key * v + codes[..., lvl]
+    return key
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -205,7 +213,7 @@ def main(argv=None) -> int:
                               num_return_sequences=args.beam, max_new_tokens=ids.n_levels, do_sample=False,
                               prefix_allowed_tokens_fn=fn)
         codes = out[:, 1:1 + ids.n_levels] - torch.tensor(ids.offsets, device=out.device)  # (B*beam, 4) -> codes
-        return ids.lookup(ids.key_of(codes)).view(len(src), args.beam)
+        return ids.lookup(key_of(ids, codes)).view(len(src), args.beam)
 
     users = rng.choice(len(vhist), args.decode_users * (args.repeats + 1), replace=False)
     groups = users.reshape(args.repeats + 1, args.decode_users)

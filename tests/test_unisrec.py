@@ -56,6 +56,15 @@ def left_aligned(seqs, L):
     return out
 
 
+def all_states(m, h):
+    """Every position's final state (B, W, D), the full pass that encode's last layer computes at one."""
+    items, valid, _ = m.prepare(h)
+    x = m.drop(m.ln(m.embed_items(items, valid) + m.pos_emb.weight[:items.shape[1]]))
+    for blk in m.blocks:
+        x = blk(x, valid)
+    return x
+
+
 SEQS = [[3, 7, 1, 4], [5], [2, 9, 11, 12, 13, 14], [0, 29]]
 MODES = ["inductive", "transductive", "id", "vqrec"]
 
@@ -66,8 +75,9 @@ def test_shapes(mode):
     m = build(mode).eval()
     h = right_aligned(SEQS, 8)
     assert m.encode(h).shape == (4, 16)
-    states, lengths = m.hidden_states(h)
-    assert states.shape == (4, 6, 16) and lengths.tolist() == [4, 1, 6, 2]  # trimmed to the longest
+    items, valid, lengths = m.prepare(h)
+    assert items.shape == valid.shape == (4, 6) and lengths.tolist() == [4, 1, 6, 2]  # trimmed to the longest
+    assert all_states(m, h).shape == (4, 6, 16)
     assert m.item_table().shape == (I, 16)
     s = us.score(m, h)
     assert s.shape == (4, I) and s.dtype == torch.float32 and torch.isfinite(s).all()
@@ -90,8 +100,7 @@ def test_causal_mask(mode):
     b = a.copy()
     b[0, 5:] = [9, 8, 2]  # change the items after position 4
     with torch.no_grad():
-        ha, _ = m.hidden_states(a)
-        hb, _ = m.hidden_states(b)
+        ha, hb = all_states(m, a), all_states(m, b)
     assert torch.allclose(ha[:, :5], hb[:, :5], atol=1e-6)
     assert not torch.allclose(ha[:, 5:], hb[:, 5:], atol=1e-4)
     # the last-position-only final layer equals the full computation at that position
@@ -118,23 +127,42 @@ def test_padding_never_leaks(mode):
     assert torch.isfinite(m.loss(np.concatenate([right_aligned(SEQS, 5), empty]), [0] * 6))
 
 
+@pytest.mark.parametrize("group", [us.LENGTH_GROUP, 2])
 @pytest.mark.parametrize("mode", MODES)
-def test_padding_changes_no_gradient(mode):
-    """A batch padded to its longest history gives the gradients of its rows run alone, each at
-    its own width: padding changes no gradient."""
+def test_padding_changes_no_gradient(mode, group, monkeypatch):
+    """A batch padded to its longest history, or run in length groups of 2 rows (each padded to its own
+    longest, rows put back in batch order), gives the gradients of its rows run alone, each at its own
+    width: padding and grouping change no gradient."""
+    monkeypatch.setattr(us, "LENGTH_GROUP", group)
     m = build(mode, max_seq_len=20, hidden_dropout=0.0, attn_dropout=0.0, adaptor_dropout=0.0, gate_noise=False)
     rng = np.random.default_rng(0)
     seqs = [list(rng.integers(0, I, n)) for n in (1, 3, 5, 9, 17, 20, 0, 2, 30)]
     h, tgt = right_aligned(seqs, 24), rng.integers(0, I, len(seqs))
     m.zero_grad()
-    m.loss(h, tgt).backward()
+    loss = m.loss(h, tgt)
+    loss.backward()
     batch = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+    alone = sum(m.loss(right_aligned([s], 24), tgt[r:r + 1]).item() for r, s in enumerate(seqs)) / len(seqs)
+    assert loss.item() == pytest.approx(alone, abs=1e-5)
     m.zero_grad()
     for r in range(len(seqs)):
         (m.loss(right_aligned([seqs[r]], 24), tgt[r:r + 1]) / len(seqs)).backward()
     for k, p in m.named_parameters():
         if k in batch:
             assert torch.allclose(batch[k], p.grad, atol=1e-5), k
+
+
+def test_cpu_dropout_is_bernoulli():
+    """The rand-drawn CPU keep mask: about p of the entries zeroed, the rest scaled by 1 / (1 - p); none in eval
+    mode; p = 1 zeroes everything, as nn.Dropout."""
+    torch.manual_seed(0)
+    x = torch.ones(200_000)
+    for p in (0.2, 0.5):
+        y = us.Dropout(p)(x)
+        assert abs((y == 0).float().mean().item() - p) < 0.01
+        assert torch.allclose(y[y != 0], torch.tensor(1 / (1 - p)))
+        assert torch.equal(us.Dropout(p).eval()(x), x)
+    assert torch.equal(us.Dropout(1.0)(x), torch.zeros_like(x))
 
 
 def test_gates_start_uniform():

@@ -503,8 +503,8 @@ def cached_info_nce(encoder: TextEncoder, queries, documents, chunk_size: int | 
                     temperature: float = 0.05, symmetric: bool = False, q_ids=None, d_ids=None,
                     progress: bool = False) -> torch.Tensor:
     """`info_nce_loss` of (query, document) texts with GradCache (Gao et al., 2021): `.backward()` gives
-    the exact full-batch gradient in one chunk's memory. (a) Embed chunks without a graph, keeping RNG
-    states, but the last (the longest documents); (b) cache the loss's gradient w.r.t. the embeddings; (c)
+    the exact full-batch gradient in one chunk's memory. (a) Embed each chunk, keeping its RNG state, without
+    a graph but the last (the longest documents); (b) cache the loss's gradient w.r.t. the embeddings; (c)
     the returned leaf's backward hook back-propagates the cached gradient times the incoming one through
     that chunk's graph, then re-embeds each other chunk with a graph (same RNG state, autocast) to do so.
     One process, chunk_size None or >= B: plain autograd. Under torchrun (b) uses all-gathered embeddings;

@@ -552,8 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluations without a better valid NDCG@10 (10)")
     g.add_argument("--max-history", type=ev.COUNT, help="history items (unisrec 50, tiger 20: the papers')")
     g.add_argument("--group-by-length", type=ev.NON_NEGATIVE, help="batches of similar history length, "
-                   "sorted in spans of this many batches (tiger 50; unisrec 0 = plain shuffle, padded per "
-                   "length group)")
+                   "sorted in spans of this many batches (tiger 50; unisrec 0 = plain shuffle, on CPU padded "
+                   "per length group)")
     g = ev.group(ap, "unisrec")
     g.add_argument("--mode", choices=["inductive", "transductive", "vqrec"], default="inductive",
                    help="text only (the paper's), + item-ID embedding, or VQ-Rec (--tokenizer opq)")

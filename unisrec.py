@@ -76,13 +76,14 @@ class UniSRecConfig:
 
 # ----------------------------------------------------------------------------- adaptor
 class Dropout(nn.Dropout):
-    """nn.Dropout whose keep mask on CPU comes from torch.rand: the same Bernoulli(1 - p) draw for about half
-    the cost of the CPU bernoulli_ behind nn.Dropout (bench/order.py)."""
+    """nn.Dropout whose keep mask on CPU comes from torch.rand: Bernoulli(1 - p) as nn.Dropout's, for about
+    half the cost of the CPU bernoulli_ behind it (bench/order.py)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and 0 < self.p < 1 and x.is_cpu):
             return super().forward(x)
-        return x * ((torch.rand_like(x) >= self.p) * (1 / (1 - self.p)))
+        keep = torch.rand(x.shape) >= self.p  # drawn in float32, whatever x's dtype
+        return x * (keep.to(x.dtype) / (1 - self.p))
 
 
 class PWLayer(nn.Module):

@@ -3,14 +3,14 @@ the plain shuffle (train.py's default) and the length-grouped order (--group-by-
 --against REV adds unisrec.py as committed at git revision REV in both orders: a change timed against the
 code before it, in the same run.
 
-Since issue 31 `UniSRec.encode` sorts a batch's rows by history length and runs them in groups of
+Since issue 31 `UniSRec.encode` (CPU) sorts a batch's rows by history length and runs them in groups of
 unisrec.LENGTH_GROUP, each padded to its own longest history; before, every batch was padded to its longest
 (50 items in almost every plain-shuffled batch of 2,048, while the mean history is ~4). Every arm trains its
 own copy of one model (UniSRec inductive, the paper's sizes, max history 50, batch 2048, Adam) on the first
 --batches batches of epoch 1 of its order, interleaved batch by batch, each step timed (forward + backward +
 Adam). Reported: examples/s of each arm, the mean padded width of its batches (what the code before pays
-for), and the ratios to the plain shuffle at REV. Item embeddings: --emb FILE.npy or random unit-norm
-384-d vectors (throughput does not depend on the values).
+for), and the ratios to the plain shuffle at REV (without --against: this checkout's). Item embeddings:
+--emb FILE.npy or random 384-d vectors (throughput does not depend on the values).
 
     python bench/order.py [--batches 8] [--threads N] [--emb item_emb.npy] [--against REV]
 """

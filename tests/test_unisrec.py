@@ -163,6 +163,7 @@ def test_cpu_dropout_is_bernoulli():
         assert torch.allclose(y[y != 0], torch.tensor(1 / (1 - p)))
         assert torch.equal(us.Dropout(p).eval()(x), x)
     assert torch.equal(us.Dropout(1.0)(x), torch.zeros_like(x))
+    assert us.Dropout(0.5)(x.bfloat16()).dtype == torch.bfloat16
 
 
 def test_gates_start_uniform():

@@ -503,13 +503,12 @@ def cached_info_nce(encoder: TextEncoder, queries, documents, chunk_size: int | 
                     temperature: float = 0.05, symmetric: bool = False, q_ids=None, d_ids=None,
                     progress: bool = False) -> torch.Tensor:
     """`info_nce_loss` of (query, document) texts with GradCache (Gao et al., 2021): `.backward()` gives
-    the exact full-batch gradient in one chunk's memory. (a) Embed each chunk, keeping its RNG state, without
-    a graph but the last (the longest documents); (b) cache the loss's gradient w.r.t. the embeddings; (c)
-    the returned leaf's backward hook back-propagates the cached gradient times the incoming one through
-    that chunk's graph, then re-embeds each other chunk with a graph (same RNG state, autocast) to do so.
-    One process, chunk_size None or >= B: plain autograd. Under torchrun (b) uses all-gathered embeddings;
-    each rank back-propagates its rows and returns the global loss times its share of rows (trainer.fit
-    sums over ranks)."""
+    the exact full-batch gradient in one chunk's memory. (a) Embed chunks without a graph, keeping RNG
+    states; (b) cache the loss's gradient w.r.t. the embeddings; (c) the returned leaf's backward hook
+    re-embeds each chunk with a graph (same RNG state, autocast) and back-propagates the cached gradient
+    times the incoming one. One process, chunk_size None or >= B: plain autograd. Under torchrun (b) uses
+    all-gathered embeddings; each rank back-propagates its rows and returns the global loss times its
+    share of rows (trainer.fit sums over ranks)."""
     B = len(queries)
     if len(documents) != B:
         raise ValueError(f"{B} queries but {len(documents)} documents; pairs must align.")
@@ -526,15 +525,14 @@ def cached_info_nce(encoder: TextEncoder, queries, documents, chunk_size: int | 
         chunks += [encoder._collate([enc[i] for i in order[s: s + chunk_size]])
                    for s in range(0, B, chunk_size)]
     states, embs = [], []
-    bar = tqdm(chunks, desc="embed chunks", unit="chunk", leave=False, disable=not progress)
-    for i, batch in enumerate(bar):
-        states.append(_rng_state(dev))
-        with torch.set_grad_enabled(i == len(chunks) - 1):  # (a)
+    with torch.no_grad():  # (a)
+        for batch in tqdm(chunks, desc="embed chunks", unit="chunk", leave=False, disable=not progress):
+            states.append(_rng_state(dev))
             embs.append(encoder(batch).float())
     after = _rng_state(dev)
     half = len(chunks) // 2
     empty = torch.zeros(0, encoder.dim, device=dev)  # a rank may hold no pair
-    q, d = (torch.cat(e).detach()[np.argsort(o)] if half else empty  # (B, d) each, in batch order
+    q, d = (torch.cat(e)[np.argsort(o)] if half else empty  # (B, d) each, in batch order
             for e, o in ((embs[:half], orders[0]), (embs[half:], orders[1])))
     off, n_all = 0, B
     if distributed:  # (B, d) -> (B_global, d); ids too, so false negatives span ranks
@@ -550,9 +548,7 @@ def cached_info_nce(encoder: TextEncoder, queries, documents, chunk_size: int | 
 
     def replay(grad_out):  # (c)
         with torch.enable_grad(), torch.autocast(dev.type, dtype=amp[1], enabled=amp[0]):
-            if chunks:  # the last chunk's graph, kept since (a)
-                embs[-1].backward(grads[-1] * grad_out)
-            bar = tqdm(chunks[:-1], desc="re-embed chunks", unit="chunk", leave=False, disable=not progress)
+            bar = tqdm(chunks, desc="re-embed chunks", unit="chunk", leave=False, disable=not progress)
             for batch, state, g in zip(bar, states, grads):
                 _set_rng_state(dev, state)
                 encoder(batch).float().backward(g * grad_out)

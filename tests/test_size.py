@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # ---- the budget (lower it when the library shrinks; never raise it)
-TOTAL_BYTES = 237_448  # all top-level *.py together (231.9 KiB; the evaluation CLI keeps it above 205)
+TOTAL_BYTES = 237_167  # all top-level *.py together (231.6 KiB; the evaluation CLI keeps it above 205)
 FILE_BYTES = 40 * 1024  # any one top-level file
 FUNCTION_LINES = 80  # any function or method, decorators and docstring included
 LINE_CHARS = 110  # any line
